@@ -1,0 +1,234 @@
+//! The backbone carries committed events from the store to the gateways. It is at-most-once and
+//! never the source of truth: a gateway repairs what it loses from the store, so a full queue here
+//! drops a message rather than slowing the publisher.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use eventbus_model::{StoredEvent, seq_of};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::pattern::matches;
+use crate::subject;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    #[error("cannot connect to nats at {url}: {cause}")]
+    Connect { url: String, cause: String },
+    #[error("backbone publish failed: {0}")]
+    Publish(String),
+    #[error("backbone subscribe failed: {0}")]
+    Subscribe(String),
+}
+
+/// A committed event as the backbone carries it: the stored event itself.
+pub type BackboneMessage = StoredEvent;
+
+/// A live feed of events matching one pattern; dropping it ends the interest.
+pub struct Subscription {
+    stream: Pin<Box<dyn Stream<Item = BackboneMessage> + Send>>,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Option<BackboneMessage> {
+        self.stream.next().await
+    }
+}
+
+#[async_trait]
+pub trait Backbone: Send + Sync + 'static {
+    /// Hands one committed event to the backbone; events of one channel must be given in `seq` order.
+    async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError>;
+    /// Live events of every channel that `pattern` matches; with `group`, each event goes to one
+    /// member of the group only.
+    async fn subscribe(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BackboneError>;
+    /// Whether the backbone is usable now (for readiness).
+    fn is_connected(&self) -> bool;
+}
+
+/// Depth of each in-process subscription's queue: past it, messages are dropped like on NATS.
+const IN_PROCESS_QUEUE: usize = 8192;
+
+struct Member {
+    pattern: String,
+    group: Option<String>,
+    tx: mpsc::Sender<BackboneMessage>,
+}
+
+/// The backbone of the all-in-one mode: an in-process fan-out with NATS's semantics (subject
+/// patterns, queue groups, at-most-once).
+#[derive(Clone, Default)]
+pub struct InProcessBackbone {
+    members: Arc<std::sync::Mutex<Vec<Member>>>,
+    next_pick: Arc<AtomicUsize>,
+}
+
+impl InProcessBackbone {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Backbone for InProcessBackbone {
+    async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError> {
+        let mut members = self.members.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        members.retain(|member| !member.tx.is_closed());
+        let mut groups: Vec<(&str, Vec<&Member>)> = Vec::new();
+        for member in members.iter().filter(|m| matches(&m.pattern, &event.channel)) {
+            match &member.group {
+                None => deliver(member, event),
+                Some(group) => match groups.iter_mut().find(|(name, _)| name == group) {
+                    Some((_, list)) => list.push(member),
+                    None => groups.push((group, vec![member])),
+                },
+            }
+        }
+        for (_, list) in groups {
+            let pick = self.next_pick.fetch_add(1, Ordering::Relaxed) % list.len();
+            deliver(list[pick], event);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BackboneError> {
+        let (tx, rx) = mpsc::channel(IN_PROCESS_QUEUE);
+        self.members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Member {
+                pattern: pattern.to_owned(),
+                group: group.map(str::to_owned),
+                tx,
+            });
+        Ok(Subscription {
+            stream: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        })
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+}
+
+fn deliver(member: &Member, event: &StoredEvent) {
+    if member.tx.try_send(event.clone()).is_err() {
+        debug!(channel = %event.channel, seq = event.seq, "in-process subscriber behind, message dropped");
+    }
+}
+
+/// The production backbone: NATS core subjects, one per channel.
+#[derive(Clone)]
+pub struct NatsBackbone {
+    client: async_nats::Client,
+    prefix: String,
+}
+
+impl NatsBackbone {
+    /// Connects to NATS; keeps reconnecting in the background if the connection is lost later.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, BackboneError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("eventbus")
+            .retry_on_initial_connect()
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => warn!("nats disconnected"),
+                    async_nats::Event::Connected => debug!("nats connected"),
+                    other => debug!(event = %other, "nats event"),
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|err| BackboneError::Connect {
+                url: url.to_owned(),
+                cause: err.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+#[async_trait]
+impl Backbone for NatsBackbone {
+    async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError> {
+        self.client
+            .publish(subject::for_channel(&self.prefix, &event.channel), event.json.clone())
+            .await
+            .map_err(|err| BackboneError::Publish(err.to_string()))
+    }
+
+    async fn subscribe(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BackboneError> {
+        let subject = subject::for_channel(&self.prefix, pattern);
+        let subscriber = match group {
+            None => self.client.subscribe(subject).await,
+            Some(group) => self.client.queue_subscribe(subject, group.to_owned()).await,
+        }
+        .map_err(|err| BackboneError::Subscribe(err.to_string()))?;
+        let prefix = self.prefix.clone();
+        let stream = subscriber.filter_map(move |message| {
+            let decoded = subject::channel_of(&prefix, message.subject.as_str()).and_then(|channel| {
+                seq_of(&message.payload).map(|seq| StoredEvent {
+                    channel: channel.to_owned(),
+                    seq,
+                    json: message.payload.clone(),
+                })
+            });
+            if decoded.is_none() {
+                warn!(subject = %message.subject, "message on the backbone is not an eventbus event, dropped");
+            }
+            std::future::ready(decoded)
+        });
+        Ok(Subscription { stream: Box::pin(stream) })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn event(channel: &str, seq: u64) -> StoredEvent {
+        StoredEvent {
+            channel: channel.into(),
+            seq,
+            json: eventbus_model::with_seq(b"{}", seq),
+        }
+    }
+
+    #[tokio::test]
+    async fn in_process_patterns_and_groups() {
+        let bus = InProcessBackbone::new();
+        let mut exact = bus.subscribe("orders.eu", None).await.unwrap();
+        let mut wildcard = bus.subscribe("orders.>", None).await.unwrap();
+        let mut g1 = bus.subscribe("orders.*", Some("billing")).await.unwrap();
+        let mut g2 = bus.subscribe("orders.*", Some("billing")).await.unwrap();
+        for seq in 1..=4 {
+            bus.publish(&event("orders.eu", seq)).await.unwrap();
+        }
+        bus.publish(&event("payments", 1)).await.unwrap();
+        for seq in 1..=4 {
+            assert_eq!(exact.next().await.unwrap().seq, seq);
+            assert_eq!(wildcard.next().await.unwrap().seq, seq);
+        }
+        drop(bus);
+        let mut group_total = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::from_millis(50), g1.next()).await {
+            group_total += 1;
+        }
+        while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::from_millis(50), g2.next()).await {
+            group_total += 1;
+        }
+        assert_eq!(group_total, 4, "each event reaches exactly one group member");
+        let _ = Bytes::new();
+    }
+}

@@ -1,0 +1,137 @@
+//! What every eventbus service binary shares: logging set-up, the shutdown signal, and the small
+//! HTTP pieces every service serves (`/healthz`, `/readyz`). No business logic lives here.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+pub mod backbone;
+pub mod telemetry;
+
+/// A shutdown signal that any number of tasks can wait on. Cloning is cheap.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Self { rx, tx: Arc::new(tx) }
+    }
+
+    /// Starts the shutdown: every waiter wakes up.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once the shutdown has started.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            // An error means every sender is gone, which can only happen once nothing can trigger.
+            let _ = rx.wait_for(|triggered| *triggered).await;
+        }
+    }
+
+    /// Triggers on SIGINT or SIGTERM.
+    pub fn on_signals(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received");
+            this.trigger();
+        });
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot listen for SIGTERM, only SIGINT will stop");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Exit code for a bad configuration (EX_USAGE), so supervisors can tell it from a crash.
+pub const EXIT_CONFIG: i32 = 64;
+
+/// `GET /healthz` (alive) and `GET /readyz` (ready when `ready()` says so).
+pub fn health_routes<S>(ready: impl Fn() -> bool + Clone + Send + Sync + 'static) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready() {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        )
+}
+
+/// Binds a TCP listener, naming the address in the error.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))
+}
+
+/// Parses the command line and `EVENTBUS_*` variables; a bad value exits with [`EXIT_CONFIG`]
+/// and a message that names the flag or variable.
+pub fn parse_cli<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = err.print();
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Ends a service binary: logs the error and exits non-zero.
+pub fn exit_on_error(service: &str, result: anyhow::Result<()>) {
+    if let Err(err) = result {
+        tracing::error!(cause = %format!("{err:#}"), "{service} failed");
+        std::process::exit(1);
+    }
+}

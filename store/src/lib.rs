@@ -1,0 +1,83 @@
+//! The store: the durable, append-only event log of eventbus and the single writer of every
+//! channel's `seq`. It answers an append only after the events are fsync'd, then publishes them to
+//! the backbone in `seq` order. It serves gRPC (Append, Read, Head) and `/healthz`, `/readyz` on one
+//! port. It knows nothing of tokens: its callers (ingest, gateway) authorise.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod log;
+mod service;
+
+use std::sync::Arc;
+
+use eventbus_router::Backbone;
+use eventbus_runtime::Shutdown;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+pub use config::Config;
+pub use log::{Log, LogError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("server error: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Runs the store on `listener` until `shutdown`; returns once in-flight appends are durable.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    backbone: Arc<dyn Backbone>,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let options = log::Options {
+        dir: config.data.clone(),
+        segment_bytes: config.segment_bytes,
+    };
+    let (log, mut committed) = tokio::task::spawn_blocking(move || Log::open(options))
+        .await
+        .map_err(|err| Error::Serve(std::io::Error::other(err)))??;
+    let log = Arc::new(log);
+
+    let tails = log.tails()?;
+    let publisher_backbone = backbone.clone();
+    let publisher = tokio::spawn(async move {
+        for event in &tails {
+            publish(&*publisher_backbone, event).await;
+        }
+        while let Some(batch) = committed.recv().await {
+            for event in &batch {
+                publish(&*publisher_backbone, event).await;
+            }
+        }
+    });
+
+    let ready_log = log.clone();
+    let app = tonic::service::Routes::new(service::server(log.clone()))
+        .into_axum_router()
+        .merge(eventbus_runtime::health_routes(move || ready_log.is_healthy()));
+    info!(addr = %listener.local_addr()?, data = %config.data.display(), "store listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await?;
+
+    match Arc::try_unwrap(log) {
+        Ok(log) => tokio::task::spawn_blocking(move || log.close())
+            .await
+            .map_err(|err| Error::Serve(std::io::Error::other(err)))?,
+        Err(_) => warn!("store stopped with requests still holding the log"),
+    }
+    let _ = publisher.await;
+    info!("store stopped");
+    Ok(())
+}
+
+async fn publish(backbone: &dyn Backbone, event: &eventbus_model::StoredEvent) {
+    // At-most-once by design: a lost publish is repaired by the gateways from the log.
+    if let Err(err) = backbone.publish(event).await {
+        warn!(channel = %event.channel, seq = event.seq, cause = %err, "backbone publish failed");
+    }
+}

@@ -1,0 +1,316 @@
+//! The log engine: segment files of checksummed records, an in-memory index, and one writer thread
+//! that group-commits every pending append with a single write and a single `fdatasync`.
+//!
+//! Readers only ever see committed records: the index is updated after the data is durable.
+
+mod index;
+mod record;
+mod segments;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use eventbus_model::{StoredEvent, with_seq};
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+use index::{Index, Location};
+
+/// Most events one read returns.
+pub const MAX_READ_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    /// A segment is sealed and a new one begun once it reaches this size.
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("log segment {path} is corrupt at byte {offset}: {cause}")]
+    Corrupt { path: PathBuf, offset: u64, cause: String },
+    #[error("the log writer has stopped after a write failure; restart the store")]
+    Failed,
+    #[error("after={after} is beyond the head of the channel ({head})")]
+    AfterBeyondHead { after: u64, head: u64 },
+    #[error("invalid append: {0}")]
+    Invalid(String),
+}
+
+impl LogError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        LogError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// One event to append; `body` is its JSON object without `seq`.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub channel: String,
+    pub id: String,
+    pub key: Option<String>,
+    pub deleted: bool,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub channel: String,
+    pub id: String,
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    pub events: Vec<StoredEvent>,
+    pub head: u64,
+}
+
+/// Events committed by the writer, in commit order, for the backbone.
+pub type Committed = mpsc::UnboundedReceiver<Vec<StoredEvent>>;
+
+struct Shared {
+    dir: PathBuf,
+    index: RwLock<Index>,
+    files: RwLock<HashMap<u32, Arc<File>>>,
+    failed: AtomicBool,
+}
+
+pub struct Log {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<writer::Job>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `options.dir`, recovering from whatever a crash left.
+    pub fn open(options: Options) -> Result<(Log, Committed), LogError> {
+        let dir = options.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|err| LogError::io(&dir, err))?;
+        let started = std::time::Instant::now();
+        let mut list = segments::list(&dir)?;
+        if list.is_empty() {
+            drop(segments::open_append(&dir, 0)?);
+            list.push(0);
+        }
+        let mut index = Index::default();
+        let mut ids: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        let mut files = HashMap::new();
+        let mut active_len = 0;
+        let mut events = 0u64;
+        for (i, &segment) in list.iter().enumerate() {
+            let is_last = i + 1 == list.len();
+            let len = segments::scan(&dir, segment, is_last, |record, offset, len| {
+                let channel = index.channels.entry(record.channel.to_owned()).or_default();
+                if record.seq != channel.head() + 1 {
+                    return Err(LogError::Invalid(format!(
+                        "channel {} jumps from seq {} to {}",
+                        record.channel,
+                        channel.head(),
+                        record.seq
+                    )));
+                }
+                channel.push(record.seq, Location { segment, offset, len }, record.key, record.deleted);
+                ids.entry(record.channel.to_owned())
+                    .or_default()
+                    .insert(record.id.to_owned(), record.seq);
+                events += 1;
+                Ok(())
+            })?;
+            files.insert(segment, Arc::new(segments::open_read(&dir, segment)?));
+            if is_last {
+                active_len = len;
+            }
+        }
+        let active = *list.last().unwrap_or(&0);
+        info!(
+            dir = %dir.display(),
+            segments = list.len(),
+            channels = index.channels.len(),
+            events,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "log recovered"
+        );
+        let heads = index.channels.iter().map(|(c, ch)| (c.clone(), ch.head())).collect();
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            index: RwLock::new(index),
+            files: RwLock::new(files),
+            failed: AtomicBool::new(false),
+        });
+        let (jobs_tx, jobs_rx) = mpsc::channel(4096);
+        let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+        let file = segments::open_append(&dir, active)?;
+        let state = writer::Writer {
+            shared: shared.clone(),
+            segment_bytes: options.segment_bytes,
+            active,
+            active_len,
+            file,
+            heads,
+            ids,
+            committed: committed_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || state.run(jobs_rx))
+            .map_err(|err| LogError::io(&dir, err))?;
+        Ok((
+            Log {
+                shared,
+                jobs: jobs_tx,
+                writer: Mutex::new(Some(handle)),
+            },
+            committed_rx,
+        ))
+    }
+
+    /// Appends a batch; resolves once every event in it is durable (or was already stored).
+    pub async fn append(&self, entries: Vec<Entry>) -> Result<Vec<Appended>, LogError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(LogError::Failed);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(writer::Job { entries, reply })
+            .await
+            .map_err(|_| LogError::Failed)?;
+        answer.await.map_err(|_| LogError::Failed)?
+    }
+
+    /// Up to `limit` events of `channel` with seq > `after`, in order.
+    pub async fn read(&self, channel: &str, after: u64, limit: usize, compact: bool) -> Result<ReadResult, LogError> {
+        let limit = limit.clamp(1, MAX_READ_LIMIT);
+        let (head, wanted) = {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            let Some(ch) = index.channels.get(channel) else {
+                return if after == 0 {
+                    Ok(ReadResult { events: Vec::new(), head: 0 })
+                } else {
+                    Err(LogError::AfterBeyondHead { after, head: 0 })
+                };
+            };
+            let head = ch.head();
+            if after > head {
+                return Err(LogError::AfterBeyondHead { after, head });
+            }
+            let wanted = if compact { ch.compacted_range(after, limit) } else { ch.range(after, limit) };
+            (head, wanted)
+        };
+        if wanted.is_empty() {
+            return Ok(ReadResult { events: Vec::new(), head });
+        }
+        let shared = self.shared.clone();
+        let channel = channel.to_owned();
+        let events = tokio::task::spawn_blocking(move || shared.fetch(&channel, &wanted))
+            .await
+            .map_err(|_| LogError::Failed)??;
+        Ok(ReadResult { events, head })
+    }
+
+    pub fn head(&self, channel: &str) -> u64 {
+        self.shared.index.read().unwrap_or_else(|p| p.into_inner()).head(channel)
+    }
+
+    /// The newest event of every channel. Published again on start, so that an event committed just
+    /// before a crash (and so perhaps never published) reaches live subscribers without waiting.
+    pub fn tails(&self) -> Result<Vec<StoredEvent>, LogError> {
+        let wanted: Vec<(String, u64, Location)> = {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            index
+                .channels
+                .iter()
+                .filter_map(|(name, ch)| ch.locations.last().map(|loc| (name.clone(), ch.head(), *loc)))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(wanted.len());
+        for (channel, seq, location) in wanted {
+            out.extend(self.shared.fetch(&channel, &[(seq, location)])?);
+        }
+        Ok(out)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        !self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Waits for the writer to finish what it was given, then stops it.
+    pub fn close(self) {
+        let Log { jobs, writer, .. } = self;
+        drop(jobs);
+        if let Some(handle) = writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Shared {
+    /// Reads the given records from disk, one `pread` per run of adjacent records.
+    fn fetch(&self, channel: &str, wanted: &[(u64, Location)]) -> Result<Vec<StoredEvent>, LogError> {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut i = 0;
+        let mut buf = Vec::new();
+        while i < wanted.len() {
+            let first = wanted[i].1;
+            let mut end = i + 1;
+            let mut run_len = first.len as u64;
+            while end < wanted.len()
+                && wanted[end].1.segment == first.segment
+                && wanted[end].1.offset == first.offset + run_len
+                && run_len < 4 * 1024 * 1024
+            {
+                run_len += wanted[end].1.len as u64;
+                end += 1;
+            }
+            let file = self
+                .files
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&first.segment)
+                .cloned()
+                .ok_or_else(|| LogError::Invalid(format!("segment {} is not open", first.segment)))?;
+            buf.resize(run_len as usize, 0);
+            let path = segments::path_of(&self.dir, first.segment);
+            file.read_exact_at(&mut buf, first.offset).map_err(|err| LogError::io(&path, err))?;
+            let mut pos = 0;
+            for &(seq, location) in &wanted[i..end] {
+                let (record, len) = record::decode(&buf[pos..]).map_err(|err| LogError::Corrupt {
+                    path: path.clone(),
+                    offset: location.offset,
+                    cause: err.to_string(),
+                })?;
+                if record.seq != seq || record.channel != channel {
+                    return Err(LogError::Corrupt {
+                        path: path.clone(),
+                        offset: location.offset,
+                        cause: format!("expected {channel}#{seq}, found {}#{}", record.channel, record.seq),
+                    });
+                }
+                out.push(StoredEvent {
+                    channel: channel.to_owned(),
+                    seq,
+                    json: with_seq(record.body, seq),
+                });
+                pos += len;
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

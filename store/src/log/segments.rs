@@ -1,0 +1,106 @@
+//! Segment files: the log is a directory of `<number>.seg` files, each append-only, the newest one
+//! open for writing. Recovery scans them in order and cuts a torn or corrupt tail off the newest.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use tracing::warn;
+
+use super::record::{self, Record};
+use super::LogError;
+
+pub fn path_of(dir: &Path, segment: u32) -> PathBuf {
+    dir.join(format!("{segment:010}.seg"))
+}
+
+/// The segment numbers present in `dir`, ascending.
+pub fn list(dir: &Path) -> Result<Vec<u32>, LogError> {
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|err| LogError::io(dir, err))? {
+        let entry = entry.map_err(|err| LogError::io(dir, err))?;
+        let name = entry.file_name();
+        let Some(number) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        segments.push(number);
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+pub fn open_read(dir: &Path, segment: u32) -> Result<File, LogError> {
+    let path = path_of(dir, segment);
+    File::open(&path).map_err(|err| LogError::io(&path, err))
+}
+
+pub fn open_append(dir: &Path, segment: u32) -> Result<File, LogError> {
+    let path = path_of(dir, segment);
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|err| LogError::io(&path, err))?;
+    // A new file's directory entry must be durable too, or a crash could lose the whole segment.
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|err| LogError::io(dir, err))
+}
+
+/// Reads every valid record of one segment, calling `visit` with each record and its offset.
+/// Returns the length of the valid prefix. When `is_last`, an invalid tail is cut off the file;
+/// elsewhere it is an error, since a sealed segment was fully durable before the next one began.
+pub fn scan(
+    dir: &Path,
+    segment: u32,
+    is_last: bool,
+    mut visit: impl FnMut(&Record<'_>, u64, u32) -> Result<(), LogError>,
+) -> Result<u64, LogError> {
+    let path = path_of(dir, segment);
+    let mut data = Vec::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(|err| LogError::io(&path, err))?;
+    let mut offset = 0usize;
+    let mut failure = None;
+    while offset < data.len() {
+        match record::decode(&data[offset..]) {
+            Ok((record, len)) => {
+                if let Err(err) = visit(&record, offset as u64, len as u32) {
+                    failure = Some(err.to_string());
+                    break;
+                }
+                offset += len;
+            }
+            Err(err) => {
+                failure = Some(err.to_string());
+                break;
+            }
+        }
+    }
+    if let Some(cause) = failure {
+        if !is_last {
+            return Err(LogError::Corrupt {
+                path,
+                offset: offset as u64,
+                cause,
+            });
+        }
+        warn!(
+            segment = %path.display(),
+            offset,
+            cut_bytes = data.len() - offset,
+            cause,
+            "cutting a torn or corrupt tail off the log"
+        );
+        let file = OpenOptions::new().write(true).open(&path).map_err(|err| LogError::io(&path, err))?;
+        file.set_len(offset as u64).map_err(|err| LogError::io(&path, err))?;
+        file.sync_all().map_err(|err| LogError::io(&path, err))?;
+    }
+    Ok(offset as u64)
+}

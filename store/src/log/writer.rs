@@ -1,0 +1,193 @@
+//! The single writer: takes every append waiting, assigns seqs, writes them with one `write`, makes
+//! them durable with one `fdatasync`, publishes them to the index, and only then answers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use eventbus_model::{StoredEvent, with_seq};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error};
+
+use super::index::Location;
+use super::record::{self, Record};
+use super::{Appended, Entry, LogError, Shared, segments};
+
+/// A group commit stops taking more work past this many bytes, to bound latency and memory.
+const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+pub struct Job {
+    pub entries: Vec<Entry>,
+    pub reply: oneshot::Sender<Result<Vec<Appended>, LogError>>,
+}
+
+pub struct Writer {
+    pub shared: Arc<Shared>,
+    pub segment_bytes: u64,
+    pub active: u32,
+    pub active_len: u64,
+    pub file: File,
+    pub heads: HashMap<String, u64>,
+    pub ids: HashMap<String, HashMap<String, u64>>,
+    pub committed: mpsc::UnboundedSender<Vec<StoredEvent>>,
+}
+
+struct Pending {
+    channel: String,
+    seq: u64,
+    offset: usize,
+    len: usize,
+    key: Option<String>,
+    deleted: bool,
+    body: bytes::Bytes,
+}
+
+impl Writer {
+    pub fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut buf = Vec::with_capacity(1024 * 1024);
+        while let Some(first) = jobs.blocking_recv() {
+            let mut group = vec![first];
+            let mut bytes: usize = group[0].entries.iter().map(|e| e.body.len()).sum();
+            while bytes < MAX_GROUP_BYTES {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        bytes += job.entries.iter().map(|e| e.body.len()).sum::<usize>();
+                        group.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(err) = self.commit(group, &mut buf) {
+                error!(cause = %err, "log write failed; the store stops accepting appends");
+                self.shared.failed.store(true, Ordering::Release);
+                jobs.close();
+                while let Ok(job) = jobs.try_recv() {
+                    let _ = job.reply.send(Err(LogError::Failed));
+                }
+                return;
+            }
+        }
+        debug!("log writer stopped");
+    }
+
+    fn commit(&mut self, group: Vec<Job>, buf: &mut Vec<u8>) -> Result<(), LogError> {
+        buf.clear();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut answers: Vec<Vec<Appended>> = Vec::with_capacity(group.len());
+        for job in &group {
+            let mut results = Vec::with_capacity(job.entries.len());
+            for entry in &job.entries {
+                let known = self.ids.get(&entry.channel).and_then(|ids| ids.get(&entry.id)).copied();
+                if let Some(seq) = known {
+                    results.push(Appended {
+                        channel: entry.channel.clone(),
+                        id: entry.id.clone(),
+                        seq,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let head = self.heads.entry(entry.channel.clone()).or_insert(0);
+                *head += 1;
+                let seq = *head;
+                let offset = buf.len();
+                let len = record::encode(
+                    &Record {
+                        seq,
+                        channel: &entry.channel,
+                        id: &entry.id,
+                        key: entry.key.as_deref(),
+                        deleted: entry.deleted,
+                        body: &entry.body,
+                    },
+                    buf,
+                );
+                self.ids.entry(entry.channel.clone()).or_default().insert(entry.id.clone(), seq);
+                pending.push(Pending {
+                    channel: entry.channel.clone(),
+                    seq,
+                    offset,
+                    len,
+                    key: entry.key.clone(),
+                    deleted: entry.deleted,
+                    body: entry.body.clone(),
+                });
+                results.push(Appended {
+                    channel: entry.channel.clone(),
+                    id: entry.id.clone(),
+                    seq,
+                    duplicate: false,
+                });
+            }
+            answers.push(results);
+        }
+
+        if !buf.is_empty() {
+            if let Err(err) = self.write_durably(buf) {
+                for job in group {
+                    let _ = job.reply.send(Err(LogError::Failed));
+                }
+                return Err(err);
+            }
+        }
+        let base = self.active_len;
+        self.active_len += buf.len() as u64;
+
+        let mut committed = Vec::with_capacity(pending.len());
+        {
+            let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
+            for p in &pending {
+                let location = Location {
+                    segment: self.active,
+                    offset: base + p.offset as u64,
+                    len: p.len as u32,
+                };
+                index
+                    .channels
+                    .entry(p.channel.clone())
+                    .or_default()
+                    .push(p.seq, location, p.key.as_deref(), p.deleted);
+            }
+        }
+        for p in pending {
+            committed.push(StoredEvent {
+                json: with_seq(&p.body, p.seq),
+                channel: p.channel,
+                seq: p.seq,
+            });
+        }
+        for (job, results) in group.into_iter().zip(answers) {
+            let _ = job.reply.send(Ok(results));
+        }
+        if !committed.is_empty() {
+            let _ = self.committed.send(committed);
+        }
+        Ok(())
+    }
+
+    fn write_durably(&mut self, buf: &[u8]) -> Result<(), LogError> {
+        if self.active_len > 0 && self.active_len + buf.len() as u64 > self.segment_bytes {
+            self.roll()?;
+        }
+        let path = segments::path_of(&self.shared.dir, self.active);
+        self.file.write_all(buf).map_err(|err| LogError::io(&path, err))?;
+        self.file.sync_data().map_err(|err| LogError::io(&path, err))
+    }
+
+    /// Seals the active segment (already durable) and begins the next one.
+    fn roll(&mut self) -> Result<(), LogError> {
+        let next = self.active + 1;
+        self.file = segments::open_append(&self.shared.dir, next)?;
+        let reader = segments::open_read(&self.shared.dir, next)?;
+        self.shared
+            .files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(next, Arc::new(reader));
+        self.active = next;
+        self.active_len = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! The gRPC face of the log.
+
+use std::sync::Arc;
+
+use eventbus_model::names::validate_channel;
+use eventbus_proto::store as pb;
+use eventbus_proto::store::store_server::{Store, StoreServer};
+use tonic::{Request, Response, Status};
+
+use crate::log::{Entry, Log, LogError};
+
+/// Most events one Append may carry.
+pub const MAX_APPEND_EVENTS: usize = 10_000;
+/// Largest gRPC message the store accepts.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+pub fn server(log: Arc<Log>) -> StoreServer<Service> {
+    StoreServer::new(Service { log })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub struct Service {
+    log: Arc<Log>,
+}
+
+fn status(err: LogError) -> Status {
+    match err {
+        LogError::AfterBeyondHead { .. } => Status::out_of_range(err.to_string()),
+        LogError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        LogError::Failed => Status::unavailable(err.to_string()),
+        LogError::Io { .. } | LogError::Corrupt { .. } => Status::internal(err.to_string()),
+    }
+}
+
+fn check_channel(channel: &str) -> Result<(), Status> {
+    validate_channel(channel).map_err(|err| Status::invalid_argument(format!("channel {channel:?}: {err}")))
+}
+
+#[tonic::async_trait]
+impl Store for Service {
+    async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        let events = request.into_inner().events;
+        if events.is_empty() {
+            return Err(Status::invalid_argument("an append needs at least one event"));
+        }
+        if events.len() > MAX_APPEND_EVENTS {
+            return Err(Status::invalid_argument(format!(
+                "an append holds at most {MAX_APPEND_EVENTS} events, got {}",
+                events.len()
+            )));
+        }
+        let mut entries = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            check_channel(&event.channel)?;
+            if event.id.is_empty() || event.id.len() > 128 {
+                return Err(Status::invalid_argument(format!("event {i}: id must be 1-128 characters")));
+            }
+            if !(event.body.starts_with(b"{") && event.body.ends_with(b"}")) {
+                return Err(Status::invalid_argument(format!("event {i}: body must be a JSON object")));
+            }
+            entries.push(Entry {
+                channel: event.channel,
+                id: event.id,
+                key: event.key,
+                deleted: event.deleted,
+                body: event.body,
+            });
+        }
+        let results = self.log.append(entries).await.map_err(status)?;
+        Ok(Response::new(pb::AppendResponse {
+            results: results
+                .into_iter()
+                .map(|r| pb::Appended {
+                    channel: r.channel,
+                    id: r.id,
+                    seq: r.seq,
+                    duplicate: r.duplicate,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        let request = request.into_inner();
+        check_channel(&request.channel)?;
+        let limit = if request.limit == 0 { 100 } else { request.limit as usize };
+        let result = self
+            .log
+            .read(&request.channel, request.after, limit, request.compact)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ReadResponse {
+            events: result
+                .events
+                .into_iter()
+                .map(|e| pb::StoredEvent { seq: e.seq, json: e.json })
+                .collect(),
+            head: result.head,
+        }))
+    }
+
+    async fn head(&self, request: Request<pb::HeadRequest>) -> Result<Response<pb::HeadResponse>, Status> {
+        let request = request.into_inner();
+        check_channel(&request.channel)?;
+        Ok(Response::new(pb::HeadResponse {
+            head: self.log.head(&request.channel),
+        }))
+    }
+}
