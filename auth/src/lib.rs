@@ -1,1 +1,83 @@
-//! placeholder
+//! The identity service of eventbus: it issues JWTs (service tokens for API keys, client tokens
+//! minted by services), signs them with Ed25519 keys that it publishes as a JWKS, and serves that key
+//! set over HTTP and gRPC. It also holds the small verification library (`Verifier`) that ingest and
+//! gateway use to check tokens locally; auth itself is never on the path of an event.
+#![forbid(unsafe_code)]
+
+pub mod claims;
+pub mod config;
+mod http;
+pub mod keys;
+pub mod verifier;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use eventbus_proto::auth as pb;
+use eventbus_runtime::Shutdown;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+pub use claims::{Claims, TokenError, Verified};
+pub use config::Config;
+pub use keys::KeyRing;
+pub use verifier::{GrpcKeySource, KeySource, StaticKeys, Verifier};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    #[error("server error: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+struct KeyService {
+    ring: Arc<KeyRing>,
+}
+
+#[tonic::async_trait]
+impl pb::auth_server::Auth for KeyService {
+    async fn get_keys(
+        &self,
+        _: tonic::Request<pb::GetKeysRequest>,
+    ) -> Result<tonic::Response<pb::GetKeysResponse>, tonic::Status> {
+        let jwks_json = serde_json::to_string(&self.ring.jwks()).map_err(|err| tonic::Status::internal(err.to_string()))?;
+        Ok(tonic::Response::new(pb::GetKeysResponse { jwks_json }))
+    }
+}
+
+/// The HTTP and gRPC routes of the auth service, for [`run`] and for the all-in-one listener.
+pub fn routes(config: &Config) -> Result<axum::Router, Error> {
+    let ring = Arc::new(KeyRing::load_or_create(&config.keys_dir)?);
+    if config.dev {
+        warn!("DEVELOPMENT MODE: POST /v1/tokens issues tokens of any role WITHOUT an API key. Never run this in production.");
+    }
+    if config.api_keys.is_empty() && !config.dev {
+        warn!("no API keys are configured (EVENTBUS_API_KEYS): no service can obtain a token");
+    }
+    let issuer = Arc::new(http::Issuer {
+        verifier: Verifier::new(StaticKeys(ring.jwks())),
+        ring: ring.clone(),
+        api_keys: config.api_keys.clone(),
+        dev: config.dev,
+        default_ttl_s: config.default_ttl_s,
+        max_ttl_s: config.max_ttl_s,
+    });
+    let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
+    let public = axum::Router::new()
+        .route("/v1/tokens", post(http::issue))
+        .route("/v1/jwks", get(http::jwks))
+        .with_state(issuer)
+        .layer(origins.layer());
+    let grpc = tonic::service::Routes::new(pb::auth_server::AuthServer::new(KeyService { ring })).into_axum_router();
+    Ok(public.merge(grpc))
+}
+
+/// Runs the auth service on `listener` until `shutdown`.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    let app = routes(&config)?.merge(eventbus_runtime::health_routes(|| true));
+    info!(addr = %listener.local_addr()?, keys = %config.keys_dir.display(), "auth listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.wait()).await?;
+    info!("auth stopped");
+    Ok(())
+}

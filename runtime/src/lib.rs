@@ -8,6 +8,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub mod backbone;
+pub mod cors;
+pub mod problem;
 pub mod telemetry;
 
 /// A shutdown signal that any number of tasks can wait on. Cloning is cheap.

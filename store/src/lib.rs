@@ -4,6 +4,7 @@
 //! port. It knows nothing of tokens: its callers (ingest, gateway) authorise.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod log;
 mod service;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 pub use config::Config;
+pub use client::{StoreClient, StoreError};
 pub use log::{Log, LogError};
 
 #[derive(Debug, thiserror::Error)]

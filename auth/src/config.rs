@@ -1,0 +1,75 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// One service's API key: `name:secret`. The name is the identity of the service tokens it gets.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ApiKey {
+    // Secrets never reach a log line, even through `{:?}` of the whole configuration.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey {{ name: {:?}, secret: <redacted> }}", self.name)
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (name, secret) = text
+            .trim()
+            .split_once(':')
+            .ok_or("an API key is written name:secret")?;
+        eventbus_model::validate_identity(name).map_err(|err| format!("API key name {name:?} {err}"))?;
+        if secret.len() < 16 {
+            return Err(format!("the secret of API key {name:?} must be at least 16 characters"));
+        }
+        Ok(ApiKey {
+            name: name.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+}
+
+/// Settings of the auth service.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Address for HTTP (`/v1/tokens`, `/v1/jwks`), gRPC and the health endpoints.
+    #[arg(long = "listen", env = "EVENTBUS_AUTH_LISTEN", default_value = "127.0.0.1:7002")]
+    pub listen: SocketAddr,
+    /// Directory of the Ed25519 signing keys (created with a first key when empty).
+    #[arg(long = "keys-dir", env = "EVENTBUS_AUTH_KEYS_DIR", default_value = "./data/auth")]
+    pub keys_dir: PathBuf,
+    /// Service API keys, comma separated, each `name:secret` (secret of 16 characters or more).
+    #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<ApiKey>,
+    /// Development mode: `POST /v1/tokens` answers without an API key. Never in production.
+    #[arg(long = "dev", env = "EVENTBUS_DEV")]
+    pub dev: bool,
+    /// Lifetime of a token when the request names none, in seconds.
+    #[arg(long = "default-ttl-s", env = "EVENTBUS_TOKEN_DEFAULT_TTL_S", default_value_t = 3600)]
+    pub default_ttl_s: u64,
+    /// Longest lifetime a token may be given, in seconds.
+    #[arg(long = "max-ttl-s", env = "EVENTBUS_TOKEN_MAX_TTL_S", default_value_t = 86_400)]
+    pub max_ttl_s: u64,
+    #[command(flatten)]
+    pub cors: eventbus_runtime::cors::Args,
+}
+
+impl Config {
+    /// Defaults with keys in `keys_dir`, for tests and the all-in-one mode.
+    pub fn with_keys_dir(keys_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            keys_dir,
+            api_keys: Vec::new(),
+            dev: false,
+            default_ttl_s: 3600,
+            max_ttl_s: 86_400,
+            cors: Default::default(),
+        }
+    }
+}

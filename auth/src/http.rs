@@ -1,0 +1,156 @@
+//! `POST /v1/tokens` and `GET /v1/jwks`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use eventbus_router::Role;
+use eventbus_runtime::problem::{Kind, Problem, bearer};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tracing::info;
+
+use crate::claims::{Claims, ISSUER, now_s};
+use crate::config::ApiKey;
+use crate::keys::KeyRing;
+use crate::verifier::Verifier;
+
+pub struct Issuer {
+    pub ring: Arc<KeyRing>,
+    pub verifier: Verifier,
+    pub api_keys: Vec<ApiKey>,
+    pub dev: bool,
+    pub default_ttl_s: u64,
+    pub max_ttl_s: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    sub: Option<String>,
+    role: Option<Role>,
+    subscribe: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    ttl_s: Option<u64>,
+}
+
+/// Who asks for a token.
+enum Caller {
+    ApiKey(String),
+    Service(String),
+    /// Development mode only: nobody in particular.
+    Anonymous,
+}
+
+impl Issuer {
+    async fn caller(&self, headers: &HeaderMap) -> Result<Caller, Problem> {
+        let Some(credential) = bearer(headers) else {
+            return if self.dev {
+                Ok(Caller::Anonymous)
+            } else {
+                Err(Problem::new(Kind::Unauthorized, "send an API key or a service token as Bearer"))
+            };
+        };
+        // Compare against every key in constant time, so timing tells nothing about near misses.
+        let mut found = None;
+        for key in &self.api_keys {
+            if bool::from(key.secret.as_bytes().ct_eq(credential.as_bytes())) {
+                found = Some(key.name.clone());
+            }
+        }
+        if let Some(name) = found {
+            return Ok(Caller::ApiKey(name));
+        }
+        let verified = self
+            .verifier
+            .verify(credential)
+            .await
+            .map_err(|err| Problem::new(Kind::Unauthorized, format!("not a known API key, and {err}")))?;
+        match verified.grant.role {
+            Role::Service => Ok(Caller::Service(verified.grant.identity)),
+            Role::Client => Err(Problem::new(Kind::Forbidden, "a client token cannot mint tokens")),
+        }
+    }
+
+    pub fn mint(&self, claims: &Claims) -> Result<Value, Problem> {
+        let token = self
+            .ring
+            .sign(claims)
+            .map_err(|err| Problem::new(Kind::Internal, format!("cannot sign the token: {err}")))?;
+        let expires_at = chrono::DateTime::from_timestamp(claims.exp as i64, 0)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        Ok(json!({ "token": token, "expires_at": expires_at }))
+    }
+}
+
+fn invalid(field: &str, detail: impl Into<String>) -> Problem {
+    Problem::new(Kind::InvalidRequest, detail).with("field", field)
+}
+
+fn patterns(field: &str, given: Option<Vec<String>>, default: &[&str]) -> Result<Vec<String>, Problem> {
+    let list = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+    for pattern in &list {
+        eventbus_router::validate_pattern(pattern).map_err(|err| invalid(field, format!("pattern {pattern:?}: {err}")))?;
+    }
+    Ok(list)
+}
+
+pub async fn issue(State(issuer): State<Arc<Issuer>>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, Problem> {
+    let caller = issuer.caller(&headers).await?;
+    let request: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TokenRequest {
+            sub: None,
+            role: None,
+            subscribe: None,
+            publish: None,
+            ttl_s: None,
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(|err| Problem::new(Kind::InvalidRequest, format!("invalid token request: {err}")))?
+    };
+    let role = request
+        .role
+        .unwrap_or(if request.sub.is_some() { Role::Client } else { Role::Service });
+    let ttl_s = request.ttl_s.unwrap_or(issuer.default_ttl_s);
+    if ttl_s == 0 || ttl_s > issuer.max_ttl_s {
+        return Err(invalid("ttl_s", format!("must be 1-{} seconds", issuer.max_ttl_s)));
+    }
+    let sub = match (role, &caller, request.sub) {
+        (Role::Client, _, None) => return Err(invalid("sub", "a client token needs a sub")),
+        (Role::Client, _, Some(sub)) => sub,
+        (Role::Service, Caller::ApiKey(name) | Caller::Service(name), Some(sub)) if &sub != name => {
+            return Err(Problem::new(Kind::Forbidden, format!("{name} may only get service tokens for itself")));
+        }
+        (Role::Service, Caller::ApiKey(name) | Caller::Service(name), _) => name.clone(),
+        (Role::Service, Caller::Anonymous, sub) => sub.unwrap_or_else(|| "dev-service".to_owned()),
+    };
+    eventbus_model::validate_identity(&sub).map_err(|err| invalid("sub", format!("sub {err}")))?;
+    let (default_subscribe, default_publish): (&[&str], &[&str]) = match role {
+        Role::Service => (&[">"], &[">"]),
+        Role::Client => (&[], &[]),
+    };
+    let now = now_s();
+    let claims = Claims {
+        sub,
+        role,
+        iss: ISSUER.to_owned(),
+        iat: now,
+        exp: now + ttl_s,
+        subscribe: patterns("subscribe", request.subscribe, default_subscribe)?,
+        publish: patterns("publish", request.publish, default_publish)?,
+    };
+    let by = match &caller {
+        Caller::ApiKey(name) | Caller::Service(name) => name.as_str(),
+        Caller::Anonymous => "anonymous (development mode)",
+    };
+    info!(sub = %claims.sub, role = claims.role.as_str(), ttl_s, by, "token issued");
+    issuer.mint(&claims).map(Json)
+}
+
+pub async fn jwks(State(issuer): State<Arc<Issuer>>) -> Json<jsonwebtoken::jwk::JwkSet> {
+    Json(issuer.ring.jwks())
+}

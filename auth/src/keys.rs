@@ -1,0 +1,149 @@
+//! Signing keys: Ed25519, kept in a directory so that tokens stay valid across restarts. The newest
+//! key signs; every key in the directory is published in the key set, which is how a key is rotated
+//! without rejecting tokens it signed (add a key, wait for the old tokens to expire, remove it).
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairParameters, OctetKeyPairType,
+    PublicKeyUse,
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot use key directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("key file {0} is not a hex-encoded 32-byte Ed25519 seed")]
+    BadKey(PathBuf),
+}
+
+struct SigningKey {
+    kid: String,
+    encoding: EncodingKey,
+    public: [u8; 32],
+}
+
+pub struct KeyRing {
+    /// Oldest first; the last one signs.
+    keys: Vec<SigningKey>,
+}
+
+// PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410): the prefix is fixed, the seed follows.
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+impl KeyRing {
+    /// Loads every `*.key` file of `dir`, creating a first key when there is none.
+    pub fn load_or_create(dir: &Path) -> Result<Self, KeyError> {
+        let io = |source| KeyError::Io { path: dir.to_owned(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "key"))
+            .collect();
+        if names.is_empty() {
+            names.push(create_key(dir)?);
+        }
+        // Names start with the creation time, so sorting puts the newest last.
+        names.sort();
+        let keys = names.iter().map(|path| load_key(path)).collect::<Result<_, _>>()?;
+        Ok(Self { keys })
+    }
+
+    /// An in-memory ring with one fresh key, for tests.
+    pub fn ephemeral() -> Self {
+        Self {
+            keys: vec![from_seed(rand::random())],
+        }
+    }
+
+    pub fn sign<T: serde::Serialize>(&self, claims: &T) -> Result<String, jsonwebtoken::errors::Error> {
+        let key = self.keys.last().expect("a key ring always holds a key");
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding)
+    }
+
+    pub fn jwks(&self) -> JwkSet {
+        JwkSet {
+            keys: self
+                .keys
+                .iter()
+                .map(|key| Jwk {
+                    common: CommonParameters {
+                        public_key_use: Some(PublicKeyUse::Signature),
+                        key_algorithm: Some(KeyAlgorithm::EdDSA),
+                        key_id: Some(key.kid.clone()),
+                        ..Default::default()
+                    },
+                    algorithm: AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
+                        key_type: OctetKeyPairType::OctetKeyPair,
+                        curve: jsonwebtoken::jwk::EllipticCurve::Ed25519,
+                        x: URL_SAFE_NO_PAD.encode(key.public),
+                    }),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn from_seed(seed: [u8; 32]) -> SigningKey {
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes();
+    let mut der = PKCS8_ED25519_PREFIX.to_vec();
+    der.extend_from_slice(&seed);
+    SigningKey {
+        // The key id is derived from the public key, so it is stable and says nothing secret.
+        kid: URL_SAFE_NO_PAD.encode(&public[..9]),
+        encoding: EncodingKey::from_ed_der(&der),
+        public,
+    }
+}
+
+fn load_key(path: &Path) -> Result<SigningKey, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.to_owned(), source })?;
+    let seed = decode_hex(text.trim()).ok_or_else(|| KeyError::BadKey(path.to_owned()))?;
+    Ok(from_seed(seed))
+}
+
+fn create_key(dir: &Path) -> Result<PathBuf, KeyError> {
+    let seed: [u8; 32] = rand::random();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let path = dir.join(format!("{millis:016}.key"));
+    let tmp = dir.join(".new-key.tmp");
+    let io = |source| KeyError::Io { path: path.clone(), source };
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        file.write_all(hex.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    tracing::info!(path = %path.display(), "created a new signing key");
+    Ok(path)
+}
+
+fn decode_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

@@ -1,0 +1,191 @@
+//! Local token verification against the auth service's key set, cached; an unknown `kid` refreshes
+//! the cache (at most once a second), which is how services pick up a rotated key.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::claims::{Claims, ISSUER, TokenError, Verified};
+
+const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the public keys come from.
+#[async_trait]
+pub trait KeySource: Send + Sync + 'static {
+    async fn fetch(&self) -> Result<JwkSet, String>;
+}
+
+/// Keys fetched from the auth service over gRPC.
+pub struct GrpcKeySource {
+    client: eventbus_proto::auth::auth_client::AuthClient<tonic::transport::Channel>,
+}
+
+impl GrpcKeySource {
+    /// `url` is the auth service's address, e.g. `http://127.0.0.1:7002`; nothing is dialled yet.
+    pub fn new(url: &str) -> Result<Self, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|err| format!("invalid auth url {url:?}: {err}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5));
+        Ok(Self {
+            client: eventbus_proto::auth::auth_client::AuthClient::new(endpoint.connect_lazy()),
+        })
+    }
+}
+
+#[async_trait]
+impl KeySource for GrpcKeySource {
+    async fn fetch(&self) -> Result<JwkSet, String> {
+        let response = self
+            .client
+            .clone()
+            .get_keys(eventbus_proto::auth::GetKeysRequest {})
+            .await
+            .map_err(|status| status.message().to_owned())?;
+        serde_json::from_str(&response.into_inner().jwks_json).map_err(|err| err.to_string())
+    }
+}
+
+pub struct Verifier {
+    source: Box<dyn KeySource>,
+    keys: RwLock<HashMap<String, DecodingKey>>,
+    last_refresh: Mutex<Option<Instant>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl Verifier {
+    pub fn new(source: impl KeySource) -> Self {
+        Self {
+            source: Box::new(source),
+            keys: RwLock::new(HashMap::new()),
+            last_refresh: Mutex::new(None),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Verified, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::Malformed);
+        }
+        let kid = header.kid.ok_or(TokenError::Malformed)?;
+        let key = match self.key(&kid) {
+            Some(key) => key,
+            None => {
+                self.refresh().await?;
+                self.key(&kid).ok_or(TokenError::UnknownKey)?
+            }
+        };
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        // Our services share one clock source closely enough; a token is dead when it says so.
+        validation.leeway = 0;
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|err| {
+            use jsonwebtoken::errors::ErrorKind;
+            match err.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                ErrorKind::InvalidIssuer | ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => {
+                    TokenError::InvalidClaims(err.to_string())
+                }
+                _ => TokenError::Malformed,
+            }
+        })?;
+        data.claims.into_verified()
+    }
+
+    fn key(&self, kid: &str) -> Option<DecodingKey> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid).cloned()
+    }
+
+    async fn refresh(&self) -> Result<(), TokenError> {
+        let _one_at_a_time = self.refresh.lock().await;
+        {
+            let last = self.last_refresh.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < REFRESH_INTERVAL) {
+                return Ok(());
+            }
+        }
+        let set = self.source.fetch().await.map_err(TokenError::KeysUnavailable)?;
+        let mut fresh = HashMap::new();
+        for jwk in &set.keys {
+            if let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) {
+                fresh.insert(kid, key);
+            }
+        }
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// A fixed key set, for tests and for the auth service verifying its own tokens.
+pub struct StaticKeys(pub JwkSet);
+
+#[async_trait]
+impl KeySource for StaticKeys {
+    async fn fetch(&self) -> Result<JwkSet, String> {
+        Ok(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyRing;
+    use crate::claims::now_s;
+    use eventbus_router::Role;
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            sub: "alice".into(),
+            role: Role::Client,
+            iss: ISSUER.into(),
+            iat: now_s(),
+            exp,
+            subscribe: vec!["orders".into()],
+            publish: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn verifies_own_tokens_and_refuses_the_rest() {
+        let ring = KeyRing::ephemeral();
+        let verifier = Verifier::new(StaticKeys(ring.jwks()));
+        let token = ring.sign(&claims(now_s() + 60)).unwrap();
+        let verified = verifier.verify(&token).await.unwrap();
+        assert_eq!(verified.grant.identity, "alice");
+        assert_eq!(verified.grant.subscribe, vec!["orders".to_string()]);
+
+        let expired = ring.sign(&claims(now_s() - 1)).unwrap();
+        assert_eq!(verifier.verify(&expired).await.unwrap_err(), TokenError::Expired);
+
+        let other = KeyRing::ephemeral();
+        let foreign = other.sign(&claims(now_s() + 60)).unwrap();
+        assert_eq!(verifier.verify(&foreign).await.unwrap_err(), TokenError::UnknownKey);
+
+        let mut tampered = token.clone();
+        let payload_at = tampered.find('.').unwrap() + 2;
+        tampered.replace_range(payload_at..payload_at + 1, if &token[payload_at..payload_at + 1] == "A" { "B" } else { "A" });
+        assert!(verifier.verify(&tampered).await.is_err());
+        assert_eq!(verifier.verify("not a token").await.unwrap_err(), TokenError::Malformed);
+
+        let mut bad_sub = claims(now_s() + 60);
+        bad_sub.sub = "a.b".into();
+        let bad = ring.sign(&bad_sub).unwrap();
+        assert!(matches!(verifier.verify(&bad).await, Err(TokenError::InvalidClaims(_))));
+    }
+
+    #[test]
+    fn keys_persist_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = KeyRing::load_or_create(dir.path()).unwrap();
+        let second = KeyRing::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.jwks().keys[0].common.key_id, second.jwks().keys[0].common.key_id);
+    }
+}

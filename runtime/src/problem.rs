@@ -1,0 +1,128 @@
+//! HTTP errors as RFC 9457 problem documents (`application/problem+json`) with stable `type` URIs,
+//! so clients branch on `type`, never on the human text.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// The kinds of problem the HTTP APIs answer with; each has a stable `type` and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    UnsupportedMediaType,
+    Overloaded,
+    Unavailable,
+    Internal,
+}
+
+impl Kind {
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::InvalidRequest => "invalid-request",
+            Kind::Unauthorized => "unauthorized",
+            Kind::Forbidden => "forbidden",
+            Kind::NotFound => "not-found",
+            Kind::TooLarge => "too-large",
+            Kind::UnsupportedMediaType => "unsupported-media-type",
+            Kind::Overloaded => "overloaded",
+            Kind::Unavailable => "unavailable",
+            Kind::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Kind::InvalidRequest => StatusCode::BAD_REQUEST,
+            Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Kind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Kind::InvalidRequest => "The request is invalid",
+            Kind::Unauthorized => "No valid token",
+            Kind::Forbidden => "Not permitted",
+            Kind::NotFound => "Not found",
+            Kind::TooLarge => "Too large",
+            Kind::UnsupportedMediaType => "Unsupported media type",
+            Kind::Overloaded => "Overloaded, retry later",
+            Kind::Unavailable => "Unavailable, retry later",
+            Kind::Internal => "Internal error",
+        }
+    }
+}
+
+/// Prefix of every problem `type`.
+pub const TYPE_PREFIX: &str = "urn:eventbus:problem:";
+
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub kind: Kind,
+    pub detail: String,
+    pub extra: Map<String, Value>,
+    pub retry_after_s: Option<u32>,
+}
+
+impl Problem {
+    pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
+        let retry_after_s = matches!(kind, Kind::Overloaded | Kind::Unavailable).then_some(1);
+        Self {
+            kind,
+            detail: detail.into(),
+            extra: Map::new(),
+            retry_after_s,
+        }
+    }
+
+    /// Adds a member such as `field` or `index`.
+    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(name.to_owned(), value.into());
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        let mut body = json!({
+            "type": format!("{TYPE_PREFIX}{}", self.kind.slug()),
+            "title": self.kind.title(),
+            "status": self.kind.status().as_u16(),
+            "detail": self.detail,
+        });
+        if let Value::Object(map) = &mut body {
+            map.extend(self.extra.clone());
+        }
+        body
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut response = (self.kind.status(), self.body().to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.kind == Kind::Unauthorized {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after_s {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// The bearer token of a request, if it carries one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}

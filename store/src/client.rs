@@ -1,0 +1,139 @@
+//! The store as its callers (ingest, gateway) see it: a typed gRPC client whose errors say what the
+//! caller should do (retry later, or fix the request).
+
+use std::time::Duration;
+
+use eventbus_model::{Accepted, StoredEvent};
+use eventbus_proto::store as pb;
+use eventbus_proto::store::store_client::StoreClient as GrpcClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::service::MAX_MESSAGE_BYTES;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Not stored (or not read): the store is unreachable or overloaded; retrying is safe.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("the store refused the request: {0}")]
+    Invalid(String),
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl From<tonic::Status> for StoreError {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            tonic::Code::OutOfRange => StoreError::OutOfRange(message),
+            tonic::Code::InvalidArgument => StoreError::Invalid(message),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::ResourceExhausted => {
+                StoreError::Unavailable(message)
+            }
+            _ => StoreError::Internal(message),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub channel: String,
+    pub id: String,
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub events: Vec<StoredEvent>,
+    pub head: u64,
+}
+
+#[derive(Clone)]
+pub struct StoreClient {
+    inner: GrpcClient<Channel>,
+}
+
+impl StoreClient {
+    /// A client of the store at `url` (e.g. `http://127.0.0.1:7001`); it dials lazily and redials
+    /// after failures, so callers start even while the store is down.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|err| StoreError::Invalid(format!("invalid store url {url:?}: {err}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true);
+        Ok(Self {
+            inner: GrpcClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+
+    /// Appends validated events; resolves once every one is durable.
+    pub async fn append(&self, events: Vec<Accepted>) -> Result<Vec<Appended>, StoreError> {
+        let request = pb::AppendRequest {
+            events: events
+                .into_iter()
+                .map(|e| pb::EventRecord {
+                    channel: e.channel,
+                    id: e.id,
+                    body: e.body.into(),
+                    key: e.key,
+                    deleted: e.deleted,
+                })
+                .collect(),
+        };
+        let response = self.inner.clone().append(request).await?.into_inner();
+        Ok(response
+            .results
+            .into_iter()
+            .map(|r| Appended {
+                channel: r.channel,
+                id: r.id,
+                seq: r.seq,
+                duplicate: r.duplicate,
+            })
+            .collect())
+    }
+
+    pub async fn read(&self, channel: &str, after: u64, limit: u32, compact: bool) -> Result<Page, StoreError> {
+        let response = self
+            .inner
+            .clone()
+            .read(pb::ReadRequest {
+                channel: channel.to_owned(),
+                after,
+                limit,
+                compact,
+            })
+            .await?
+            .into_inner();
+        Ok(Page {
+            head: response.head,
+            events: response
+                .events
+                .into_iter()
+                .map(|e| StoredEvent {
+                    channel: channel.to_owned(),
+                    seq: e.seq,
+                    json: e.json,
+                })
+                .collect(),
+        })
+    }
+
+    pub async fn head(&self, channel: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .clone()
+            .head(pb::HeadRequest {
+                channel: channel.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .head)
+    }
+}
