@@ -64,7 +64,8 @@ pub fn now_s() -> u64 {
 
 impl Claims {
     pub fn into_verified(self) -> Result<Verified, TokenError> {
-        eventbus_model::validate_identity(&self.sub).map_err(|err| TokenError::InvalidClaims(format!("sub {err}")))?;
+        eventbus_model::validate_identity(&self.sub)
+            .map_err(|err| TokenError::InvalidClaims(format!("sub {err}")))?;
         for pattern in self.subscribe.iter().chain(&self.publish) {
             eventbus_router::validate_pattern(pattern)
                 .map_err(|err| TokenError::InvalidClaims(format!("pattern {pattern:?}: {err}")))?;

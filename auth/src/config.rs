@@ -23,9 +23,12 @@ impl std::str::FromStr for ApiKey {
             .trim()
             .split_once(':')
             .ok_or("an API key is written name:secret")?;
-        eventbus_model::validate_identity(name).map_err(|err| format!("API key name {name:?} {err}"))?;
+        eventbus_model::validate_identity(name)
+            .map_err(|err| format!("API key name {name:?} {err}"))?;
         if secret.len() < 16 {
-            return Err(format!("the secret of API key {name:?} must be at least 16 characters"));
+            return Err(format!(
+                "the secret of API key {name:?} must be at least 16 characters"
+            ));
         }
         Ok(ApiKey {
             name: name.to_owned(),
@@ -38,10 +41,18 @@ impl std::str::FromStr for ApiKey {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address for HTTP (`/v1/tokens`, `/v1/jwks`), gRPC and the health endpoints.
-    #[arg(long = "listen", env = "EVENTBUS_AUTH_LISTEN", default_value = "127.0.0.1:7002")]
+    #[arg(
+        long = "listen",
+        env = "EVENTBUS_AUTH_LISTEN",
+        default_value = "127.0.0.1:7002"
+    )]
     pub listen: SocketAddr,
     /// Directory of the Ed25519 signing keys (created with a first key when empty).
-    #[arg(long = "keys-dir", env = "EVENTBUS_AUTH_KEYS_DIR", default_value = "./data/auth")]
+    #[arg(
+        long = "keys-dir",
+        env = "EVENTBUS_AUTH_KEYS_DIR",
+        default_value = "./data/auth"
+    )]
     pub keys_dir: PathBuf,
     /// Service API keys, comma separated, each `name:secret` (secret of 16 characters or more).
     #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
@@ -50,10 +61,18 @@ pub struct Config {
     #[arg(long = "dev", env = "EVENTBUS_DEV")]
     pub dev: bool,
     /// Lifetime of a token when the request names none, in seconds.
-    #[arg(long = "default-ttl-s", env = "EVENTBUS_TOKEN_DEFAULT_TTL_S", default_value_t = 3600)]
+    #[arg(
+        long = "default-ttl-s",
+        env = "EVENTBUS_TOKEN_DEFAULT_TTL_S",
+        default_value_t = 3600
+    )]
     pub default_ttl_s: u64,
     /// Longest lifetime a token may be given, in seconds.
-    #[arg(long = "max-ttl-s", env = "EVENTBUS_TOKEN_MAX_TTL_S", default_value_t = 86_400)]
+    #[arg(
+        long = "max-ttl-s",
+        env = "EVENTBUS_TOKEN_MAX_TTL_S",
+        default_value_t = 86_400
+    )]
     pub max_ttl_s: u64,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,

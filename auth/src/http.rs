@@ -51,7 +51,10 @@ impl Issuer {
             return if self.dev {
                 Ok(Caller::Anonymous)
             } else {
-                Err(Problem::new(Kind::Unauthorized, "send an API key or a service token as Bearer"))
+                Err(Problem::new(
+                    Kind::Unauthorized,
+                    "send an API key or a service token as Bearer",
+                ))
             };
         };
         // Compare against every key in constant time, so timing tells nothing about near misses.
@@ -64,14 +67,18 @@ impl Issuer {
         if let Some(name) = found {
             return Ok(Caller::ApiKey(name));
         }
-        let verified = self
-            .verifier
-            .verify(credential)
-            .await
-            .map_err(|err| Problem::new(Kind::Unauthorized, format!("not a known API key, and {err}")))?;
+        let verified = self.verifier.verify(credential).await.map_err(|err| {
+            Problem::new(
+                Kind::Unauthorized,
+                format!("not a known API key, and {err}"),
+            )
+        })?;
         match verified.grant.role {
             Role::Service => Ok(Caller::Service(verified.grant.identity)),
-            Role::Client => Err(Problem::new(Kind::Forbidden, "a client token cannot mint tokens")),
+            Role::Client => Err(Problem::new(
+                Kind::Forbidden,
+                "a client token cannot mint tokens",
+            )),
         }
     }
 
@@ -91,15 +98,24 @@ fn invalid(field: &str, detail: impl Into<String>) -> Problem {
     Problem::new(Kind::InvalidRequest, detail).with("field", field)
 }
 
-fn patterns(field: &str, given: Option<Vec<String>>, default: &[&str]) -> Result<Vec<String>, Problem> {
+fn patterns(
+    field: &str,
+    given: Option<Vec<String>>,
+    default: &[&str],
+) -> Result<Vec<String>, Problem> {
     let list = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
     for pattern in &list {
-        eventbus_router::validate_pattern(pattern).map_err(|err| invalid(field, format!("pattern {pattern:?}: {err}")))?;
+        eventbus_router::validate_pattern(pattern)
+            .map_err(|err| invalid(field, format!("pattern {pattern:?}: {err}")))?;
     }
     Ok(list)
 }
 
-pub async fn issue(State(issuer): State<Arc<Issuer>>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, Problem> {
+pub async fn issue(
+    State(issuer): State<Arc<Issuer>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, Problem> {
     let caller = issuer.caller(&headers).await?;
     let request: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TokenRequest {
@@ -110,20 +126,35 @@ pub async fn issue(State(issuer): State<Arc<Issuer>>, headers: HeaderMap, body: 
             ttl_s: None,
         }
     } else {
-        serde_json::from_slice(&body).map_err(|err| Problem::new(Kind::InvalidRequest, format!("invalid token request: {err}")))?
+        serde_json::from_slice(&body).map_err(|err| {
+            Problem::new(
+                Kind::InvalidRequest,
+                format!("invalid token request: {err}"),
+            )
+        })?
     };
-    let role = request
-        .role
-        .unwrap_or(if request.sub.is_some() { Role::Client } else { Role::Service });
+    let role = request.role.unwrap_or(if request.sub.is_some() {
+        Role::Client
+    } else {
+        Role::Service
+    });
     let ttl_s = request.ttl_s.unwrap_or(issuer.default_ttl_s);
     if ttl_s == 0 || ttl_s > issuer.max_ttl_s {
-        return Err(invalid("ttl_s", format!("must be 1-{} seconds", issuer.max_ttl_s)));
+        return Err(invalid(
+            "ttl_s",
+            format!("must be 1-{} seconds", issuer.max_ttl_s),
+        ));
     }
     let sub = match (role, &caller, request.sub) {
         (Role::Client, _, None) => return Err(invalid("sub", "a client token needs a sub")),
         (Role::Client, _, Some(sub)) => sub,
-        (Role::Service, Caller::ApiKey(name) | Caller::Service(name), Some(sub)) if &sub != name => {
-            return Err(Problem::new(Kind::Forbidden, format!("{name} may only get service tokens for itself")));
+        (Role::Service, Caller::ApiKey(name) | Caller::Service(name), Some(sub))
+            if &sub != name =>
+        {
+            return Err(Problem::new(
+                Kind::Forbidden,
+                format!("{name} may only get service tokens for itself"),
+            ));
         }
         (Role::Service, Caller::ApiKey(name) | Caller::Service(name), _) => name.clone(),
         (Role::Service, Caller::Anonymous, sub) => sub.unwrap_or_else(|| "dev-service".to_owned()),

@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{
-    AlgorithmParameters, CommonParameters, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairParameters, OctetKeyPairType,
-    PublicKeyUse,
+    AlgorithmParameters, CommonParameters, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairParameters,
+    OctetKeyPairType, PublicKeyUse,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot use key directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("key file {0} is not a hex-encoded 32-byte Ed25519 seed")]
     BadKey(PathBuf),
 }
@@ -39,7 +42,10 @@ const PKCS8_ED25519_PREFIX: [u8; 16] = [
 impl KeyRing {
     /// Loads every `*.key` file of `dir`, creating a first key when there is none.
     pub fn load_or_create(dir: &Path) -> Result<Self, KeyError> {
-        let io = |source| KeyError::Io { path: dir.to_owned(), source };
+        let io = |source| KeyError::Io {
+            path: dir.to_owned(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io)?
@@ -51,7 +57,10 @@ impl KeyRing {
         }
         // Names start with the creation time, so sorting puts the newest last.
         names.sort();
-        let keys = names.iter().map(|path| load_key(path)).collect::<Result<_, _>>()?;
+        let keys = names
+            .iter()
+            .map(|path| load_key(path))
+            .collect::<Result<_, _>>()?;
         Ok(Self { keys })
     }
 
@@ -62,7 +71,10 @@ impl KeyRing {
         }
     }
 
-    pub fn sign<T: serde::Serialize>(&self, claims: &T) -> Result<String, jsonwebtoken::errors::Error> {
+    pub fn sign<T: serde::Serialize>(
+        &self,
+        claims: &T,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let key = self.keys.last().expect("a key ring always holds a key");
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(key.kid.clone());
@@ -93,7 +105,9 @@ impl KeyRing {
 }
 
 fn from_seed(seed: [u8; 32]) -> SigningKey {
-    let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes();
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
     let mut der = PKCS8_ED25519_PREFIX.to_vec();
     der.extend_from_slice(&seed);
     SigningKey {
@@ -105,7 +119,10 @@ fn from_seed(seed: [u8; 32]) -> SigningKey {
 }
 
 fn load_key(path: &Path) -> Result<SigningKey, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let seed = decode_hex(text.trim()).ok_or_else(|| KeyError::BadKey(path.to_owned()))?;
     Ok(from_seed(seed))
 }
@@ -117,7 +134,10 @@ fn create_key(dir: &Path) -> Result<PathBuf, KeyError> {
         .map_or(0, |d| d.as_millis());
     let path = dir.join(format!("{millis:016}.key"));
     let tmp = dir.join(".new-key.tmp");
-    let io = |source| KeyError::Io { path: path.clone(), source };
+    let io = |source| KeyError::Io {
+        path: path.clone(),
+        source,
+    };
     let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
     {
         use std::io::Write;

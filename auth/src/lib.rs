@@ -41,16 +41,26 @@ impl pb::auth_server::Auth for KeyService {
         &self,
         _: tonic::Request<pb::GetKeysRequest>,
     ) -> Result<tonic::Response<pb::GetKeysResponse>, tonic::Status> {
-        let jwks_json = serde_json::to_string(&self.ring.jwks()).map_err(|err| tonic::Status::internal(err.to_string()))?;
+        let jwks_json = serde_json::to_string(&self.ring.jwks())
+            .map_err(|err| tonic::Status::internal(err.to_string()))?;
         Ok(tonic::Response::new(pb::GetKeysResponse { jwks_json }))
     }
 }
 
-/// The HTTP and gRPC routes of the auth service, for [`run`] and for the all-in-one listener.
-pub fn routes(config: &Config) -> Result<axum::Router, Error> {
+/// The routes of the auth service: `public` (HTTP, for everyone) and `internal` (gRPC, for the
+/// other services). [`run`] serves both on one listener; the all-in-one mode keeps `internal` on
+/// loopback.
+pub struct Service {
+    pub public: axum::Router,
+    pub internal: axum::Router,
+}
+
+pub fn service(config: &Config) -> Result<Service, Error> {
     let ring = Arc::new(KeyRing::load_or_create(&config.keys_dir)?);
     if config.dev {
-        warn!("DEVELOPMENT MODE: POST /v1/tokens issues tokens of any role WITHOUT an API key. Never run this in production.");
+        warn!(
+            "DEVELOPMENT MODE: POST /v1/tokens issues tokens of any role WITHOUT an API key. Never run this in production."
+        );
     }
     if config.api_keys.is_empty() && !config.dev {
         warn!("no API keys are configured (EVENTBUS_API_KEYS): no service can obtain a token");
@@ -69,15 +79,23 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         .route("/v1/jwks", get(http::jwks))
         .with_state(issuer)
         .layer(origins.layer());
-    let grpc = tonic::service::Routes::new(pb::auth_server::AuthServer::new(KeyService { ring })).into_axum_router();
-    Ok(public.merge(grpc))
+    let internal =
+        tonic::service::Routes::new(pb::auth_server::AuthServer::new(KeyService { ring }))
+            .into_axum_router();
+    Ok(Service { public, internal })
 }
 
 /// Runs the auth service on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
-    let app = routes(&config)?.merge(eventbus_runtime::health_routes(|| true));
+    let service = service(&config)?;
+    let app = service
+        .public
+        .merge(service.internal)
+        .merge(eventbus_runtime::health_routes(|| true));
     info!(addr = %listener.local_addr()?, keys = %config.keys_dir.display(), "auth listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.wait()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await?;
     info!("auth stopped");
     Ok(())
 }

@@ -3,7 +3,10 @@
 use eventbus_runtime::{Shutdown, telemetry};
 
 #[derive(clap::Parser)]
-#[command(name = "eventbus-auth", about = "The eventbus identity service: tokens and signing keys")]
+#[command(
+    name = "eventbus-auth",
+    about = "The eventbus identity service: tokens and signing keys"
+)]
 struct Cli {
     #[command(flatten)]
     config: eventbus_auth::Config,

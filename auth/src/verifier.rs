@@ -90,9 +90,9 @@ impl Verifier {
             match err.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::InvalidIssuer | ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => {
-                    TokenError::InvalidClaims(err.to_string())
-                }
+                ErrorKind::InvalidIssuer
+                | ErrorKind::MissingRequiredClaim(_)
+                | ErrorKind::Json(_) => TokenError::InvalidClaims(err.to_string()),
                 _ => TokenError::Malformed,
             }
         })?;
@@ -100,7 +100,11 @@ impl Verifier {
     }
 
     fn key(&self, kid: &str) -> Option<DecodingKey> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid).cloned()
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kid)
+            .cloned()
     }
 
     async fn refresh(&self) -> Result<(), TokenError> {
@@ -111,7 +115,11 @@ impl Verifier {
                 return Ok(());
             }
         }
-        let set = self.source.fetch().await.map_err(TokenError::KeysUnavailable)?;
+        let set = self
+            .source
+            .fetch()
+            .await
+            .map_err(TokenError::KeysUnavailable)?;
         let mut fresh = HashMap::new();
         for jwk in &set.keys {
             if let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) {
@@ -163,22 +171,41 @@ mod tests {
         assert_eq!(verified.grant.subscribe, vec!["orders".to_string()]);
 
         let expired = ring.sign(&claims(now_s() - 1)).unwrap();
-        assert_eq!(verifier.verify(&expired).await.unwrap_err(), TokenError::Expired);
+        assert_eq!(
+            verifier.verify(&expired).await.unwrap_err(),
+            TokenError::Expired
+        );
 
         let other = KeyRing::ephemeral();
         let foreign = other.sign(&claims(now_s() + 60)).unwrap();
-        assert_eq!(verifier.verify(&foreign).await.unwrap_err(), TokenError::UnknownKey);
+        assert_eq!(
+            verifier.verify(&foreign).await.unwrap_err(),
+            TokenError::UnknownKey
+        );
 
         let mut tampered = token.clone();
         let payload_at = tampered.find('.').unwrap() + 2;
-        tampered.replace_range(payload_at..payload_at + 1, if &token[payload_at..payload_at + 1] == "A" { "B" } else { "A" });
+        tampered.replace_range(
+            payload_at..payload_at + 1,
+            if &token[payload_at..payload_at + 1] == "A" {
+                "B"
+            } else {
+                "A"
+            },
+        );
         assert!(verifier.verify(&tampered).await.is_err());
-        assert_eq!(verifier.verify("not a token").await.unwrap_err(), TokenError::Malformed);
+        assert_eq!(
+            verifier.verify("not a token").await.unwrap_err(),
+            TokenError::Malformed
+        );
 
         let mut bad_sub = claims(now_s() + 60);
         bad_sub.sub = "a.b".into();
         let bad = ring.sign(&bad_sub).unwrap();
-        assert!(matches!(verifier.verify(&bad).await, Err(TokenError::InvalidClaims(_))));
+        assert!(matches!(
+            verifier.verify(&bad).await,
+            Err(TokenError::InvalidClaims(_))
+        ));
     }
 
     #[test]
@@ -186,6 +213,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = KeyRing::load_or_create(dir.path()).unwrap();
         let second = KeyRing::load_or_create(dir.path()).unwrap();
-        assert_eq!(first.jwks().keys[0].common.key_id, second.jwks().keys[0].common.key_id);
+        assert_eq!(
+            first.jwks().keys[0].common.key_id,
+            second.jwks().keys[0].common.key_id
+        );
     }
 }

@@ -1,1 +1,183 @@
-//! placeholder
+//! The gateway: the WebSocket endpoint (`GET /v1/ws`) where clients and services receive events
+//! live and catch up from the log. Many gateways run side by side on one backbone; each subscribes
+//! on the backbone only to what its own connections want, and repairs any gap in a channel's `seq`
+//! from the store before delivering further, so a subscriber sees every event once, in order.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod connection;
+mod frames;
+pub mod hub;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use eventbus_auth::{GrpcKeySource, TokenError, Verifier};
+use eventbus_model::Limits;
+use eventbus_router::Backbone;
+use eventbus_runtime::Shutdown;
+use eventbus_runtime::cors::Origins;
+use eventbus_runtime::problem::{Kind, Problem, bearer};
+use eventbus_store::StoreClient;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+pub use connection::close;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("server error: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+pub(crate) struct Gateway {
+    hub: hub::Hub,
+    verifier: Verifier,
+    store: StoreClient,
+    limits: Limits,
+    origins: Origins,
+    queue_len: usize,
+    max_frame_bytes: usize,
+    hello_timeout: Duration,
+    id: String,
+    next_connection: AtomicU64,
+    shutdown: Shutdown,
+    connections: TaskTracker,
+}
+
+/// The gateway's routes, and the handle that waits for its connections to close at shutdown.
+pub struct Service {
+    pub routes: axum::Router,
+    pub drain: Drain,
+}
+
+pub struct Drain {
+    connections: TaskTracker,
+    grace: Duration,
+}
+
+impl Drain {
+    /// Waits, at most the grace period, for every connection to finish its goodbye.
+    pub async fn wait(self) {
+        self.connections.close();
+        if tokio::time::timeout(self.grace, self.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = self.connections.len(),
+                "grace period over, dropping the remaining connections"
+            );
+        }
+    }
+}
+
+/// Builds the gateway on `backbone`; its connections close (1001) when `shutdown` triggers.
+pub fn service(
+    config: &Config,
+    backbone: Arc<dyn Backbone>,
+    shutdown: Shutdown,
+) -> Result<Service, Error> {
+    let connections = TaskTracker::new();
+    let gateway = Arc::new(Gateway {
+        hub: hub::Hub::new(backbone),
+        verifier: Verifier::new(GrpcKeySource::new(&config.auth_url).map_err(Error::Config)?),
+        store: StoreClient::new(&config.store_url).map_err(|err| Error::Config(err.to_string()))?,
+        limits: Limits {
+            max_event_bytes: config.max_event_bytes,
+        },
+        origins: Origins::new(&config.cors, config.dev),
+        queue_len: config.queue_len.max(1),
+        max_frame_bytes: config.max_frame_bytes,
+        hello_timeout: Duration::from_secs(config.hello_timeout_s),
+        id: config
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()),
+        next_connection: AtomicU64::new(1),
+        shutdown,
+        connections: connections.clone(),
+    });
+    let routes = axum::Router::new()
+        .route("/v1/ws", get(upgrade))
+        .with_state(gateway);
+    Ok(Service {
+        routes,
+        drain: Drain {
+            connections,
+            grace: Duration::from_secs(config.grace_s),
+        },
+    })
+}
+
+async fn upgrade(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !gateway.origins.permits(headers.get(header::ORIGIN)) {
+        return Problem::new(
+            Kind::Forbidden,
+            "this origin is not allowed (EVENTBUS_CORS_ORIGINS)",
+        )
+        .into_response();
+    }
+    if gateway.shutdown.is_triggered() {
+        return Problem::new(Kind::Unavailable, "the gateway is shutting down").into_response();
+    }
+    // A token given at the upgrade authenticates the connection at once; otherwise hello must.
+    let token = bearer(&headers)
+        .map(str::to_owned)
+        .or_else(|| query.get("token").cloned());
+    let verified = match token {
+        None => None,
+        Some(token) => match gateway.verifier.verify(&token).await {
+            Ok(verified) => Some(verified),
+            Err(TokenError::KeysUnavailable(cause)) => {
+                return Problem::new(Kind::Unavailable, cause).into_response();
+            }
+            Err(err) => return Problem::new(Kind::Unauthorized, err.to_string()).into_response(),
+        },
+    };
+    let tracker = gateway.connections.clone();
+    upgrade
+        .max_message_size(gateway.max_frame_bytes)
+        .max_frame_size(gateway.max_frame_bytes)
+        .on_upgrade(move |socket| {
+            tracker.track_future(connection::serve(gateway, socket, verified))
+        })
+}
+
+/// Runs the gateway on `listener` until `shutdown`, then closes every connection with 1001.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    backbone: Arc<dyn Backbone>,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let ready_backbone = backbone.clone();
+    let service = service(&config, backbone, shutdown.clone())?;
+    let app = service
+        .routes
+        .merge(eventbus_runtime::health_routes(move || {
+            ready_backbone.is_connected()
+        }));
+    info!(addr = %listener.local_addr()?, "gateway listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await?;
+    service.drain.wait().await;
+    info!("gateway stopped");
+    Ok(())
+}

@@ -1,1 +1,83 @@
-//! placeholder
+//! The ingest service: the HTTP API where services and clients publish events (`POST /v1/events`)
+//! and read a channel's history (`GET /v1/channels/{channel}/events`). It validates and authorises
+//! each request, asks the store to append, and answers 200 only once the store says the events are
+//! durable. It owns no state, so any number run side by side.
+#![forbid(unsafe_code)]
+
+mod binary_mode;
+pub mod config;
+mod history;
+mod publish;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use eventbus_auth::{GrpcKeySource, TokenError, Verified, Verifier};
+use eventbus_model::Limits;
+use eventbus_runtime::Shutdown;
+use eventbus_runtime::problem::{Kind, Problem, bearer};
+use eventbus_store::StoreClient;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("server error: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+pub(crate) struct Ingest {
+    verifier: Verifier,
+    store: StoreClient,
+    limits: Limits,
+    max_batch_events: usize,
+    max_body_bytes: usize,
+}
+
+impl Ingest {
+    async fn authenticate(&self, headers: &axum::http::HeaderMap) -> Result<Verified, Problem> {
+        let token = bearer(headers).ok_or_else(|| {
+            Problem::new(Kind::Unauthorized, "send a token as Authorization: Bearer")
+        })?;
+        self.verifier.verify(token).await.map_err(|err| match err {
+            TokenError::KeysUnavailable(_) => Problem::new(Kind::Unavailable, err.to_string()),
+            other => Problem::new(Kind::Unauthorized, other.to_string()),
+        })
+    }
+}
+
+/// The public routes of ingest, for [`run`] and for the all-in-one listener.
+pub fn routes(config: &Config) -> Result<axum::Router, Error> {
+    let ingest = Arc::new(Ingest {
+        verifier: Verifier::new(GrpcKeySource::new(&config.auth_url).map_err(Error::Config)?),
+        store: StoreClient::new(&config.store_url).map_err(|err| Error::Config(err.to_string()))?,
+        limits: Limits {
+            max_event_bytes: config.max_event_bytes,
+        },
+        max_batch_events: config.max_batch_events,
+        max_body_bytes: config.max_body_bytes,
+    });
+    let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
+    Ok(axum::Router::new()
+        .route("/v1/events", post(publish::publish))
+        .route("/v1/channels/{channel}/events", get(history::history))
+        .with_state(ingest)
+        .layer(origins.layer()))
+}
+
+/// Runs ingest on `listener` until `shutdown`.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    let app = routes(&config)?
+        .merge(eventbus_runtime::health_routes(|| true))
+        .fallback(|| async { Problem::new(Kind::NotFound, "no such route") });
+    info!(addr = %listener.local_addr()?, store = %config.store_url, "ingest listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await?;
+    info!("ingest stopped");
+    Ok(())
+}

@@ -90,18 +90,25 @@ pub fn parse_events(
 ) -> Result<Vec<Accepted>, (Option<usize>, EventError)> {
     let first = json.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        let items: Vec<Box<RawValue>> =
-            serde_json::from_slice(json).map_err(|err| (None, EventError::Malformed(err.to_string())))?;
+        let items: Vec<Box<RawValue>> = serde_json::from_slice(json)
+            .map_err(|err| (None, EventError::Malformed(err.to_string())))?;
         if items.is_empty() {
-            return Err((None, EventError::invalid("events", "a batch must hold at least one event")));
+            return Err((
+                None,
+                EventError::invalid("events", "a batch must hold at least one event"),
+            ));
         }
         items
             .iter()
             .enumerate()
-            .map(|(index, item)| parse_event(item.get().as_bytes(), source, limits).map_err(|err| (Some(index), err)))
+            .map(|(index, item)| {
+                parse_event(item.get().as_bytes(), source, limits).map_err(|err| (Some(index), err))
+            })
             .collect()
     } else {
-        parse_event(json, source, limits).map(|event| vec![event]).map_err(|err| (None, err))
+        parse_event(json, source, limits)
+            .map(|event| vec![event])
+            .map_err(|err| (None, err))
     }
 }
 
@@ -139,23 +146,36 @@ fn accept(
 ) -> Result<Accepted, EventError> {
     let id = match take_string(&mut fields, "id")? {
         Some(id) => {
-            if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                return Err(EventError::invalid("id", "must be 1-128 printable ASCII characters"));
+            if id.is_empty()
+                || id.len() > MAX_ID_LEN
+                || !id.bytes().all(|b| (0x20..0x7f).contains(&b))
+            {
+                return Err(EventError::invalid(
+                    "id",
+                    "must be 1-128 printable ASCII characters",
+                ));
             }
             id
         }
         None => uuid::Uuid::now_v7().to_string(),
     };
-    let kind = take_string(&mut fields, "type")?.ok_or_else(|| EventError::invalid("type", "is required"))?;
+    let kind = take_string(&mut fields, "type")?
+        .ok_or_else(|| EventError::invalid("type", "is required"))?;
     check_len("type", &kind, MAX_TYPE_LEN)?;
 
     let channel = take_string(&mut fields, "channel")?;
     let to = take_string(&mut fields, "to")?;
     let channel = match (channel, to) {
-        (Some(_), Some(_)) => return Err(EventError::invalid("to", "give either channel or to, not both")),
+        (Some(_), Some(_)) => {
+            return Err(EventError::invalid(
+                "to",
+                "give either channel or to, not both",
+            ));
+        }
         (None, None) => return Err(EventError::invalid("channel", "is required (or give to)")),
         (Some(channel), None) => {
-            validate_channel(&channel).map_err(|err| EventError::invalid("channel", err.to_string()))?;
+            validate_channel(&channel)
+                .map_err(|err| EventError::invalid("channel", err.to_string()))?;
             channel
         }
         (None, Some(to)) => {
@@ -178,7 +198,10 @@ fn accept(
     };
     let specversion = take_string(&mut fields, "specversion")?;
     if specversion.as_deref().is_some_and(|v| v != "1.0") {
-        return Err(EventError::invalid("specversion", "only CloudEvents 1.0 is supported"));
+        return Err(EventError::invalid(
+            "specversion",
+            "only CloudEvents 1.0 is supported",
+        ));
     }
     let key = take_string(&mut fields, "key")?;
     if let Some(key) = &key {
@@ -190,7 +213,10 @@ fn accept(
             .map_err(|_| EventError::invalid("deleted", "must be true or false"))?,
     };
     if deleted && key.is_none() {
-        return Err(EventError::invalid("deleted", "needs a key: it marks that key deleted"));
+        return Err(EventError::invalid(
+            "deleted",
+            "needs a key: it marks that key deleted",
+        ));
     }
     let subject = take_attribute(&mut fields, "subject")?;
     let datacontenttype = take_attribute(&mut fields, "datacontenttype")?;
@@ -198,21 +224,31 @@ fn accept(
     let data_base64 = take_string(&mut fields, "data_base64")?;
     let data = fields.remove("data");
     if data.is_some() && data_base64.is_some() {
-        return Err(EventError::invalid("data_base64", "give either data or data_base64, not both"));
+        return Err(EventError::invalid(
+            "data_base64",
+            "give either data or data_base64, not both",
+        ));
     }
 
     // What is left must be a CloudEvents extension attribute: lowercase letters and digits, at most
     // 20, with a scalar value. Anything else is a typo that we would rather report than store.
     let mut extensions = BTreeMap::new();
     for (name, raw) in fields {
-        let valid_name = !name.is_empty() && name.len() <= 20 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let valid_name = !name.is_empty()
+            && name.len() <= 20
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !valid_name {
             return Err(EventError::Invalid {
-                reason: "unknown attribute (extension attributes are 1-20 lowercase letters and digits)".into(),
+                reason:
+                    "unknown attribute (extension attributes are 1-20 lowercase letters and digits)"
+                        .into(),
                 field: name,
             });
         }
-        let value: serde_json::Value = serde_json::from_str(raw.get()).map_err(|err| EventError::Malformed(err.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(raw.get())
+            .map_err(|err| EventError::Malformed(err.to_string()))?;
         if !(value.is_string() || value.is_number() || value.is_boolean()) {
             return Err(EventError::Invalid {
                 reason: "an extension attribute must be a string, number or boolean".into(),
@@ -257,7 +293,10 @@ fn accept(
     })
 }
 
-fn take_string(fields: &mut BTreeMap<String, Box<RawValue>>, name: &str) -> Result<Option<String>, EventError> {
+fn take_string(
+    fields: &mut BTreeMap<String, Box<RawValue>>,
+    name: &str,
+) -> Result<Option<String>, EventError> {
     match fields.remove(name) {
         None => Ok(None),
         Some(raw) => serde_json::from_str::<String>(raw.get())
@@ -266,7 +305,10 @@ fn take_string(fields: &mut BTreeMap<String, Box<RawValue>>, name: &str) -> Resu
     }
 }
 
-fn take_attribute(fields: &mut BTreeMap<String, Box<RawValue>>, name: &str) -> Result<Option<String>, EventError> {
+fn take_attribute(
+    fields: &mut BTreeMap<String, Box<RawValue>>,
+    name: &str,
+) -> Result<Option<String>, EventError> {
     let value = take_string(fields, name)?;
     if let Some(value) = &value {
         check_len(name, value, MAX_ATTRIBUTE_LEN)?;
@@ -277,7 +319,10 @@ fn take_attribute(fields: &mut BTreeMap<String, Box<RawValue>>, name: &str) -> R
 fn check_len(field: &str, value: &str, max: usize) -> Result<(), EventError> {
     let len = value.chars().count();
     if len == 0 || len > max {
-        return Err(EventError::invalid(field, format!("must be 1-{max} characters")));
+        return Err(EventError::invalid(
+            field,
+            format!("must be 1-{max} characters"),
+        ));
     }
     Ok(())
 }
@@ -327,8 +372,16 @@ mod tests {
         assert_eq!(event.channel, "inbox.alice");
         assert_eq!(body(&event)["channel"], "inbox.alice");
         assert!(body(&event).get("to").is_none());
-        assert_eq!(parse(json!({"type":"t","to":"a.b"})).unwrap_err().field(), Some("to"));
-        assert_eq!(parse(json!({"type":"t","to":"a","channel":"b"})).unwrap_err().field(), Some("to"));
+        assert_eq!(
+            parse(json!({"type":"t","to":"a.b"})).unwrap_err().field(),
+            Some("to")
+        );
+        assert_eq!(
+            parse(json!({"type":"t","to":"a","channel":"b"}))
+                .unwrap_err()
+                .field(),
+            Some("to")
+        );
     }
 
     #[test]
@@ -345,8 +398,14 @@ mod tests {
             (json!({"type":"t","channel":"a","id":5}), "id"),
             (json!({"type":"t","channel":"a","time":"yesterday"}), "time"),
             (json!({"type":"t","channel":"a","deleted":true}), "deleted"),
-            (json!({"type":"t","channel":"a","specversion":"0.3"}), "specversion"),
-            (json!({"type":"t","channel":"a","Unknown_Field":1}), "Unknown_Field"),
+            (
+                json!({"type":"t","channel":"a","specversion":"0.3"}),
+                "specversion",
+            ),
+            (
+                json!({"type":"t","channel":"a","Unknown_Field":1}),
+                "Unknown_Field",
+            ),
             (json!({"type":"t","channel":"a","ext":{"nested":1}}), "ext"),
         ];
         for (input, field) in cases {
@@ -357,26 +416,46 @@ mod tests {
 
     #[test]
     fn malformed_and_non_objects() {
-        assert!(matches!(parse_event(b"{", "s", &Limits::default()), Err(EventError::Malformed(_))));
-        assert_eq!(parse_event(b"[1]", "s", &Limits::default()), Err(EventError::NotAnObject));
-        assert_eq!(parse_event(b"\"x\"", "s", &Limits::default()), Err(EventError::NotAnObject));
+        assert!(matches!(
+            parse_event(b"{", "s", &Limits::default()),
+            Err(EventError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_event(b"[1]", "s", &Limits::default()),
+            Err(EventError::NotAnObject)
+        );
+        assert_eq!(
+            parse_event(b"\"x\"", "s", &Limits::default()),
+            Err(EventError::NotAnObject)
+        );
     }
 
     #[test]
     fn size_limit_counts_the_serialized_event() {
-        let limits = Limits { max_event_bytes: 200 };
+        let limits = Limits {
+            max_event_bytes: 200,
+        };
         let small = json!({"type":"t","channel":"a","data":"x"});
         assert!(parse_event(small.to_string().as_bytes(), "s", &limits).is_ok());
         let big = json!({"type":"t","channel":"a","data":"x".repeat(300)});
-        assert!(matches!(parse_event(big.to_string().as_bytes(), "s", &limits), Err(EventError::TooLarge { .. })));
+        assert!(matches!(
+            parse_event(big.to_string().as_bytes(), "s", &limits),
+            Err(EventError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn batches_are_all_or_nothing_and_name_the_index() {
         let ok = json!([{"type":"t","channel":"a"},{"type":"t","channel":"b"}]);
-        assert_eq!(parse_events(ok.to_string().as_bytes(), "s", &Limits::default()).unwrap().len(), 2);
+        assert_eq!(
+            parse_events(ok.to_string().as_bytes(), "s", &Limits::default())
+                .unwrap()
+                .len(),
+            2
+        );
         let bad = json!([{"type":"t","channel":"a"},{"channel":"b"}]);
-        let (index, err) = parse_events(bad.to_string().as_bytes(), "s", &Limits::default()).unwrap_err();
+        let (index, err) =
+            parse_events(bad.to_string().as_bytes(), "s", &Limits::default()).unwrap_err();
         assert_eq!(index, Some(1));
         assert_eq!(err.field(), Some("type"));
         assert!(parse_events(b"[]", "s", &Limits::default()).is_err());

@@ -65,7 +65,9 @@ pub fn inbox_of(identity: &str) -> String {
 
 /// The identity whose inbox `channel` is, if it is an inbox.
 pub fn inbox_owner(channel: &str) -> Option<&str> {
-    channel.strip_prefix(INBOX_PREFIX).filter(|rest| !rest.contains('.'))
+    channel
+        .strip_prefix(INBOX_PREFIX)
+        .filter(|rest| !rest.contains('.'))
 }
 
 #[cfg(test)]
@@ -78,7 +80,10 @@ mod tests {
             assert_eq!(validate_channel(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate_channel(""), Err(NameError::Empty));
-        assert_eq!(validate_channel(&"a".repeat(129)), Err(NameError::TooLong(128)));
+        assert_eq!(
+            validate_channel(&"a".repeat(129)),
+            Err(NameError::TooLong(128))
+        );
         assert_eq!(validate_channel("a..b"), Err(NameError::EmptyToken));
         assert_eq!(validate_channel(".a"), Err(NameError::EmptyToken));
         assert_eq!(validate_channel("a."), Err(NameError::EmptyToken));

@@ -45,7 +45,11 @@ pub trait Backbone: Send + Sync + 'static {
     async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError>;
     /// Live events of every channel that `pattern` matches; with `group`, each event goes to one
     /// member of the group only.
-    async fn subscribe(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BackboneError>;
+    async fn subscribe(
+        &self,
+        pattern: &str,
+        group: Option<&str>,
+    ) -> Result<Subscription, BackboneError>;
     /// Whether the backbone is usable now (for readiness).
     fn is_connected(&self) -> bool;
 }
@@ -76,10 +80,16 @@ impl InProcessBackbone {
 #[async_trait]
 impl Backbone for InProcessBackbone {
     async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError> {
-        let mut members = self.members.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut members = self
+            .members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         members.retain(|member| !member.tx.is_closed());
         let mut groups: Vec<(&str, Vec<&Member>)> = Vec::new();
-        for member in members.iter().filter(|m| matches(&m.pattern, &event.channel)) {
+        for member in members
+            .iter()
+            .filter(|m| matches(&m.pattern, &event.channel))
+        {
             match &member.group {
                 None => deliver(member, event),
                 Some(group) => match groups.iter_mut().find(|(name, _)| name == group) {
@@ -95,7 +105,11 @@ impl Backbone for InProcessBackbone {
         Ok(())
     }
 
-    async fn subscribe(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BackboneError> {
+    async fn subscribe(
+        &self,
+        pattern: &str,
+        group: Option<&str>,
+    ) -> Result<Subscription, BackboneError> {
         let (tx, rx) = mpsc::channel(IN_PROCESS_QUEUE);
         self.members
             .lock()
@@ -158,12 +172,19 @@ impl NatsBackbone {
 impl Backbone for NatsBackbone {
     async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError> {
         self.client
-            .publish(subject::for_channel(&self.prefix, &event.channel), event.json.clone())
+            .publish(
+                subject::for_channel(&self.prefix, &event.channel),
+                event.json.clone(),
+            )
             .await
             .map_err(|err| BackboneError::Publish(err.to_string()))
     }
 
-    async fn subscribe(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BackboneError> {
+    async fn subscribe(
+        &self,
+        pattern: &str,
+        group: Option<&str>,
+    ) -> Result<Subscription, BackboneError> {
         let subject = subject::for_channel(&self.prefix, pattern);
         let subscriber = match group {
             None => self.client.subscribe(subject).await,
@@ -184,7 +205,9 @@ impl Backbone for NatsBackbone {
             }
             std::future::ready(decoded)
         });
-        Ok(Subscription { stream: Box::pin(stream) })
+        Ok(Subscription {
+            stream: Box::pin(stream),
+        })
     }
 
     fn is_connected(&self) -> bool {
@@ -222,13 +245,20 @@ mod tests {
         }
         drop(bus);
         let mut group_total = 0;
-        while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::from_millis(50), g1.next()).await {
+        while let Ok(Some(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(50), g1.next()).await
+        {
             group_total += 1;
         }
-        while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::from_millis(50), g2.next()).await {
+        while let Ok(Some(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(50), g2.next()).await
+        {
             group_total += 1;
         }
-        assert_eq!(group_total, 4, "each event reaches exactly one group member");
+        assert_eq!(
+            group_total, 4,
+            "each event reaches exactly one group member"
+        );
         let _ = Bytes::new();
     }
 }

@@ -11,6 +11,8 @@ pub mod pattern;
 pub mod permissions;
 pub mod subject;
 
-pub use backbone::{Backbone, BackboneError, BackboneMessage, InProcessBackbone, NatsBackbone, Subscription};
+pub use backbone::{
+    Backbone, BackboneError, BackboneMessage, InProcessBackbone, NatsBackbone, Subscription,
+};
 pub use pattern::{PatternError, matches, validate_pattern};
 pub use permissions::{Denied, Grant, Role};

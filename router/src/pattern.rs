@@ -26,7 +26,10 @@ pub fn validate_pattern(pattern: &str) -> Result<(), PatternError> {
             ">" if i + 1 == tokens.len() => {}
             ">" => return Err(PatternError::TailNotLast),
             other => {
-                if !other.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                if !other
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
                     return Err(NameError::BadCharacter.into());
                 }
             }

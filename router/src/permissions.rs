@@ -54,7 +54,9 @@ impl Denied {
         match self {
             Denied::InvalidChannel { .. } => "invalid_channel",
             Denied::PatternNotAllowed => "pattern_not_allowed",
-            Denied::ForeignInbox(_) | Denied::NotSubscribable(_) | Denied::NotPublishable(_) => "forbidden",
+            Denied::ForeignInbox(_) | Denied::NotSubscribable(_) | Denied::NotPublishable(_) => {
+                "forbidden"
+            }
             Denied::GroupNotAllowed => "group_not_allowed",
         }
     }
@@ -93,7 +95,11 @@ impl Grant {
                 return Err(Denied::ForeignInbox(target.to_owned()));
             }
         }
-        if self.subscribe.iter().any(|allowed| matches(allowed, target)) {
+        if self
+            .subscribe
+            .iter()
+            .any(|allowed| matches(allowed, target))
+        {
             Ok(())
         } else {
             Err(Denied::NotSubscribable(target.to_owned()))
@@ -137,15 +143,27 @@ mod tests {
         assert_eq!(client.check_subscribe("orders"), Ok(()));
         assert_eq!(client.check_subscribe("chat.room-1"), Ok(()));
         assert_eq!(client.check_subscribe("inbox.alice"), Ok(()));
-        assert_eq!(client.check_subscribe("inbox.bob"), Err(Denied::ForeignInbox("inbox.bob".into())));
-        assert_eq!(client.check_subscribe("chat.*"), Err(Denied::PatternNotAllowed));
-        assert!(matches!(client.check_subscribe("bad..name"), Err(Denied::InvalidChannel { .. })));
+        assert_eq!(
+            client.check_subscribe("inbox.bob"),
+            Err(Denied::ForeignInbox("inbox.bob".into()))
+        );
+        assert_eq!(
+            client.check_subscribe("chat.*"),
+            Err(Denied::PatternNotAllowed)
+        );
+        assert!(matches!(
+            client.check_subscribe("bad..name"),
+            Err(Denied::InvalidChannel { .. })
+        ));
         assert_eq!(client.check_publish("chat.x"), Ok(()));
         assert!(client.check_publish("orders").is_err());
         assert!(client.check_group().is_err());
 
         let narrow = grant(Role::Client, &["orders"], &[]);
-        assert_eq!(narrow.check_subscribe("payments"), Err(Denied::NotSubscribable("payments".into())));
+        assert_eq!(
+            narrow.check_subscribe("payments"),
+            Err(Denied::NotSubscribable("payments".into()))
+        );
         assert_eq!(narrow.check_subscribe("inbox.alice"), Ok(()));
     }
 

@@ -7,7 +7,11 @@ use eventbus_router::{Backbone, NatsBackbone};
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// NATS server URL of the backbone.
-    #[arg(long = "nats-url", env = "EVENTBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long = "nats-url",
+        env = "EVENTBUS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
     /// Subject prefix of channel subjects; deployments sharing one NATS give each bus its own.
     #[arg(long = "subject-prefix", env = "EVENTBUS_SUBJECT_PREFIX", default_value = eventbus_router::subject::DEFAULT_PREFIX)]

@@ -7,7 +7,11 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 pub struct Args {
     /// Browser origins allowed to call the HTTP API and open WebSocket/SSE streams, comma separated
     /// (e.g. `https://app.example.com`). `*` allows any origin.
-    #[arg(long = "cors-origins", env = "EVENTBUS_CORS_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origins",
+        env = "EVENTBUS_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     pub origins: Vec<String>,
 }
 
@@ -47,13 +51,27 @@ impl Origins {
         let allow = if self.any {
             AllowOrigin::mirror_request()
         } else {
-            let values: Vec<HeaderValue> = self.allowed.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+            let values: Vec<HeaderValue> = self
+                .allowed
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect();
             AllowOrigin::list(values)
         };
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::HeaderName::from_static("last-event-id")])
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("last-event-id"),
+            ])
             .expose_headers([header::RETRY_AFTER])
     }
 }

@@ -28,7 +28,10 @@ impl Default for Shutdown {
 impl Shutdown {
     pub fn new() -> Self {
         let (tx, rx) = watch::channel(false);
-        Self { rx, tx: Arc::new(tx) }
+        Self {
+            rx,
+            tx: Arc::new(tx),
+        }
     }
 
     /// Starts the shutdown: every waiter wakes up.

@@ -29,9 +29,10 @@ impl From<tonic::Status> for StoreError {
         match status.code() {
             tonic::Code::OutOfRange => StoreError::OutOfRange(message),
             tonic::Code::InvalidArgument => StoreError::Invalid(message),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::ResourceExhausted => {
-                StoreError::Unavailable(message)
-            }
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::ResourceExhausted => StoreError::Unavailable(message),
             _ => StoreError::Internal(message),
         }
     }
@@ -99,7 +100,13 @@ impl StoreClient {
             .collect())
     }
 
-    pub async fn read(&self, channel: &str, after: u64, limit: u32, compact: bool) -> Result<Page, StoreError> {
+    pub async fn read(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: u32,
+        compact: bool,
+    ) -> Result<Page, StoreError> {
         let response = self
             .inner
             .clone()

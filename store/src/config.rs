@@ -5,10 +5,18 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address for gRPC and the health endpoints.
-    #[arg(long = "listen", env = "EVENTBUS_STORE_LISTEN", default_value = "127.0.0.1:7001")]
+    #[arg(
+        long = "listen",
+        env = "EVENTBUS_STORE_LISTEN",
+        default_value = "127.0.0.1:7001"
+    )]
     pub listen: SocketAddr,
     /// Directory of the log.
-    #[arg(long = "data", env = "EVENTBUS_STORE_DATA", default_value = "./data/store")]
+    #[arg(
+        long = "data",
+        env = "EVENTBUS_STORE_DATA",
+        default_value = "./data/store"
+    )]
     pub data: PathBuf,
     /// Size at which a log segment is sealed and a new one begun.
     #[arg(long = "segment-bytes", env = "EVENTBUS_STORE_SEGMENT_BYTES", default_value_t = 128 * 1024 * 1024)]

@@ -16,8 +16,8 @@ use eventbus_runtime::Shutdown;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-pub use config::Config;
 pub use client::{StoreClient, StoreError};
+pub use config::Config;
 pub use log::{Log, LogError};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,9 @@ pub async fn run(
     let ready_log = log.clone();
     let app = tonic::service::Routes::new(service::server(log.clone()))
         .into_axum_router()
-        .merge(eventbus_runtime::health_routes(move || ready_log.is_healthy()));
+        .merge(eventbus_runtime::health_routes(move || {
+            ready_log.is_healthy()
+        }));
     info!(addr = %listener.local_addr()?, data = %config.data.display(), "store listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.wait())

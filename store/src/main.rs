@@ -3,7 +3,10 @@
 use eventbus_runtime::{Shutdown, telemetry};
 
 #[derive(clap::Parser)]
-#[command(name = "eventbus-store", about = "The eventbus durable event log (gRPC)")]
+#[command(
+    name = "eventbus-store",
+    about = "The eventbus durable event log (gRPC)"
+)]
 struct Cli {
     #[command(flatten)]
     config: eventbus_store::Config,

@@ -34,15 +34,21 @@ fn status(err: LogError) -> Status {
 }
 
 fn check_channel(channel: &str) -> Result<(), Status> {
-    validate_channel(channel).map_err(|err| Status::invalid_argument(format!("channel {channel:?}: {err}")))
+    validate_channel(channel)
+        .map_err(|err| Status::invalid_argument(format!("channel {channel:?}: {err}")))
 }
 
 #[tonic::async_trait]
 impl Store for Service {
-    async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+    async fn append(
+        &self,
+        request: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendResponse>, Status> {
         let events = request.into_inner().events;
         if events.is_empty() {
-            return Err(Status::invalid_argument("an append needs at least one event"));
+            return Err(Status::invalid_argument(
+                "an append needs at least one event",
+            ));
         }
         if events.len() > MAX_APPEND_EVENTS {
             return Err(Status::invalid_argument(format!(
@@ -54,10 +60,14 @@ impl Store for Service {
         for (i, event) in events.into_iter().enumerate() {
             check_channel(&event.channel)?;
             if event.id.is_empty() || event.id.len() > 128 {
-                return Err(Status::invalid_argument(format!("event {i}: id must be 1-128 characters")));
+                return Err(Status::invalid_argument(format!(
+                    "event {i}: id must be 1-128 characters"
+                )));
             }
             if !(event.body.starts_with(b"{") && event.body.ends_with(b"}")) {
-                return Err(Status::invalid_argument(format!("event {i}: body must be a JSON object")));
+                return Err(Status::invalid_argument(format!(
+                    "event {i}: body must be a JSON object"
+                )));
             }
             entries.push(Entry {
                 channel: event.channel,
@@ -81,10 +91,17 @@ impl Store for Service {
         }))
     }
 
-    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
         let request = request.into_inner();
         check_channel(&request.channel)?;
-        let limit = if request.limit == 0 { 100 } else { request.limit as usize };
+        let limit = if request.limit == 0 {
+            100
+        } else {
+            request.limit as usize
+        };
         let result = self
             .log
             .read(&request.channel, request.after, limit, request.compact)
@@ -94,13 +111,19 @@ impl Store for Service {
             events: result
                 .events
                 .into_iter()
-                .map(|e| pb::StoredEvent { seq: e.seq, json: e.json })
+                .map(|e| pb::StoredEvent {
+                    seq: e.seq,
+                    json: e.json,
+                })
                 .collect(),
             head: result.head,
         }))
     }
 
-    async fn head(&self, request: Request<pb::HeadRequest>) -> Result<Response<pb::HeadResponse>, Status> {
+    async fn head(
+        &self,
+        request: Request<pb::HeadRequest>,
+    ) -> Result<Response<pb::HeadResponse>, Status> {
         let request = request.into_inner();
         check_channel(&request.channel)?;
         Ok(Response::new(pb::HeadResponse {

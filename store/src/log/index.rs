@@ -44,7 +44,9 @@ impl ChannelIndex {
     pub fn range(&self, after: u64, limit: usize) -> Vec<(u64, Location)> {
         let start = after as usize;
         let end = (start + limit).min(self.locations.len());
-        (start..end).map(|i| (i as u64 + 1, self.locations[i])).collect()
+        (start..end)
+            .map(|i| (i as u64 + 1, self.locations[i]))
+            .collect()
     }
 
     /// Up to `limit` seqs after `after` of the compacted channel: the newest event of each live key,
@@ -82,7 +84,11 @@ mod tests {
     use super::*;
 
     fn at(offset: u64) -> Location {
-        Location { segment: 0, offset, len: 1 }
+        Location {
+            segment: 0,
+            offset,
+            len: 1,
+        }
     }
 
     #[test]
@@ -93,7 +99,13 @@ mod tests {
         channel.push(3, at(3), None, false);
         channel.push(4, at(4), Some("a"), false);
         channel.push(5, at(5), Some("b"), true);
-        let seqs = |after, limit| channel.compacted_range(after, limit).into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        let seqs = |after, limit| {
+            channel
+                .compacted_range(after, limit)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(seqs(0, 10), vec![3, 4]);
         assert_eq!(seqs(3, 10), vec![4]);
         assert_eq!(seqs(0, 1), vec![3]);

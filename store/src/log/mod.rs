@@ -34,9 +34,16 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("log segment {path} is corrupt at byte {offset}: {cause}")]
-    Corrupt { path: PathBuf, offset: u64, cause: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        cause: String,
+    },
     #[error("the log writer has stopped after a write failure; restart the store")]
     Failed,
     #[error("after={after} is beyond the head of the channel ({head})")]
@@ -122,7 +129,16 @@ impl Log {
                         record.seq
                     )));
                 }
-                channel.push(record.seq, Location { segment, offset, len }, record.key, record.deleted);
+                channel.push(
+                    record.seq,
+                    Location {
+                        segment,
+                        offset,
+                        len,
+                    },
+                    record.key,
+                    record.deleted,
+                );
                 ids.entry(record.channel.to_owned())
                     .or_default()
                     .insert(record.id.to_owned(), record.seq);
@@ -143,7 +159,11 @@ impl Log {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log recovered"
         );
-        let heads = index.channels.iter().map(|(c, ch)| (c.clone(), ch.head())).collect();
+        let heads = index
+            .channels
+            .iter()
+            .map(|(c, ch)| (c.clone(), ch.head()))
+            .collect();
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             index: RwLock::new(index),
@@ -191,13 +211,22 @@ impl Log {
     }
 
     /// Up to `limit` events of `channel` with seq > `after`, in order.
-    pub async fn read(&self, channel: &str, after: u64, limit: usize, compact: bool) -> Result<ReadResult, LogError> {
+    pub async fn read(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+        compact: bool,
+    ) -> Result<ReadResult, LogError> {
         let limit = limit.clamp(1, MAX_READ_LIMIT);
         let (head, wanted) = {
             let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
             let Some(ch) = index.channels.get(channel) else {
                 return if after == 0 {
-                    Ok(ReadResult { events: Vec::new(), head: 0 })
+                    Ok(ReadResult {
+                        events: Vec::new(),
+                        head: 0,
+                    })
                 } else {
                     Err(LogError::AfterBeyondHead { after, head: 0 })
                 };
@@ -206,11 +235,18 @@ impl Log {
             if after > head {
                 return Err(LogError::AfterBeyondHead { after, head });
             }
-            let wanted = if compact { ch.compacted_range(after, limit) } else { ch.range(after, limit) };
+            let wanted = if compact {
+                ch.compacted_range(after, limit)
+            } else {
+                ch.range(after, limit)
+            };
             (head, wanted)
         };
         if wanted.is_empty() {
-            return Ok(ReadResult { events: Vec::new(), head });
+            return Ok(ReadResult {
+                events: Vec::new(),
+                head,
+            });
         }
         let shared = self.shared.clone();
         let channel = channel.to_owned();
@@ -221,7 +257,11 @@ impl Log {
     }
 
     pub fn head(&self, channel: &str) -> u64 {
-        self.shared.index.read().unwrap_or_else(|p| p.into_inner()).head(channel)
+        self.shared
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .head(channel)
     }
 
     /// The newest event of every channel. Published again on start, so that an event committed just
@@ -232,7 +272,11 @@ impl Log {
             index
                 .channels
                 .iter()
-                .filter_map(|(name, ch)| ch.locations.last().map(|loc| (name.clone(), ch.head(), *loc)))
+                .filter_map(|(name, ch)| {
+                    ch.locations
+                        .last()
+                        .map(|loc| (name.clone(), ch.head(), *loc))
+                })
                 .collect()
         };
         let mut out = Vec::with_capacity(wanted.len());
@@ -258,7 +302,11 @@ impl Log {
 
 impl Shared {
     /// Reads the given records from disk, one `pread` per run of adjacent records.
-    fn fetch(&self, channel: &str, wanted: &[(u64, Location)]) -> Result<Vec<StoredEvent>, LogError> {
+    fn fetch(
+        &self,
+        channel: &str,
+        wanted: &[(u64, Location)],
+    ) -> Result<Vec<StoredEvent>, LogError> {
         use std::os::unix::fs::FileExt;
         let mut out = Vec::with_capacity(wanted.len());
         let mut i = 0;
@@ -281,22 +329,29 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&first.segment)
                 .cloned()
-                .ok_or_else(|| LogError::Invalid(format!("segment {} is not open", first.segment)))?;
+                .ok_or_else(|| {
+                    LogError::Invalid(format!("segment {} is not open", first.segment))
+                })?;
             buf.resize(run_len as usize, 0);
             let path = segments::path_of(&self.dir, first.segment);
-            file.read_exact_at(&mut buf, first.offset).map_err(|err| LogError::io(&path, err))?;
+            file.read_exact_at(&mut buf, first.offset)
+                .map_err(|err| LogError::io(&path, err))?;
             let mut pos = 0;
             for &(seq, location) in &wanted[i..end] {
-                let (record, len) = record::decode(&buf[pos..]).map_err(|err| LogError::Corrupt {
-                    path: path.clone(),
-                    offset: location.offset,
-                    cause: err.to_string(),
-                })?;
+                let (record, len) =
+                    record::decode(&buf[pos..]).map_err(|err| LogError::Corrupt {
+                        path: path.clone(),
+                        offset: location.offset,
+                        cause: err.to_string(),
+                    })?;
                 if record.seq != seq || record.channel != channel {
                     return Err(LogError::Corrupt {
                         path: path.clone(),
                         offset: location.offset,
-                        cause: format!("expected {channel}#{seq}, found {}#{}", record.channel, record.seq),
+                        cause: format!(
+                            "expected {channel}#{seq}, found {}#{}",
+                            record.channel, record.seq
+                        ),
                     });
                 }
                 out.push(StoredEvent {

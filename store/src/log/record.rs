@@ -74,17 +74,36 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
         return Err(DecodeError::BadLength(len));
     }
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    let payload = buf.get(HEADER_LEN..HEADER_LEN + len).ok_or(DecodeError::Short)?;
+    let payload = buf
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .ok_or(DecodeError::Short)?;
     if crc32c::crc32c(payload) != crc {
         return Err(DecodeError::Checksum);
     }
-    let mut cursor = Cursor { buf: payload, pos: 0 };
-    let seq = u64::from_le_bytes(cursor.take(8)?.try_into().map_err(|_| DecodeError::Malformed)?);
+    let mut cursor = Cursor {
+        buf: payload,
+        pos: 0,
+    };
+    let seq = u64::from_le_bytes(
+        cursor
+            .take(8)?
+            .try_into()
+            .map_err(|_| DecodeError::Malformed)?,
+    );
     let channel = cursor.short_str()?;
     let id = cursor.short_str()?;
     let flags = cursor.take(1)?[0];
-    let key = if flags & FLAG_KEY != 0 { Some(cursor.short_str()?) } else { None };
-    let body_len = u32::from_le_bytes(cursor.take(4)?.try_into().map_err(|_| DecodeError::Malformed)?) as usize;
+    let key = if flags & FLAG_KEY != 0 {
+        Some(cursor.short_str()?)
+    } else {
+        None
+    };
+    let body_len = u32::from_le_bytes(
+        cursor
+            .take(4)?
+            .try_into()
+            .map_err(|_| DecodeError::Malformed)?,
+    ) as usize;
     let body = cursor.take(body_len)?;
     if cursor.pos != payload.len() {
         return Err(DecodeError::Malformed);
@@ -109,13 +128,20 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let out = self.buf.get(self.pos..self.pos + n).ok_or(DecodeError::Malformed)?;
+        let out = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or(DecodeError::Malformed)?;
         self.pos += n;
         Ok(out)
     }
 
     fn short_str(&mut self) -> Result<&'a str, DecodeError> {
-        let len = u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| DecodeError::Malformed)?) as usize;
+        let len = u16::from_le_bytes(
+            self.take(2)?
+                .try_into()
+                .map_err(|_| DecodeError::Malformed)?,
+        ) as usize;
         std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::Malformed)
     }
 }

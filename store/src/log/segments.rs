@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use super::record::{self, Record};
 use super::LogError;
+use super::record::{self, Record};
 
 pub fn path_of(dir: &Path, segment: u32) -> PathBuf {
     dir.join(format!("{segment:010}.seg"))
@@ -20,7 +20,11 @@ pub fn list(dir: &Path) -> Result<Vec<u32>, LogError> {
     for entry in std::fs::read_dir(dir).map_err(|err| LogError::io(dir, err))? {
         let entry = entry.map_err(|err| LogError::io(dir, err))?;
         let name = entry.file_name();
-        let Some(number) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse().ok()) else {
+        let Some(number) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse().ok())
+        else {
             continue;
         };
         segments.push(number);
@@ -98,8 +102,12 @@ pub fn scan(
             cause,
             "cutting a torn or corrupt tail off the log"
         );
-        let file = OpenOptions::new().write(true).open(&path).map_err(|err| LogError::io(&path, err))?;
-        file.set_len(offset as u64).map_err(|err| LogError::io(&path, err))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|err| LogError::io(&path, err))?;
+        file.set_len(offset as u64)
+            .map_err(|err| LogError::io(&path, err))?;
         file.sync_all().map_err(|err| LogError::io(&path, err))?;
     }
     Ok(offset as u64)

@@ -18,7 +18,10 @@ fn entry(channel: &str, id: &str, key: Option<&str>, deleted: bool) -> Entry {
         id: id.into(),
         key: key.map(str::to_owned),
         deleted,
-        body: Bytes::from(format!(r#"{{"id":"{id}","channel":"{channel}","pad":"{}"}}"#, "x".repeat(100))),
+        body: Bytes::from(format!(
+            r#"{{"id":"{id}","channel":"{channel}","pad":"{}"}}"#,
+            "x".repeat(100)
+        )),
     }
 }
 
@@ -31,20 +34,39 @@ async fn append_read_dedupe_and_recover_across_segments() {
     let dir = tempfile::tempdir().unwrap();
     let (log, mut committed) = open(dir.path());
     for i in 0..100 {
-        let batch = vec![entry("a", &format!("a{i}"), None, false), entry("b", &format!("b{i}"), None, false)];
+        let batch = vec![
+            entry("a", &format!("a{i}"), None, false),
+            entry("b", &format!("b{i}"), None, false),
+        ];
         let results = log.append(batch).await.unwrap();
         assert_eq!(results[0].seq, i + 1);
         assert_eq!(results[1].seq, i + 1);
     }
-    let again = log.append(vec![entry("a", "a5", None, false), entry("a", "new", None, false), entry("a", "new", None, false)]).await.unwrap();
+    let again = log
+        .append(vec![
+            entry("a", "a5", None, false),
+            entry("a", "new", None, false),
+            entry("a", "new", None, false),
+        ])
+        .await
+        .unwrap();
     assert_eq!((again[0].seq, again[0].duplicate), (6, true));
     assert_eq!((again[1].seq, again[1].duplicate), (101, false));
     assert_eq!((again[2].seq, again[2].duplicate), (101, true));
     let mut published = Vec::new();
     while let Ok(batch) = committed.try_recv() {
-        published.extend(batch.into_iter().filter(|e| e.channel == "a").map(|e| e.seq));
+        published.extend(
+            batch
+                .into_iter()
+                .filter(|e| e.channel == "a")
+                .map(|e| e.seq),
+        );
     }
-    assert_eq!(published, (1..=101).collect::<Vec<_>>(), "committed events are published in seq order");
+    assert_eq!(
+        published,
+        (1..=101).collect::<Vec<_>>(),
+        "committed events are published in seq order"
+    );
 
     let read = log.read("a", 50, 10, false).await.unwrap();
     assert_eq!(seqs(&read), (51..=60).collect::<Vec<_>>());
@@ -52,41 +74,87 @@ async fn append_read_dedupe_and_recover_across_segments() {
     let value: serde_json::Value = serde_json::from_slice(&read.events[0].json).unwrap();
     assert_eq!(value["seq"], 51);
     assert_eq!(value["id"], "a50");
-    assert!(matches!(log.read("a", 102, 10, false).await, Err(LogError::AfterBeyondHead { head: 101, .. })));
-    assert!(log.read("nothing", 0, 10, false).await.unwrap().events.is_empty());
+    assert!(matches!(
+        log.read("a", 102, 10, false).await,
+        Err(LogError::AfterBeyondHead { head: 101, .. })
+    ));
+    assert!(
+        log.read("nothing", 0, 10, false)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
     log.close();
-    assert!(segments::list(dir.path()).unwrap().len() > 2, "small segments were rolled");
+    assert!(
+        segments::list(dir.path()).unwrap().len() > 2,
+        "small segments were rolled"
+    );
 
     let (log, _) = open(dir.path());
     assert_eq!(log.head("a"), 101);
     assert_eq!(log.head("b"), 100);
     let all = log.read("b", 0, 1000, false).await.unwrap();
     assert_eq!(seqs(&all), (1..=100).collect::<Vec<_>>());
-    let dup = log.append(vec![entry("b", "b3", None, false)]).await.unwrap();
-    assert_eq!((dup[0].seq, dup[0].duplicate), (4, true), "the dedupe window survives a restart");
+    let dup = log
+        .append(vec![entry("b", "b3", None, false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        (dup[0].seq, dup[0].duplicate),
+        (4, true),
+        "the dedupe window survives a restart"
+    );
     log.close();
 }
 
 #[tokio::test]
 async fn torn_and_corrupt_tails_are_cut_never_served() {
     let dir = tempfile::tempdir().unwrap();
-    let (log, _) = Log::open(Options { dir: dir.path().to_owned(), segment_bytes: 1 << 30 }).unwrap();
+    let (log, _) = Log::open(Options {
+        dir: dir.path().to_owned(),
+        segment_bytes: 1 << 30,
+    })
+    .unwrap();
     for i in 0..10 {
-        log.append(vec![entry("c", &format!("c{i}"), None, false)]).await.unwrap();
+        log.append(vec![entry("c", &format!("c{i}"), None, false)])
+            .await
+            .unwrap();
     }
     log.close();
     let path = segments::path_of(dir.path(), 0);
     let full = std::fs::metadata(&path).unwrap().len();
 
     // A torn write: half a record at the end.
-    let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     let mut torn = Vec::new();
-    record::encode(&record::Record { seq: 11, channel: "c", id: "c10", key: None, deleted: false, body: b"{}" }, &mut torn);
+    record::encode(
+        &record::Record {
+            seq: 11,
+            channel: "c",
+            id: "c10",
+            key: None,
+            deleted: false,
+            body: b"{}",
+        },
+        &mut torn,
+    );
     file.write_all(&torn[..torn.len() / 2]).unwrap();
     drop(file);
-    let (log, _) = Log::open(Options { dir: dir.path().to_owned(), segment_bytes: 1 << 30 }).unwrap();
+    let (log, _) = Log::open(Options {
+        dir: dir.path().to_owned(),
+        segment_bytes: 1 << 30,
+    })
+    .unwrap();
     assert_eq!(log.head("c"), 10);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), full, "the torn tail is cut off the file");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        full,
+        "the torn tail is cut off the file"
+    );
     log.close();
 
     // A flipped byte inside the last record: the record is dropped, the ones before it kept.
@@ -94,12 +162,22 @@ async fn torn_and_corrupt_tails_are_cut_never_served() {
     let last = data.len() - 3;
     data[last] ^= 0xff;
     std::fs::write(&path, &data).unwrap();
-    let (log, _) = Log::open(Options { dir: dir.path().to_owned(), segment_bytes: 1 << 30 }).unwrap();
+    let (log, _) = Log::open(Options {
+        dir: dir.path().to_owned(),
+        segment_bytes: 1 << 30,
+    })
+    .unwrap();
     assert_eq!(log.head("c"), 9);
     let read = log.read("c", 0, 100, false).await.unwrap();
     assert_eq!(seqs(&read), (1..=9).collect::<Vec<_>>());
-    let next = log.append(vec![entry("c", "again", None, false)]).await.unwrap();
-    assert_eq!(next[0].seq, 10, "the cut seq is reused only because it was never acknowledged");
+    let next = log
+        .append(vec![entry("c", "again", None, false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        next[0].seq, 10,
+        "the cut seq is reused only because it was never acknowledged"
+    );
     log.close();
 }
 
@@ -116,7 +194,10 @@ async fn compacted_reads_keep_newest_per_key_and_drop_deleted() {
     ])
     .await
     .unwrap();
-    assert_eq!(seqs(&log.read("k", 0, 100, true).await.unwrap()), vec![3, 4]);
+    assert_eq!(
+        seqs(&log.read("k", 0, 100, true).await.unwrap()),
+        vec![3, 4]
+    );
     assert_eq!(seqs(&log.read("k", 3, 100, true).await.unwrap()), vec![4]);
     log.close();
 }

@@ -79,7 +79,11 @@ impl Writer {
         for job in &group {
             let mut results = Vec::with_capacity(job.entries.len());
             for entry in &job.entries {
-                let known = self.ids.get(&entry.channel).and_then(|ids| ids.get(&entry.id)).copied();
+                let known = self
+                    .ids
+                    .get(&entry.channel)
+                    .and_then(|ids| ids.get(&entry.id))
+                    .copied();
                 if let Some(seq) = known {
                     results.push(Appended {
                         channel: entry.channel.clone(),
@@ -104,7 +108,10 @@ impl Writer {
                     },
                     buf,
                 );
-                self.ids.entry(entry.channel.clone()).or_default().insert(entry.id.clone(), seq);
+                self.ids
+                    .entry(entry.channel.clone())
+                    .or_default()
+                    .insert(entry.id.clone(), seq);
                 pending.push(Pending {
                     channel: entry.channel.clone(),
                     seq,
@@ -144,11 +151,12 @@ impl Writer {
                     offset: base + p.offset as u64,
                     len: p.len as u32,
                 };
-                index
-                    .channels
-                    .entry(p.channel.clone())
-                    .or_default()
-                    .push(p.seq, location, p.key.as_deref(), p.deleted);
+                index.channels.entry(p.channel.clone()).or_default().push(
+                    p.seq,
+                    location,
+                    p.key.as_deref(),
+                    p.deleted,
+                );
             }
         }
         for p in pending {
@@ -172,8 +180,12 @@ impl Writer {
             self.roll()?;
         }
         let path = segments::path_of(&self.shared.dir, self.active);
-        self.file.write_all(buf).map_err(|err| LogError::io(&path, err))?;
-        self.file.sync_data().map_err(|err| LogError::io(&path, err))
+        self.file
+            .write_all(buf)
+            .map_err(|err| LogError::io(&path, err))?;
+        self.file
+            .sync_data()
+            .map_err(|err| LogError::io(&path, err))
     }
 
     /// Seals the active segment (already durable) and begins the next one.

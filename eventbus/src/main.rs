@@ -1,0 +1,81 @@
+//! `eventbus`: the all-in-one bus, and each service on its own.
+
+use clap::{Parser, Subcommand};
+use eventbus_runtime::{Shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "eventbus",
+    version,
+    about = "An end-to-end event bus for web applications"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every service in one process: local disk, in-process backbone, one port.
+    Serve(eventbus::serve::Config),
+    /// The durable event log (gRPC).
+    Store {
+        #[command(flatten)]
+        config: eventbus_store::Config,
+        #[command(flatten)]
+        backbone: eventbus_runtime::backbone::Args,
+    },
+    /// The identity service: tokens and signing keys.
+    Auth {
+        #[command(flatten)]
+        config: eventbus_auth::Config,
+    },
+    /// The HTTP publishing API.
+    Ingest {
+        #[command(flatten)]
+        config: eventbus_ingest::Config,
+    },
+    /// The WebSocket gateway.
+    Gateway {
+        #[command(flatten)]
+        config: eventbus_gateway::Config,
+        #[command(flatten)]
+        backbone: eventbus_runtime::backbone::Args,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli: Cli = eventbus_runtime::parse_cli();
+    telemetry::init();
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    let result = async {
+        match cli.command {
+            Command::Serve(config) => {
+                let listener = eventbus_runtime::bind(config.listen).await?;
+                eventbus::serve::run(config, listener, shutdown).await?;
+            }
+            Command::Store { config, backbone } => {
+                let listener = eventbus_runtime::bind(config.listen).await?;
+                eventbus_store::run(config, listener, backbone.connect().await?, shutdown).await?;
+            }
+            Command::Auth { config } => {
+                let listener = eventbus_runtime::bind(config.listen).await?;
+                eventbus_auth::run(config, listener, shutdown).await?;
+            }
+            Command::Ingest { config } => {
+                let listener = eventbus_runtime::bind(config.listen).await?;
+                eventbus_ingest::run(config, listener, shutdown).await?;
+            }
+            Command::Gateway { config, backbone } => {
+                let listener = eventbus_runtime::bind(config.listen).await?;
+                eventbus_gateway::run(config, listener, backbone.connect().await?, shutdown)
+                    .await?;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    eventbus_runtime::exit_on_error("eventbus", result);
+}

@@ -1,0 +1,158 @@
+//! `eventbus serve`: every service in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::response::Html;
+use axum::routing::get;
+use eventbus_router::{Backbone, InProcessBackbone};
+use eventbus_runtime::Shutdown;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Address of every public endpoint.
+    #[arg(
+        long = "listen",
+        env = "EVENTBUS_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: SocketAddr,
+    /// Directory of the log and the signing keys.
+    #[arg(long = "data", env = "EVENTBUS_DATA", default_value = "./data")]
+    pub data: PathBuf,
+    /// Development mode: tokens without an API key, any browser origin. Never in production.
+    #[arg(long = "dev", env = "EVENTBUS_DEV")]
+    pub dev: bool,
+    /// Service API keys, comma separated, each `name:secret`.
+    #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<eventbus_auth::config::ApiKey>,
+    #[command(flatten)]
+    pub cors: eventbus_runtime::cors::Args,
+}
+
+impl Config {
+    pub fn new(data: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data,
+            dev: false,
+            api_keys: Vec::new(),
+            cors: Default::default(),
+        }
+    }
+}
+
+async fn loopback() -> anyhow::Result<TcpListener> {
+    eventbus_runtime::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// Runs the whole bus on `listener` until `shutdown`; the listener serves once every service answers.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let backbone: Arc<dyn Backbone> = Arc::new(InProcessBackbone::new());
+
+    let store_listener = loopback().await?;
+    let store_url = format!("http://{}", store_listener.local_addr()?);
+    let store_config = eventbus_store::Config::with_data(config.data.join("store"));
+    let store = tokio::spawn(eventbus_store::run(
+        store_config,
+        store_listener,
+        backbone.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut auth_config = eventbus_auth::Config::with_keys_dir(config.data.join("auth"));
+    auth_config.dev = config.dev;
+    auth_config.api_keys = config.api_keys.clone();
+    auth_config.cors = config.cors.clone();
+    let auth = eventbus_auth::service(&auth_config)?;
+    let auth_listener = loopback().await?;
+    let auth_url = format!("http://{}", auth_listener.local_addr()?);
+    let auth_internal = tokio::spawn(
+        axum::serve(auth_listener, auth.internal)
+            .with_graceful_shutdown(shutdown.wait())
+            .into_future(),
+    );
+
+    let mut ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
+    ingest_config.dev = config.dev;
+    ingest_config.cors = config.cors.clone();
+    let ingest = eventbus_ingest::routes(&ingest_config)?;
+
+    let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
+    gateway_config.dev = config.dev;
+    gateway_config.cors = config.cors.clone();
+    let gateway = eventbus_gateway::service(&gateway_config, backbone, shutdown.clone())?;
+
+    if let Err(err) = wait_for_store(&store_url, &shutdown, &store).await {
+        if store.is_finished() {
+            store.await??;
+        }
+        return Err(err);
+    }
+
+    let app = auth
+        .public
+        .merge(ingest)
+        .merge(gateway.routes)
+        .merge(eventbus_runtime::health_routes(|| true))
+        .route(
+            "/",
+            get(|| async { Html(include_str!("../demo/index.html")) }),
+        )
+        .fallback(|| async {
+            eventbus_runtime::problem::Problem::new(
+                eventbus_runtime::problem::Kind::NotFound,
+                "no such route",
+            )
+        });
+    let addr = listener.local_addr()?;
+    info!(addr = %addr, data = %config.data.display(), "eventbus is ready");
+    if config.dev {
+        warn!(
+            "DEVELOPMENT MODE: anyone can get a token of any role from POST /v1/tokens, and any origin is allowed"
+        );
+        eprintln!(
+            "\neventbus (development mode) on http://{addr}  -  demo page: http://{addr}/\n\
+             publish an event:\n  \
+             TOKEN=$(curl -s -X POST http://{addr}/v1/tokens | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')\n  \
+             curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n    \
+             -d '{{\"channel\":\"demo\",\"type\":\"greeting\",\"data\":{{\"text\":\"hello\"}}}}' http://{addr}/v1/events\n"
+        );
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await?;
+    gateway.drain.wait().await;
+    auth_internal.await??;
+    store.await??;
+    info!("eventbus stopped");
+    Ok(())
+}
+
+/// The public port opens only once the store answers, so `/healthz` means the bus works.
+async fn wait_for_store<T>(
+    url: &str,
+    shutdown: &Shutdown,
+    store: &tokio::task::JoinHandle<T>,
+) -> anyhow::Result<()> {
+    let client = eventbus_store::StoreClient::new(url)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.head("healthz").await {
+            Ok(_) => return Ok(()),
+            Err(err)
+                if tokio::time::Instant::now() > deadline
+                    || shutdown.is_triggered()
+                    || store.is_finished() =>
+            {
+                return Err(err).context("the store did not start");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}

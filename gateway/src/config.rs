@@ -1,0 +1,81 @@
+use std::net::SocketAddr;
+
+/// Settings of the gateway.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Address of the WebSocket endpoint (`/v1/ws`) and the health endpoints.
+    #[arg(
+        long = "listen",
+        env = "EVENTBUS_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:7004"
+    )]
+    pub listen: SocketAddr,
+    /// gRPC address of the store.
+    #[arg(
+        long = "store-url",
+        env = "EVENTBUS_STORE_URL",
+        default_value = "http://127.0.0.1:7001"
+    )]
+    pub store_url: String,
+    /// gRPC address of the auth service (for its signing keys).
+    #[arg(
+        long = "auth-url",
+        env = "EVENTBUS_AUTH_URL",
+        default_value = "http://127.0.0.1:7002"
+    )]
+    pub auth_url: String,
+    /// Name of this gateway in connection ids (random when unset).
+    #[arg(long = "id", env = "EVENTBUS_GATEWAY_ID")]
+    pub id: Option<String>,
+    /// Live events queued per connection; a connection whose queue is full is closed (4008).
+    #[arg(
+        long = "queue-len",
+        env = "EVENTBUS_GATEWAY_QUEUE_LEN",
+        default_value_t = 2048
+    )]
+    pub queue_len: usize,
+    /// Largest frame a client may send, in bytes; a larger one closes the connection (4009).
+    #[arg(long = "max-frame-bytes", env = "EVENTBUS_WS_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Largest event, serialized, in bytes.
+    #[arg(long = "max-event-bytes", env = "EVENTBUS_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    pub max_event_bytes: usize,
+    /// Seconds a new connection has to authenticate.
+    #[arg(
+        long = "hello-timeout-s",
+        env = "EVENTBUS_HELLO_TIMEOUT_S",
+        default_value_t = 10
+    )]
+    pub hello_timeout_s: u64,
+    /// Seconds given to connections to close at shutdown.
+    #[arg(
+        long = "grace-s",
+        env = "EVENTBUS_SHUTDOWN_GRACE_S",
+        default_value_t = 10
+    )]
+    pub grace_s: u64,
+    /// Development mode: any browser origin is allowed.
+    #[arg(long = "dev", env = "EVENTBUS_DEV")]
+    pub dev: bool,
+    #[command(flatten)]
+    pub cors: eventbus_runtime::cors::Args,
+}
+
+impl Config {
+    /// Defaults pointing at the given store and auth, for tests and the all-in-one mode.
+    pub fn new(store_url: String, auth_url: String) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            store_url,
+            auth_url,
+            id: None,
+            queue_len: 2048,
+            max_frame_bytes: 128 * 1024,
+            max_event_bytes: 64 * 1024,
+            hello_timeout_s: 10,
+            grace_s: 10,
+            dev: false,
+            cors: Default::default(),
+        }
+    }
+}

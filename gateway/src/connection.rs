@@ -1,0 +1,661 @@
+//! One WebSocket connection: authentication, subscriptions with catch-up, live delivery in seq
+//! order without gaps or doubles, publishing, and the close codes of DESIGN §4.
+//!
+//! One task owns the connection. Live events arrive in a bounded queue fed by the hub; the task
+//! writes everything queued, then flushes once, so a busy connection gets few large writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use eventbus_auth::Verified;
+use eventbus_auth::claims::now_s;
+use eventbus_model::{EventError, event_frame};
+use eventbus_router::pattern::is_pattern;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::Gateway;
+use crate::frames::{self, FrameError, Request};
+use crate::hub::{Interest, Live, Mailbox};
+
+/// Close codes of the protocol.
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const PROTOCOL: u16 = 4000;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const SLOW_CONSUMER: u16 = 4008;
+    pub const TOO_LARGE: u16 = 4009;
+}
+
+/// Most live events written before one flush.
+const MAX_WRITE_BATCH: usize = 256;
+/// Most publishes of one connection waiting for the store at once.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
+/// Events asked of the store per read during catch-up and gap refill.
+const REFILL_PAGE: u64 = 1000;
+
+/// How a connection ends.
+enum Ending {
+    /// Send this close frame, then stop.
+    Close(u16, String),
+    /// The peer is gone or the socket broke: nothing more can be sent.
+    Gone,
+}
+
+fn closing(code: u16, reason: impl Into<String>) -> Ending {
+    Ending::Close(code, reason.into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One channel, gap-free from its `after` or head.
+    Channel,
+    /// A pattern: each channel gap-free from the first event seen of it.
+    Pattern,
+    /// A queue group: this member sees a share of the events, so gaps are expected, not refilled.
+    Group,
+}
+
+struct Sub {
+    name: String,
+    kind: Kind,
+    /// Last seq delivered, per channel.
+    delivered: HashMap<String, u64>,
+    _interest: Interest,
+}
+
+struct Conn {
+    gw: Arc<Gateway>,
+    id: String,
+    sink: SplitSink<WebSocket, Message>,
+    verified: Option<Verified>,
+    subs: HashMap<u64, Sub>,
+    by_name: HashMap<String, u64>,
+    next_sub: u64,
+    mailbox: Mailbox,
+    answers: mpsc::UnboundedSender<String>,
+    publishes: Arc<Semaphore>,
+}
+
+pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Option<Verified>) {
+    let id = format!(
+        "{}-{}",
+        gw.id,
+        gw.next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let (sink, mut stream) = socket.split();
+    let (tx, mut live) = mpsc::channel(gw.queue_len);
+    let slow = Arc::new(Notify::new());
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        gw: gw.clone(),
+        id: id.clone(),
+        sink,
+        verified: None,
+        subs: HashMap::new(),
+        by_name: HashMap::new(),
+        next_sub: 1,
+        mailbox: Mailbox {
+            tx,
+            slow: slow.clone(),
+        },
+        answers,
+        publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+    };
+    debug!(connection = %id, "connection opened");
+    let hello_deadline = Instant::now() + gw.hello_timeout;
+    let shutdown = gw.shutdown.wait();
+    tokio::pin!(shutdown);
+
+    let mut ending = match pre_authenticated {
+        Some(verified) => conn.authenticate(verified, None).await.err(),
+        None => None,
+    };
+    while ending.is_none() {
+        let deadline = match &conn.verified {
+            Some(v) => Instant::now() + Duration::from_secs(v.expires_at.saturating_sub(now_s())),
+            None => hello_deadline,
+        };
+        let step = tokio::select! {
+            biased;
+            _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
+            _ = slow.notified() => Err(closing(close::SLOW_CONSUMER, "slow consumer: reconnect and resume with after")),
+            _ = tokio::time::sleep_until(deadline) => Err(conn.expired().await),
+            message = stream.next() => conn.on_message(message).await,
+            Some(first) = live.recv() => conn.on_live_batch(first, &mut live).await,
+            Some(answer) = answered.recv() => conn.send(answer.into()).await,
+        };
+        let step = match step {
+            Ok(()) => conn.flush().await,
+            Err(end) => Err(end),
+        };
+        ending = step.err();
+    }
+    if let Some(Ending::Close(code, reason)) = ending {
+        debug!(connection = %id, code, reason = %reason, "closing connection");
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }));
+        // A stalled peer cannot take even the close frame: give up after a moment.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.sink.send(frame)).await;
+    }
+    debug!(connection = %id, "connection ended");
+}
+
+impl Conn {
+    async fn send(&mut self, text: Utf8Bytes) -> Result<(), Ending> {
+        self.sink
+            .feed(Message::Text(text))
+            .await
+            .map_err(|_| Ending::Gone)
+    }
+
+    async fn flush(&mut self) -> Result<(), Ending> {
+        self.sink.flush().await.map_err(|_| Ending::Gone)
+    }
+
+    async fn refuse(
+        &mut self,
+        err: FrameError,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Ending> {
+        self.send(frames::error(&err, reference).into()).await
+    }
+
+    async fn expired(&mut self) -> Ending {
+        if self.verified.is_none() {
+            return closing(close::UNAUTHORIZED, "no hello in time");
+        }
+        let _ = self
+            .refuse(
+                FrameError::new(
+                    "token_expired",
+                    "the token has expired; send refresh before it does",
+                ),
+                None,
+            )
+            .await;
+        closing(close::UNAUTHORIZED, "token expired")
+    }
+
+    async fn on_message(
+        &mut self,
+        message: Option<Result<Message, axum::Error>>,
+    ) -> Result<(), Ending> {
+        match message {
+            None | Some(Ok(Message::Close(_))) => Err(Ending::Gone),
+            Some(Err(err)) => {
+                let too_large = err
+                    .into_inner()
+                    .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                    .is_some_and(|e| {
+                        matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_))
+                    });
+                if too_large {
+                    Err(closing(close::TOO_LARGE, "frame too large"))
+                } else {
+                    Err(Ending::Gone)
+                }
+            }
+            Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+            Some(Ok(Message::Binary(_))) => {
+                self.refuse(
+                    FrameError::new(
+                        "bad_frame",
+                        "binary frames are not supported: send JSON text frames",
+                    ),
+                    None,
+                )
+                .await
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), Ending> {
+        let frame = match frames::parse(text) {
+            Ok(frame) => frame,
+            Err((err, reference)) => {
+                self.refuse(err, reference.as_deref()).await?;
+                return if self.verified.is_none() {
+                    Err(closing(close::PROTOCOL, "the first frame must be a hello"))
+                } else {
+                    Ok(())
+                };
+            }
+        };
+        let reference = frame.reference.as_deref();
+        let Some(identity) = self.verified.as_ref().map(|v| v.grant.identity.clone()) else {
+            return match frame.request {
+                Request::Hello { token } => match self.gw.verifier.verify(&token).await {
+                    Ok(verified) => self.authenticate(verified, reference).await,
+                    Err(err) => {
+                        self.refuse(FrameError::new(err.code(), err.to_string()), reference)
+                            .await?;
+                        Err(closing(close::UNAUTHORIZED, "unauthorized"))
+                    }
+                },
+                _ => {
+                    self.refuse(
+                        FrameError::new("unauthorized", "send hello with a token first"),
+                        reference,
+                    )
+                    .await?;
+                    Err(closing(close::PROTOCOL, "the first frame must be a hello"))
+                }
+            };
+        };
+        match frame.request {
+            Request::Hello { .. } => {
+                self.refuse(
+                    FrameError::new(
+                        "already_authenticated",
+                        "this connection is already authenticated",
+                    ),
+                    reference,
+                )
+                .await
+            }
+            Request::Ping => {
+                self.send(frames::with_ref(json!({"op": "pong"}), reference).into())
+                    .await
+            }
+            Request::Subscribe {
+                channel,
+                after,
+                compact,
+                group,
+            } => match self
+                .subscribe(&channel, after, compact, group.as_deref(), reference, true)
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(Err(ending)) => Err(ending),
+                Err(Ok(refused)) => self.refuse(refused, reference).await,
+            },
+            Request::Unsubscribe { channel } => match self.by_name.remove(&channel) {
+                Some(id) => {
+                    self.subs.remove(&id);
+                    self.send(
+                        frames::with_ref(
+                            json!({"op": "unsubscribed", "channel": channel}),
+                            reference,
+                        )
+                        .into(),
+                    )
+                    .await
+                }
+                None => {
+                    self.refuse(
+                        FrameError::new("not_subscribed", format!("not subscribed to {channel:?}")),
+                        reference,
+                    )
+                    .await
+                }
+            },
+            Request::Publish { event } => self.publish(&event, &identity, reference).await,
+            Request::Refresh { token } => self.refresh(&token, reference).await,
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        verified: Verified,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Ending> {
+        let inbox = verified.grant.inbox();
+        let welcome = json!({
+            "op": "welcome",
+            "identity": verified.grant.identity,
+            "role": verified.grant.role.as_str(),
+            "connection": self.id,
+            "expires_at": verified.expires_at,
+        });
+        info!(connection = %self.id, identity = %verified.grant.identity, role = verified.grant.role.as_str(), "authenticated");
+        self.verified = Some(verified);
+        self.send(frames::with_ref(welcome, reference).into())
+            .await?;
+        // Every identity hears its inbox live from the moment it is authenticated.
+        match self.subscribe(&inbox, None, false, None, None, false).await {
+            Ok(()) | Err(Ok(_)) => Ok(()),
+            Err(Err(ending)) => Err(ending),
+        }
+    }
+
+    async fn refresh(&mut self, token: &str, reference: Option<&RawValue>) -> Result<(), Ending> {
+        let fresh = match self.gw.verifier.verify(token).await {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                return self
+                    .refuse(FrameError::new(err.code(), err.to_string()), reference)
+                    .await;
+            }
+        };
+        let current = self
+            .verified
+            .as_ref()
+            .map(|v| (&v.grant.identity, v.grant.role));
+        if current != Some((&fresh.grant.identity, fresh.grant.role)) {
+            return self
+                .refuse(
+                    FrameError::new(
+                        "identity_mismatch",
+                        "a refresh token must be for the same identity and role",
+                    ),
+                    reference,
+                )
+                .await;
+        }
+        let expires_at = fresh.expires_at;
+        self.verified = Some(fresh);
+        self.send(
+            frames::with_ref(
+                json!({"op": "refreshed", "expires_at": expires_at}),
+                reference,
+            )
+            .into(),
+        )
+        .await
+    }
+
+    async fn publish(
+        &mut self,
+        event: &RawValue,
+        identity: &str,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Ending> {
+        let accepted =
+            match eventbus_model::parse_event(event.get().as_bytes(), identity, &self.gw.limits) {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    let code = if matches!(err, EventError::TooLarge { .. }) {
+                        "too_large"
+                    } else {
+                        "invalid_event"
+                    };
+                    return self
+                        .refuse(FrameError::new(code, err.to_string()), reference)
+                        .await;
+                }
+            };
+        let allowed = self
+            .verified
+            .as_ref()
+            .map(|v| v.grant.check_publish(&accepted.channel));
+        if let Some(Err(denied)) = allowed {
+            return self
+                .refuse(
+                    FrameError::new(denied.code(), denied.to_string()),
+                    reference,
+                )
+                .await;
+        }
+        // Waiting here (when 64 publishes are already in flight) stops reading from this client only.
+        let Ok(permit) = self.publishes.clone().acquire_owned().await else {
+            return Err(Ending::Gone);
+        };
+        let store = self.gw.store.clone();
+        let answers = self.answers.clone();
+        let reference = reference.map(|r| r.to_owned());
+        tokio::spawn(async move {
+            let answer = match store.append(vec![accepted]).await {
+                Ok(mut appended) if appended.len() == 1 => {
+                    let a = appended.remove(0);
+                    json!({"op": "ack", "id": a.id, "channel": a.channel, "seq": a.seq, "duplicate": a.duplicate})
+                }
+                Ok(_) => {
+                    json!({"op": "error", "code": "unavailable", "message": "the store gave no answer; not stored, retry"})
+                }
+                Err(err) => {
+                    json!({"op": "error", "code": "unavailable", "message": format!("not stored, retry: {err}")})
+                }
+            };
+            let _ = answers.send(frames::with_ref(answer, reference.as_deref()));
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// Subscribes; `Err(Ok(_))` is a refusal to report, `Err(Err(_))` ends the connection.
+    async fn subscribe(
+        &mut self,
+        name: &str,
+        after: Option<u64>,
+        compact: bool,
+        group: Option<&str>,
+        reference: Option<&RawValue>,
+        announce: bool,
+    ) -> Result<(), Result<FrameError, Ending>> {
+        let refuse = |code, message: String| Err(Ok(FrameError::new(code, message)));
+        let Some(verified) = &self.verified else {
+            return refuse("unauthorized", "send hello first".into());
+        };
+        if let Err(denied) = verified.grant.check_subscribe(name) {
+            return refuse(denied.code(), denied.to_string());
+        }
+        if group.is_some() {
+            if let Err(denied) = verified.grant.check_group() {
+                return refuse(denied.code(), denied.to_string());
+            }
+            if after.is_some() {
+                return refuse(
+                    "invalid_frame",
+                    "a queue group receives live events only: drop after".into(),
+                );
+            }
+        }
+        let pattern = is_pattern(name);
+        if pattern && after.is_some() {
+            return refuse(
+                "invalid_frame",
+                "after needs a single channel, not a pattern".into(),
+            );
+        }
+        // A second subscribe to the same name replaces the first.
+        if let Some(old) = self.by_name.remove(name) {
+            self.subs.remove(&old);
+        }
+        let id = self.next_sub;
+        self.next_sub += 1;
+        let interest = match self
+            .gw
+            .hub
+            .join(name, group, id, self.mailbox.clone())
+            .await
+        {
+            Ok(interest) => interest,
+            Err(err) => return refuse("unavailable", format!("cannot subscribe now: {err}")),
+        };
+        let kind = match (group, pattern) {
+            (Some(_), _) => Kind::Group,
+            (None, true) => Kind::Pattern,
+            (None, false) => Kind::Channel,
+        };
+        let mut sub = Sub {
+            name: name.to_owned(),
+            kind,
+            delivered: HashMap::new(),
+            _interest: interest,
+        };
+        let mut head = None;
+        if kind == Kind::Channel {
+            // Interest is registered first, so anything committed after this head is queued live.
+            let now = match self.gw.store.head(name).await {
+                Ok(now) => now,
+                Err(err) => {
+                    return refuse(
+                        "unavailable",
+                        format!("cannot read the channel head: {err}"),
+                    );
+                }
+            };
+            if let Some(after) = after {
+                if after > now {
+                    return refuse(
+                        "after_beyond_head",
+                        format!("after={after} is beyond the head of {name:?} ({now})"),
+                    );
+                }
+            }
+            sub.delivered.insert(name.to_owned(), after.unwrap_or(now));
+            head = Some(now);
+        }
+        self.subs.insert(id, sub);
+        self.by_name.insert(name.to_owned(), id);
+        if announce {
+            let answer = json!({"op": "subscribed", "channel": name, "head": head});
+            self.send(frames::with_ref(answer, reference).into())
+                .await
+                .map_err(Err)?;
+        }
+        if let (Some(after), Some(head)) = (after, head) {
+            let caught_up = if compact {
+                self.catch_up_compacted(id, name, after).await
+            } else {
+                self.refill(id, name, head).await
+            };
+            caught_up.map_err(Err)?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the compacted history after `after`, then stands at the head it was read at.
+    async fn catch_up_compacted(
+        &mut self,
+        id: u64,
+        channel: &str,
+        after: u64,
+    ) -> Result<(), Ending> {
+        let mut cursor = after;
+        loop {
+            let page = match self
+                .gw
+                .store
+                .read(channel, cursor, REFILL_PAGE as u32, true)
+                .await
+            {
+                Ok(page) => page,
+                Err(err) => return Err(self.store_failed(err).await),
+            };
+            for event in &page.events {
+                self.send(frame_of(&event.json)?).await?;
+                cursor = event.seq;
+            }
+            self.flush().await?;
+            if (page.events.len() as u64) < REFILL_PAGE {
+                if let Some(sub) = self.subs.get_mut(&id) {
+                    sub.delivered
+                        .insert(channel.to_owned(), page.head.max(cursor));
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Delivers, from the store, everything after what was delivered up to and including `upto`.
+    async fn refill(&mut self, id: u64, channel: &str, upto: u64) -> Result<(), Ending> {
+        loop {
+            let Some(delivered) = self
+                .subs
+                .get(&id)
+                .and_then(|s| s.delivered.get(channel).copied())
+            else {
+                return Ok(());
+            };
+            if delivered >= upto {
+                return Ok(());
+            }
+            let want = (upto - delivered).min(REFILL_PAGE) as u32;
+            let page = match self.gw.store.read(channel, delivered, want, false).await {
+                Ok(page) => page,
+                Err(err) => return Err(self.store_failed(err).await),
+            };
+            if page.events.is_empty() {
+                warn!(connection = %self.id, channel, delivered, upto, "the store has less than the backbone announced");
+                return Err(closing(
+                    close::INTERNAL,
+                    "the log is behind the live feed; reconnect and resume with after",
+                ));
+            }
+            let mut last = delivered;
+            for event in &page.events {
+                if event.seq == last + 1 && event.seq <= upto {
+                    self.send(frame_of(&event.json)?).await?;
+                    last = event.seq;
+                }
+            }
+            if let Some(sub) = self.subs.get_mut(&id) {
+                sub.delivered.insert(channel.to_owned(), last);
+            }
+            self.flush().await?;
+        }
+    }
+
+    async fn store_failed(&mut self, err: eventbus_store::StoreError) -> Ending {
+        warn!(connection = %self.id, cause = %err, "store read failed during catch-up");
+        let _ = self
+            .refuse(
+                FrameError::new("unavailable", format!("cannot read the log: {err}")),
+                None,
+            )
+            .await;
+        closing(
+            close::TRY_AGAIN_LATER,
+            "the log is unavailable; reconnect and resume with after",
+        )
+    }
+
+    async fn on_live_batch(
+        &mut self,
+        first: Live,
+        queue: &mut mpsc::Receiver<Live>,
+    ) -> Result<(), Ending> {
+        self.on_live(first).await?;
+        for _ in 1..MAX_WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(live) => self.on_live(live).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_live(&mut self, live: Live) -> Result<(), Ending> {
+        let Some(sub) = self.subs.get(&live.subscription) else {
+            // A subscription that ended while its events were queued.
+            return Ok(());
+        };
+        let delivery = &live.delivery;
+        let last = sub.delivered.get(&delivery.channel).copied();
+        match (sub.kind, last) {
+            (_, Some(last)) if delivery.seq <= last => return Ok(()),
+            (Kind::Channel | Kind::Pattern, Some(last)) if delivery.seq > last + 1 => {
+                debug!(connection = %self.id, channel = %delivery.channel, from = last, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
+                self.refill(live.subscription, &delivery.channel, delivery.seq - 1)
+                    .await?;
+            }
+            _ => {}
+        }
+        self.send(delivery.frame.clone()).await?;
+        if let Some(sub) = self.subs.get_mut(&live.subscription) {
+            sub.delivered.insert(delivery.channel.clone(), delivery.seq);
+        }
+        Ok(())
+    }
+}
+
+fn frame_of(json: &[u8]) -> Result<Utf8Bytes, Ending> {
+    Utf8Bytes::try_from(event_frame(json))
+        .map_err(|_| closing(close::INTERNAL, "stored event is not UTF-8"))
+}

@@ -1,0 +1,95 @@
+//! `GET /v1/channels/{channel}/events?after=&limit=&compact=`: a page of a channel's history.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use eventbus_runtime::problem::{Kind, Problem};
+
+use crate::Ingest;
+use crate::publish::store_problem;
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+fn invalid(field: &str, detail: &str) -> Problem {
+    Problem::new(Kind::InvalidRequest, detail).with("field", field)
+}
+
+pub async fn history(
+    State(ingest): State<Arc<Ingest>>,
+    Path(channel): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, Problem> {
+    let verified = ingest.authenticate(&headers).await?;
+    let mut after = 0u64;
+    let mut limit = DEFAULT_LIMIT;
+    let mut compact = false;
+    for (name, value) in &query {
+        match name.as_str() {
+            "after" => {
+                after = value
+                    .parse()
+                    .map_err(|_| invalid("after", "after must be a seq (a whole number)"))?
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| invalid("limit", "limit must be 1-1000"))?
+            }
+            "compact" => {
+                compact = value
+                    .parse()
+                    .map_err(|_| invalid("compact", "compact must be true or false"))?
+            }
+            other => {
+                return Err(invalid(
+                    other,
+                    &format!("unknown query parameter {other:?}"),
+                ));
+            }
+        }
+    }
+    verified.grant.check_subscribe(&channel).map_err(|denied| {
+        let kind = match denied {
+            eventbus_router::Denied::InvalidChannel { .. }
+            | eventbus_router::Denied::PatternNotAllowed => Kind::InvalidRequest,
+            _ => Kind::Forbidden,
+        };
+        Problem::new(kind, denied.to_string()).with("channel", channel.as_str())
+    })?;
+    if eventbus_router::pattern::is_pattern(&channel) {
+        return Err(invalid(
+            "channel",
+            "history is read one channel at a time, not by pattern",
+        ));
+    }
+    let page = ingest
+        .store
+        .read(&channel, after, limit, compact)
+        .await
+        .map_err(|err| match err {
+            eventbus_store::StoreError::OutOfRange(message) => invalid("after", &message),
+            other => store_problem(other),
+        })?;
+    let next_after = page.events.last().map_or(after, |e| e.seq);
+    // The events are already JSON text; they are joined, not re-encoded.
+    let mut body =
+        Vec::with_capacity(page.events.iter().map(|e| e.json.len() + 1).sum::<usize>() + 64);
+    body.extend_from_slice(b"{\"events\":[");
+    for (i, event) in page.events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&event.json);
+    }
+    body.extend_from_slice(
+        format!("],\"next_after\":{next_after},\"head\":{}}}", page.head).as_bytes(),
+    );
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}

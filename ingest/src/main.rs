@@ -1,0 +1,25 @@
+//! `eventbus-ingest`: the publishing HTTP API as its own process.
+
+use eventbus_runtime::{Shutdown, telemetry};
+
+#[derive(clap::Parser)]
+#[command(name = "eventbus-ingest", about = "The eventbus HTTP publishing API")]
+struct Cli {
+    #[command(flatten)]
+    config: eventbus_ingest::Config,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli: Cli = eventbus_runtime::parse_cli();
+    telemetry::init();
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    let result = async {
+        let listener = eventbus_runtime::bind(cli.config.listen).await?;
+        eventbus_ingest::run(cli.config, listener, shutdown).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    eventbus_runtime::exit_on_error("ingest", result);
+}

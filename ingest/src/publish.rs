@@ -1,0 +1,136 @@
+//! `POST /v1/events`: one event or a batch, answered 200 only once every event is durable.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header;
+use eventbus_model::EventError;
+use eventbus_runtime::problem::{Kind, Problem};
+use eventbus_store::StoreError;
+use serde_json::{Value, json};
+use tracing::warn;
+
+use crate::{Ingest, binary_mode};
+
+fn event_problem(index: Option<usize>, err: EventError) -> Problem {
+    let kind = match err {
+        EventError::TooLarge { .. } => Kind::TooLarge,
+        _ => Kind::InvalidRequest,
+    };
+    let detail = match index {
+        Some(i) => format!("event {i}: {err}"),
+        None => err.to_string(),
+    };
+    let mut problem = Problem::new(kind, detail);
+    if let Some(field) = err.field() {
+        problem = problem.with("field", field);
+    }
+    if let Some(i) = index {
+        problem = problem.with("index", i);
+    }
+    problem
+}
+
+pub fn store_problem(err: StoreError) -> Problem {
+    match err {
+        StoreError::Unavailable(_) | StoreError::Internal(_) => {
+            warn!(cause = %err, "store call failed");
+            Problem::new(Kind::Unavailable, format!("not stored, retry: {err}"))
+        }
+        StoreError::OutOfRange(message) => Problem::new(Kind::InvalidRequest, message),
+        StoreError::Invalid(message) => Problem::new(Kind::InvalidRequest, message),
+    }
+}
+
+fn media_type(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+}
+
+pub async fn publish(
+    State(ingest): State<Arc<Ingest>>,
+    request: Request,
+) -> Result<Json<Value>, Problem> {
+    let verified = ingest.authenticate(request.headers()).await?;
+    let binary = binary_mode::is_binary(request.headers());
+    let media = media_type(&request);
+    let raw_content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let structured = matches!(
+        media.as_deref(),
+        Some(
+            "application/json"
+                | "application/cloudevents+json"
+                | "application/cloudevents-batch+json"
+        )
+    );
+    if !binary && !structured {
+        return Err(Problem::new(
+            Kind::UnsupportedMediaType,
+            "send application/json (or application/cloudevents+json, application/cloudevents-batch+json, or a binary-mode CloudEvent with ce-* headers)",
+        ));
+    }
+    let headers = request.headers().clone();
+    let body = axum::body::to_bytes(Body::new(request.into_body()), ingest.max_body_bytes)
+        .await
+        .map_err(|_| {
+            Problem::new(
+                Kind::TooLarge,
+                format!("the request body is over {} bytes", ingest.max_body_bytes),
+            )
+        })?;
+
+    let source = &verified.grant.identity;
+    let events = if binary {
+        let json = binary_mode::to_structured(&headers, raw_content_type.as_deref(), &body)
+            .map_err(|detail| Problem::new(Kind::InvalidRequest, detail))?;
+        vec![
+            eventbus_model::parse_event(&json, source, &ingest.limits)
+                .map_err(|err| event_problem(None, err))?,
+        ]
+    } else {
+        eventbus_model::parse_events(&body, source, &ingest.limits)
+            .map_err(|(index, err)| event_problem(index, err))?
+    };
+    if events.len() > ingest.max_batch_events {
+        return Err(Problem::new(
+            Kind::TooLarge,
+            format!(
+                "a request holds at most {} events, got {}",
+                ingest.max_batch_events,
+                events.len()
+            ),
+        ));
+    }
+    for (index, event) in events.iter().enumerate() {
+        verified
+            .grant
+            .check_publish(&event.channel)
+            .map_err(|denied| {
+                Problem::new(Kind::Forbidden, denied.to_string())
+                    .with("index", index)
+                    .with("channel", event.channel.as_str())
+            })?;
+    }
+    let appended = ingest.store.append(events).await.map_err(store_problem)?;
+    Ok(Json(json!({
+        "events": appended
+            .into_iter()
+            .map(|a| json!({"id": a.id, "channel": a.channel, "seq": a.seq, "duplicate": a.duplicate}))
+            .collect::<Vec<_>>()
+    })))
+}
