@@ -1,0 +1,223 @@
+//! End-to-end scenarios run against every shape of the bus.
+
+use eventbus_testkit::cluster::{API_KEY_NAME, Endpoints};
+use eventbus_testkit::ws::Ws;
+use serde_json::{Value, json};
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+/// An event published over HTTP reaches a WebSocket subscriber with its seq and source.
+pub async fn publish_over_http_reaches_websocket(bus: &Endpoints) {
+    let service = bus.service_token().await;
+    let alice = bus
+        .auth
+        .client_token(&service, "alice", &["orders"], &[])
+        .await;
+    let (mut ws, welcome) = Ws::hello(&bus.ws, &alice).await;
+    assert_eq!(welcome["identity"], "alice");
+    assert_eq!(welcome["role"], "client");
+    assert!(welcome["connection"].is_string());
+    let subscribed = ws.subscribe(json!({"channel": "orders", "ref": 1})).await;
+    assert_eq!(subscribed["ref"], 1);
+    let head = subscribed["head"].as_u64().expect("head");
+
+    let answer = bus
+        .api
+        .publish(&service, &json!({"channel": "orders", "type": "order_placed", "source": "forged", "data": {"n": 1}}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let stored = &answer.body["events"][0];
+    assert_eq!(stored["seq"], head + 1);
+    assert_eq!(stored["duplicate"], false);
+
+    let event = &ws.events(1).await[0];
+    assert_eq!(event["seq"], head + 1);
+    assert_eq!(event["channel"], "orders");
+    assert_eq!(event["type"], "order_placed");
+    assert_eq!(
+        event["source"], API_KEY_NAME,
+        "source is the publisher's identity, never what it claims"
+    );
+    assert_eq!(event["data"], json!({"n": 1}));
+    assert_eq!(event["id"], stored["id"]);
+
+    // The same id again is the same event: same seq, nothing new delivered.
+    let again = bus
+        .api
+        .publish(
+            &service,
+            &json!({"id": stored["id"], "channel": "orders", "type": "order_placed"}),
+        )
+        .await;
+    assert_eq!(again.body["events"][0]["seq"], head + 1);
+    assert_eq!(again.body["events"][0]["duplicate"], true);
+    ws.send(json!({"op": "ping", "ref": "p"})).await;
+    let pong = ws.recv().await;
+    assert_eq!(
+        pong,
+        json!({"op": "pong", "ref": "p"}),
+        "a duplicate must not be delivered"
+    );
+    ws.close().await;
+}
+
+/// A subscriber that reconnects with `after` gets exactly what it missed, in order, then live.
+pub async fn resume_gets_exactly_what_was_missed(bus: &Endpoints) {
+    let service = bus.service_token().await;
+    let bob = bus
+        .auth
+        .client_token(&service, "bob", &["chat.*"], &[])
+        .await;
+    let channel = "chat.room-7";
+    let (mut ws, _) = Ws::hello(&bus.ws, &bob).await;
+    let head = ws.subscribe(json!({"channel": channel})).await["head"]
+        .as_u64()
+        .expect("head");
+    for i in 0..3 {
+        let answer = bus
+            .api
+            .publish(
+                &service,
+                &json!({"channel": channel, "type": "said", "data": i}),
+            )
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let seen = seqs(&ws.events(3).await);
+    assert_eq!(seen, vec![head + 1, head + 2, head + 3]);
+    let last = head + 3;
+    ws.close().await;
+
+    // 100 events while bob is away: 50 one by one, 50 in one batch.
+    for i in 0..50 {
+        let answer = bus
+            .api
+            .publish(
+                &service,
+                &json!({"channel": channel, "type": "said", "data": i}),
+            )
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let batch: Vec<Value> = (50..100)
+        .map(|i| json!({"channel": channel, "type": "said", "data": i}))
+        .collect();
+    let answer = bus.api.publish(&service, &Value::Array(batch)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["events"].as_array().map(Vec::len), Some(50));
+
+    let (mut ws, _) = Ws::hello(&bus.ws, &bob).await;
+    let subscribed = ws
+        .subscribe(json!({"channel": channel, "after": last}))
+        .await;
+    assert_eq!(subscribed["head"], last + 100);
+    let missed = ws.events(100).await;
+    assert_eq!(seqs(&missed), (last + 1..=last + 100).collect::<Vec<_>>());
+    assert_eq!(missed[99]["data"], 99);
+
+    let answer = bus
+        .api
+        .publish(
+            &service,
+            &json!({"channel": channel, "type": "said", "data": "live"}),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    let live = ws.events(1).await;
+    assert_eq!(
+        live[0]["seq"],
+        last + 101,
+        "live continues right after the catch-up, nothing doubled"
+    );
+    ws.close().await;
+}
+
+/// WebSocket publishing is acknowledged once durable; `to` reaches the identity's inbox; a compacted
+/// catch-up holds only the newest event per key.
+pub async fn websocket_publish_inbox_and_compaction(bus: &Endpoints) {
+    let service = bus.service_token().await;
+    let carol = bus
+        .auth
+        .client_token(&service, "carol", &["board"], &["board"])
+        .await;
+    let dave = bus
+        .auth
+        .client_token(&service, "dave", &["board"], &[])
+        .await;
+    let (mut writer, _) = Ws::hello(&bus.ws, &carol).await;
+    let (mut reader, _) = Ws::hello(&bus.ws, &dave).await;
+    let head = reader.subscribe(json!({"channel": "board"})).await["head"]
+        .as_u64()
+        .expect("head");
+
+    writer
+        .send(json!({"op": "publish", "ref": 9, "event": {"channel": "board", "type": "card_moved", "key": "card-1", "data": {"col": "done"}}}))
+        .await;
+    let ack = writer.recv_op("ack").await;
+    assert_eq!(ack["ref"], 9);
+    assert_eq!(ack["seq"], head + 1);
+    assert_eq!(ack["channel"], "board");
+    let delivered = reader.events(1).await;
+    assert_eq!(delivered[0]["source"], "carol");
+    assert_eq!(delivered[0]["key"], "card-1");
+
+    // A message to dave's inbox reaches him without any subscribe.
+    let answer = bus
+        .api
+        .publish(
+            &service,
+            &json!({"to": "dave", "type": "direct", "data": "psst"}),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["events"][0]["channel"], "inbox.dave");
+    let direct = reader.events(1).await;
+    assert_eq!(direct[0]["channel"], "inbox.dave");
+    assert_eq!(direct[0]["data"], "psst");
+
+    // Compaction: card-1 moves twice more, card-2 is created then deleted.
+    let batch = json!([
+        {"channel": "board", "type": "card_moved", "key": "card-1", "data": {"col": "review"}},
+        {"channel": "board", "type": "card_added", "key": "card-2", "data": {"col": "todo"}},
+        {"channel": "board", "type": "card_moved", "key": "card-1", "data": {"col": "shipped"}},
+        {"channel": "board", "type": "card_removed", "key": "card-2", "deleted": true}
+    ]);
+    assert_eq!(bus.api.publish(&service, &batch).await.status, 200);
+    let (mut late, _) = Ws::hello(&bus.ws, &dave).await;
+    late.subscribe(json!({"channel": "board", "after": head, "compact": true}))
+        .await;
+    let backlog = late.events(1).await;
+    assert_eq!(backlog[0]["key"], "card-1");
+    assert_eq!(backlog[0]["data"], json!({"col": "shipped"}));
+    late.send(json!({"op": "ping"})).await;
+    assert_eq!(
+        late.recv().await["op"],
+        "pong",
+        "deleted and superseded keys are left out"
+    );
+
+    let history = bus
+        .api
+        .history(&dave, "board", &format!("after={head}&compact=true"))
+        .await;
+    assert_eq!(history.status, 200);
+    assert_eq!(history.body["events"].as_array().map(Vec::len), Some(1));
+    assert_eq!(history.body["head"], head + 5);
+    let full = bus
+        .api
+        .history(&dave, "board", &format!("after={head}&limit=2"))
+        .await;
+    assert_eq!(
+        seqs(full.body["events"].as_array().expect("events")),
+        vec![head + 1, head + 2]
+    );
+    assert_eq!(full.body["next_after"], head + 2);
+    writer.close().await;
+    reader.close().await;
+    late.close().await;
+}

@@ -1,0 +1,166 @@
+//! Every service started in-process on its own ephemeral listener, with real gRPC between them and a
+//! real nats-server as the backbone: the topology of a deployment, in one test process.
+
+use std::sync::Arc;
+
+use eventbus_router::{Backbone, NatsBackbone};
+use eventbus_runtime::Shutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::NatsServer;
+use crate::http::Http;
+
+/// The API key the test clusters configure.
+pub const API_KEY_NAME: &str = "billing";
+pub const API_KEY_SECRET: &str = "billing-secret-0123456789";
+
+/// Where a running bus answers, whatever its topology.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// Base URL of the publishing API (`/v1/events`, `/v1/channels`).
+    pub api: Http,
+    /// Base URL of the token API (`/v1/tokens`).
+    pub auth: Http,
+    /// URL of the WebSocket endpoint.
+    pub ws: String,
+}
+
+impl Endpoints {
+    /// A service token for the test API key.
+    pub async fn service_token(&self) -> String {
+        self.auth.token(Some(API_KEY_SECRET), json!({})).await
+    }
+}
+
+pub struct Cluster {
+    pub nats: NatsServer,
+    pub endpoints: Endpoints,
+    pub store_url: String,
+    pub auth_url: String,
+    shutdown: Shutdown,
+    tasks: Vec<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback")
+}
+
+fn spawn<E: std::fmt::Display>(
+    future: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) -> JoinHandle<()>
+where
+    E: Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(err) = future.await {
+            panic!("service failed: {err}");
+        }
+    })
+}
+
+impl Cluster {
+    /// NATS, store, auth, ingest and one gateway.
+    pub async fn start() -> Cluster {
+        Self::start_with_store(None).await
+    }
+
+    /// As [`Cluster::start`], but using the store at `store_url` (e.g. a separate process) when given.
+    pub async fn start_with_store(store_url: Option<String>) -> Cluster {
+        let nats = NatsServer::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shutdown = Shutdown::new();
+        let mut tasks = Vec::new();
+
+        let store_url = match store_url {
+            Some(url) => url,
+            None => {
+                let listener = listener().await;
+                let url = format!("http://{}", listener.local_addr().expect("addr"));
+                let backbone = nats_backbone(&nats).await;
+                let config = eventbus_store::Config::with_data(dir.path().join("store"));
+                tasks.push(spawn(eventbus_store::run(
+                    config,
+                    listener,
+                    backbone,
+                    shutdown.clone(),
+                )));
+                url
+            }
+        };
+
+        let auth_listener = listener().await;
+        let auth_url = format!("http://{}", auth_listener.local_addr().expect("addr"));
+        let mut auth_config = eventbus_auth::Config::with_keys_dir(dir.path().join("auth"));
+        auth_config.api_keys = vec![
+            format!("{API_KEY_NAME}:{API_KEY_SECRET}")
+                .parse()
+                .expect("api key"),
+        ];
+        tasks.push(spawn(eventbus_auth::run(
+            auth_config,
+            auth_listener,
+            shutdown.clone(),
+        )));
+
+        let ingest_listener = listener().await;
+        let ingest_url = format!("http://{}", ingest_listener.local_addr().expect("addr"));
+        let ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
+        tasks.push(spawn(eventbus_ingest::run(
+            ingest_config,
+            ingest_listener,
+            shutdown.clone(),
+        )));
+
+        let mut cluster = Cluster {
+            endpoints: Endpoints {
+                api: Http::new(&ingest_url),
+                auth: Http::new(&auth_url),
+                ws: String::new(),
+            },
+            nats,
+            store_url,
+            auth_url,
+            shutdown,
+            tasks,
+            _dir: dir,
+        };
+        cluster.endpoints.ws = cluster.add_gateway().await;
+        cluster
+    }
+
+    /// Starts one more gateway on the same NATS; returns its WebSocket URL.
+    pub async fn add_gateway(&mut self) -> String {
+        let listener = listener().await;
+        let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
+        let config = eventbus_gateway::Config::new(self.store_url.clone(), self.auth_url.clone());
+        let backbone = nats_backbone(&self.nats).await;
+        self.tasks.push(spawn(eventbus_gateway::run(
+            config,
+            listener,
+            backbone,
+            self.shutdown.clone(),
+        )));
+        url
+    }
+
+    /// Stops every service gracefully and waits for them.
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(crate::WAIT, task).await;
+        }
+    }
+}
+
+async fn nats_backbone(nats: &NatsServer) -> Arc<dyn Backbone> {
+    Arc::new(
+        NatsBackbone::connect(&nats.url(), eventbus_router::subject::DEFAULT_PREFIX)
+            .await
+            .expect("connect to nats"),
+    )
+}
