@@ -96,6 +96,11 @@ impl Verifier {
                 _ => TokenError::Malformed,
             }
         })?;
+        // RFC 7519: `exp` is the time on or after which the token must not be accepted; the library
+        // accepts the second of `exp` itself.
+        if data.claims.exp <= crate::claims::now_s() {
+            return Err(TokenError::Expired);
+        }
         data.claims.into_verified()
     }
 

@@ -12,6 +12,7 @@ async fn separate_services_on_nats() {
     scenarios::publish_over_http_reaches_websocket(&cluster.endpoints).await;
     scenarios::resume_gets_exactly_what_was_missed(&cluster.endpoints).await;
     scenarios::websocket_publish_inbox_and_compaction(&cluster.endpoints).await;
+    scenarios::catch_up_races_live_publishing(&cluster.endpoints).await;
     cluster.stop().await;
 }
 
@@ -21,6 +22,7 @@ async fn all_in_one() {
     scenarios::publish_over_http_reaches_websocket(&bus.endpoints).await;
     scenarios::resume_gets_exactly_what_was_missed(&bus.endpoints).await;
     scenarios::websocket_publish_inbox_and_compaction(&bus.endpoints).await;
+    scenarios::catch_up_races_live_publishing(&bus.endpoints).await;
     bus.stop().await;
 }
 

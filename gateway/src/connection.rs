@@ -55,6 +55,13 @@ fn closing(code: u16, reason: impl Into<String>) -> Ending {
     Ending::Close(code, reason.into())
 }
 
+fn slow_consumer() -> Ending {
+    closing(
+        close::SLOW_CONSUMER,
+        "slow consumer: reconnect and resume with after",
+    )
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// One channel, gap-free from its `after` or head.
@@ -82,6 +89,7 @@ struct Conn {
     by_name: HashMap<String, u64>,
     next_sub: u64,
     mailbox: Mailbox,
+    slow: Arc<Notify>,
     answers: mpsc::UnboundedSender<String>,
     publishes: Arc<Semaphore>,
 }
@@ -109,6 +117,7 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
             tx,
             slow: slow.clone(),
         },
+        slow: slow.clone(),
         answers,
         publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
     };
@@ -118,7 +127,11 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
     tokio::pin!(shutdown);
 
     let mut ending = match pre_authenticated {
-        Some(verified) => conn.authenticate(verified, None).await.err(),
+        // Everything fed must be flushed before waiting: a read does not reliably push it out.
+        Some(verified) => match conn.authenticate(verified, None).await {
+            Ok(()) => conn.flush().await.err(),
+            Err(end) => Some(end),
+        },
         None => None,
     };
     while ending.is_none() {
@@ -129,7 +142,7 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         let step = tokio::select! {
             biased;
             _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
-            _ = slow.notified() => Err(closing(close::SLOW_CONSUMER, "slow consumer: reconnect and resume with after")),
+            _ = slow.notified() => Err(slow_consumer()),
             _ = tokio::time::sleep_until(deadline) => Err(conn.expired().await),
             message = stream.next() => conn.on_message(message).await,
             Some(first) = live.recv() => conn.on_live_batch(first, &mut live).await,
@@ -154,15 +167,20 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
 }
 
 impl Conn {
+    // A write waits while the peer does not read; the slow-consumer alarm must cut that wait short,
+    // or a stalled peer would hold its connection (and its queue) for ever.
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), Ending> {
-        self.sink
-            .feed(Message::Text(text))
-            .await
-            .map_err(|_| Ending::Gone)
+        tokio::select! {
+            written = self.sink.feed(Message::Text(text)) => written.map_err(|_| Ending::Gone),
+            _ = self.slow.notified() => Err(slow_consumer()),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), Ending> {
-        self.sink.flush().await.map_err(|_| Ending::Gone)
+        tokio::select! {
+            flushed = self.sink.flush() => flushed.map_err(|_| Ending::Gone),
+            _ = self.slow.notified() => Err(slow_consumer()),
+        }
     }
 
     async fn refuse(

@@ -38,6 +38,8 @@ pub struct Mailbox {
 
 #[derive(Clone)]
 struct Member {
+    /// Unique in the hub (subscription ids are only unique within a connection).
+    id: u64,
     subscription: u64,
     mailbox: Mailbox,
 }
@@ -73,6 +75,7 @@ struct Topic {
 struct Inner {
     backbone: Arc<dyn Backbone>,
     topics: Mutex<HashMap<TopicKey, Topic>>,
+    next_member: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -85,7 +88,7 @@ pub struct Hub {
 pub struct Interest {
     inner: Arc<Inner>,
     key: TopicKey,
-    subscription: u64,
+    member: u64,
 }
 
 impl Drop for Interest {
@@ -98,7 +101,7 @@ impl Drop for Interest {
             let mut members = topic.members.write().unwrap_or_else(|p| p.into_inner());
             let kept: Arc<[Member]> = members
                 .iter()
-                .filter(|m| m.subscription != self.subscription)
+                .filter(|m| m.id != self.member)
                 .cloned()
                 .collect();
             *members = kept.clone();
@@ -119,6 +122,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 backbone,
                 topics: Mutex::new(HashMap::new()),
+                next_member: AtomicU64::new(1),
             }),
         }
     }
@@ -140,7 +144,9 @@ impl Hub {
             pattern: pattern.to_owned(),
             group: group.map(str::to_owned),
         };
+        let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
         let member = Member {
+            id,
             subscription,
             mailbox,
         };
@@ -155,7 +161,7 @@ impl Hub {
                     return Ok(Interest {
                         inner: self.inner.clone(),
                         key,
-                        subscription,
+                        member: id,
                     });
                 }
             }
@@ -172,7 +178,7 @@ impl Hub {
             return Ok(Interest {
                 inner: self.inner.clone(),
                 key,
-                subscription,
+                member: id,
             });
         }
     }

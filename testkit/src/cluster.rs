@@ -135,9 +135,19 @@ impl Cluster {
 
     /// Starts one more gateway on the same NATS; returns its WebSocket URL.
     pub async fn add_gateway(&mut self) -> String {
+        self.add_gateway_with(|_| {}).await
+    }
+
+    /// Starts one more gateway, with settings changed by `tune`; returns its WebSocket URL.
+    pub async fn add_gateway_with(
+        &mut self,
+        tune: impl FnOnce(&mut eventbus_gateway::Config),
+    ) -> String {
         let listener = listener().await;
         let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
-        let config = eventbus_gateway::Config::new(self.store_url.clone(), self.auth_url.clone());
+        let mut config =
+            eventbus_gateway::Config::new(self.store_url.clone(), self.auth_url.clone());
+        tune(&mut config);
         let backbone = nats_backbone(&self.nats).await;
         self.tasks.push(spawn(eventbus_gateway::run(
             config,

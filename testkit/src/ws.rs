@@ -20,6 +20,8 @@ pub enum Closed {
     Code(u16),
     /// The connection ended without a close frame.
     Dropped,
+    /// Nothing came within the wait bound.
+    TimedOut,
 }
 
 impl Ws {
@@ -62,9 +64,9 @@ impl Ws {
     /// The next text frame, or how the connection ended.
     pub async fn next(&mut self) -> Result<Value, Closed> {
         loop {
-            let message = tokio::time::timeout(WAIT, self.stream.next())
-                .await
-                .expect("timed out waiting for a websocket frame");
+            let Ok(message) = tokio::time::timeout(WAIT, self.stream.next()).await else {
+                return Err(Closed::TimedOut);
+            };
             match message {
                 Some(Ok(Message::Text(text))) => {
                     return Ok(

@@ -221,3 +221,57 @@ pub async fn websocket_publish_inbox_and_compaction(bus: &Endpoints) {
     reader.close().await;
     late.close().await;
 }
+
+/// Subscribers that catch up while events keep arriving switch from history to live with nothing
+/// missed and nothing doubled.
+pub async fn catch_up_races_live_publishing(bus: &Endpoints) {
+    let service = bus.service_token().await;
+    let reader = bus
+        .auth
+        .client_token(&service, "erin", &["race"], &[])
+        .await;
+    const TOTAL: u64 = 400;
+    let api = bus.api.clone();
+    let publisher_token = service.clone();
+    let publisher = tokio::spawn(async move {
+        for round in 0..TOTAL / 10 {
+            let batch: Vec<Value> = (0..10)
+                .map(|i| json!({"channel": "race", "type": "tick", "data": round * 10 + i}))
+                .collect();
+            let answer = api.publish(&publisher_token, &Value::Array(batch)).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+        }
+    });
+    // Subscribers join at different moments of the stream, each from the start of the channel.
+    let mut readers = Vec::new();
+    for joined_at in [0u64, 50, 150, 300] {
+        eventbus_testkit::eventually("the stream to progress", || {
+            let api = bus.api.clone();
+            let reader = reader.clone();
+            async move {
+                let answer = api.history(&reader, "race", "after=0&limit=1").await;
+                answer.body["head"]
+                    .as_u64()
+                    .filter(|head| *head >= joined_at)
+            }
+        })
+        .await;
+        let (mut ws, _) = Ws::hello(&bus.ws, &reader).await;
+        ws.subscribe(json!({"channel": "race", "after": 0})).await;
+        readers.push(tokio::spawn(async move {
+            let events = ws.events(TOTAL as usize).await;
+            assert_eq!(seqs(&events), (1..=TOTAL).collect::<Vec<_>>());
+            ws.send(json!({"op": "ping"})).await;
+            assert_eq!(
+                ws.recv().await["op"],
+                "pong",
+                "nothing after the last event"
+            );
+            ws.close().await;
+        }));
+    }
+    publisher.await.expect("publisher");
+    for reader in readers {
+        reader.await.expect("reader saw every event once, in order");
+    }
+}
