@@ -5,6 +5,7 @@ use std::sync::Arc;
 use eventbus_router::{Backbone, NatsBackbone};
 
 #[derive(clap::Args, Debug, Clone)]
+#[group(id = "backbone")]
 pub struct Args {
     /// NATS server URL of the backbone.
     #[arg(

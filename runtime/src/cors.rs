@@ -4,6 +4,7 @@ use axum::http::{HeaderValue, Method, header};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 #[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "cors")]
 pub struct Args {
     /// Browser origins allowed to call the HTTP API and open WebSocket/SSE streams, comma separated
     /// (e.g. `https://app.example.com`). `*` allows any origin.

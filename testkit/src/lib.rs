@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod http;
 pub mod nats;
+pub mod process;
 pub mod ws;
 
 use std::future::Future;
