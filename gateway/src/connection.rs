@@ -518,13 +518,13 @@ impl Conn {
                     );
                 }
             };
-            if let Some(after) = after {
-                if after > now {
-                    return refuse(
-                        "after_beyond_head",
-                        format!("after={after} is beyond the head of {name:?} ({now})"),
-                    );
-                }
+            if let Some(after) = after
+                && after > now
+            {
+                return refuse(
+                    "after_beyond_head",
+                    format!("after={after} is beyond the head of {name:?} ({now})"),
+                );
             }
             sub.delivered.insert(name.to_owned(), after.unwrap_or(now));
             head = Some(now);

@@ -168,10 +168,10 @@ pub fn parse(text: &str) -> Result<Frame, (FrameError, Option<Box<RawValue>>)> {
 
 /// Adds `ref` to an answer when the client gave one.
 pub fn with_ref(mut answer: Value, reference: Option<&RawValue>) -> String {
-    if let (Some(raw), Value::Object(map)) = (reference, &mut answer) {
-        if let Ok(value) = serde_json::from_str::<Value>(raw.get()) {
-            map.insert("ref".into(), value);
-        }
+    if let (Some(raw), Value::Object(map)) = (reference, &mut answer)
+        && let Ok(value) = serde_json::from_str::<Value>(raw.get())
+    {
+        map.insert("ref".into(), value);
     }
     answer.to_string()
 }

@@ -107,11 +107,11 @@ impl Drop for Interest {
             *members = kept.clone();
             kept
         };
-        if remaining.is_empty() {
-            if let Some(topic) = topics.remove(&self.key) {
-                topic.task.abort();
-                debug!(pattern = %self.key.pattern, "last local subscriber left, backbone interest dropped");
-            }
+        if remaining.is_empty()
+            && let Some(topic) = topics.remove(&self.key)
+        {
+            topic.task.abort();
+            debug!(pattern = %self.key.pattern, "last local subscriber left, backbone interest dropped");
         }
     }
 }

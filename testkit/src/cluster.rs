@@ -50,11 +50,11 @@ async fn listener() -> TcpListener {
         .expect("bind loopback")
 }
 
-fn spawn<E: std::fmt::Display>(
+fn spawn<E>(
     future: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
 ) -> JoinHandle<()>
 where
-    E: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     tokio::spawn(async move {
         if let Err(err) = future.await {

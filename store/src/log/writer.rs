@@ -131,13 +131,13 @@ impl Writer {
             answers.push(results);
         }
 
-        if !buf.is_empty() {
-            if let Err(err) = self.write_durably(buf) {
-                for job in group {
-                    let _ = job.reply.send(Err(LogError::Failed));
-                }
-                return Err(err);
+        if !buf.is_empty()
+            && let Err(err) = self.write_durably(buf)
+        {
+            for job in group {
+                let _ = job.reply.send(Err(LogError::Failed));
             }
+            return Err(err);
         }
         let base = self.active_len;
         self.active_len += buf.len() as u64;

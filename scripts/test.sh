@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. The integration tests start real nats-server processes, so
+# nats-server must be on PATH: installed here from Debian's package when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "nats-server is not on PATH; installing Debian's nats-server package" >&2
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+  # Debian's package also starts a system service on 4222; the tests use their own free ports.
+fi
+# Debian installs it under /usr/sbin, which is not on every user's PATH.
+export PATH="$PATH:/usr/sbin"
+command -v nats-server >/dev/null || { echo "nats-server could not be installed" >&2; exit 1; }
+
+cargo test --workspace --locked "$@"
