@@ -53,8 +53,13 @@ async fn append_read_dedupe_and_recover_across_segments() {
     assert_eq!((again[0].seq, again[0].duplicate), (6, true));
     assert_eq!((again[1].seq, again[1].duplicate), (101, false));
     assert_eq!((again[2].seq, again[2].duplicate), (101, true));
+    // The writer answers first and hands the batch to the backbone right after: wait for it.
     let mut published = Vec::new();
-    while let Ok(batch) = committed.try_recv() {
+    while published.last() != Some(&101) {
+        let batch = tokio::time::timeout(std::time::Duration::from_secs(10), committed.recv())
+            .await
+            .expect("committed batches arrive")
+            .expect("the writer is running");
         published.extend(
             batch
                 .into_iter()
