@@ -1,0 +1,274 @@
+//! The `store` scenario: the log engine itself, in-process, on a real disk, every append fsync'd.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use eventbus_store::log::{Entry, Log, Options};
+use serde_json::json;
+
+use crate::median;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Directory for the logs (a fresh subdirectory per run; removed afterwards).
+    #[arg(long, default_value = "./bench-data")]
+    dir: PathBuf,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Events per batched-append run.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Events per batch.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Concurrent appenders of batches.
+    #[arg(long, default_value_t = 16)]
+    appenders: usize,
+    /// Events per single-append run.
+    #[arg(long, default_value_t = 200_000)]
+    single_events: u64,
+    /// Concurrent appenders of single events.
+    #[arg(long, default_value_t = 256)]
+    single_appenders: usize,
+    /// Serialized size of each event body, in bytes.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Events in the log for the restart measurement (0 skips it).
+    #[arg(long, default_value_t = 10_000_000)]
+    restart_events: u64,
+    /// Distinct keys for the compacted-read measurement.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+}
+
+fn body(size: usize, n: u64) -> Bytes {
+    let head =
+        json!({"id": format!("e{n}"), "type": "bench", "channel": "bench.c", "source": "bench",
+        "time": "2026-11-25T12:00:00.000000Z", "specversion": "1.0", "data": ""})
+        .to_string();
+    let pad = size.saturating_sub(head.len());
+    Bytes::from(head.replace(
+        "\"data\":\"\"",
+        &format!("\"data\":\"{}\"", "x".repeat(pad)),
+    ))
+}
+
+fn entry(size: usize, n: u64, key: Option<String>) -> Entry {
+    Entry {
+        channel: "bench.c".into(),
+        id: format!("e{n}"),
+        key,
+        deleted: false,
+        body: body(size, n),
+    }
+}
+
+fn open(dir: &std::path::Path) -> anyhow::Result<Arc<Log>> {
+    let (log, mut committed) = Log::open(Options {
+        dir: dir.to_owned(),
+        segment_bytes: 128 * 1024 * 1024,
+    })?;
+    // Nothing publishes in this scenario: drain what the writer hands to the backbone.
+    tokio::spawn(async move { while committed.recv().await.is_some() {} });
+    Ok(Arc::new(log))
+}
+
+fn close(log: Arc<Log>) {
+    if let Ok(log) = Arc::try_unwrap(log) {
+        log.close();
+    }
+}
+
+/// Appends `total` events from `appenders` tasks, `batch` at a time; returns events per second.
+async fn append_rate(
+    log: &Arc<Log>,
+    total: u64,
+    batch: usize,
+    appenders: usize,
+    size: usize,
+    keys: u64,
+) -> anyhow::Result<f64> {
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..appenders {
+        let log = log.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(batch as u64, Ordering::Relaxed);
+                if first >= total {
+                    return anyhow::Ok(());
+                }
+                let last = (first + batch as u64).min(total);
+                let entries = (first..last)
+                    .map(|n| entry(size, n, (keys > 0).then(|| format!("k{}", n % keys))))
+                    .collect();
+                log.append(entries).await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+struct Report {
+    name: &'static str,
+    unit: &'static str,
+    runs: Vec<f64>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let mut reports = Vec::new();
+    let fresh = |name: &str, run: usize| {
+        args.dir
+            .join(format!("{name}-{run}-{}", std::process::id()))
+    };
+
+    let mut batched = Report {
+        name: "batched_append",
+        unit: "events/s",
+        runs: vec![],
+    };
+    let mut single = Report {
+        name: "single_append",
+        unit: "events/s",
+        runs: vec![],
+    };
+    let mut replay = Report {
+        name: "replay",
+        unit: "events/s",
+        runs: vec![],
+    };
+    let mut compacted = Report {
+        name: "compacted_read",
+        unit: "ms",
+        runs: vec![],
+    };
+    for run in 0..args.runs {
+        let dir = fresh("batched", run);
+        let log = open(&dir)?;
+        batched.runs.push(
+            append_rate(
+                &log,
+                args.events,
+                args.batch,
+                args.appenders,
+                args.size,
+                args.keys,
+            )
+            .await?,
+        );
+
+        // Replay of the channel just written, in pages of 1000, as a catching-up reader does.
+        let started = Instant::now();
+        let mut after = 0;
+        loop {
+            let page = log.read("bench.c", after, 1000, false).await?;
+            match page.events.last() {
+                Some(last) => after = last.seq,
+                None => break,
+            }
+        }
+        anyhow::ensure!(
+            after == args.events,
+            "replay read {after} of {} events",
+            args.events
+        );
+        replay
+            .runs
+            .push(after as f64 / started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let mut after = 0;
+        let mut kept = 0;
+        loop {
+            let page = log.read("bench.c", after, 1000, true).await?;
+            match page.events.last() {
+                Some(last) => after = last.seq,
+                None => break,
+            }
+            kept += page.events.len();
+        }
+        anyhow::ensure!(
+            kept as u64 == args.keys.min(args.events),
+            "compacted read kept {kept}"
+        );
+        compacted
+            .runs
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        close(log);
+        std::fs::remove_dir_all(&dir)?;
+
+        let dir = fresh("single", run);
+        let log = open(&dir)?;
+        single.runs.push(
+            append_rate(
+                &log,
+                args.single_events,
+                1,
+                args.single_appenders,
+                args.size,
+                0,
+            )
+            .await?,
+        );
+        close(log);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    reports.extend([batched, single, replay, compacted]);
+
+    if args.restart_events > 0 {
+        let dir = fresh("restart", 0);
+        let log = open(&dir)?;
+        append_rate(&log, args.restart_events, 1000, 4, args.size, 0).await?;
+        close(log);
+        let mut restart = Report {
+            name: "restart_to_ready",
+            unit: "ms",
+            runs: vec![],
+        };
+        for _ in 0..args.runs {
+            let started = Instant::now();
+            let log = open(&dir)?;
+            restart.runs.push(started.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(
+                log.head("bench.c") == args.restart_events,
+                "restart lost events"
+            );
+            close(log);
+        }
+        std::fs::remove_dir_all(&dir)?;
+        reports.push(restart);
+    }
+
+    let mut json_runs = serde_json::Map::new();
+    for report in &reports {
+        let median = median(&report.runs);
+        println!(
+            "{:<18} median {:>14.1} {:<9} runs {:?}",
+            report.name,
+            median,
+            report.unit,
+            report.runs.iter().map(|r| r.round()).collect::<Vec<_>>()
+        );
+        json_runs.insert(
+            report.name.into(),
+            json!({"unit": report.unit, "median": median, "runs": report.runs}),
+        );
+    }
+    println!(
+        "{}",
+        json!({"scenario": "store", "events": args.events, "batch": args.batch, "appenders": args.appenders,
+               "single_events": args.single_events, "single_appenders": args.single_appenders, "size": args.size,
+               "restart_events": args.restart_events, "results": json_runs})
+    );
+    Ok(())
+}
