@@ -57,13 +57,15 @@ fn body(size: usize, n: u64) -> Bytes {
     ))
 }
 
-fn entry(size: usize, n: u64, key: Option<String>) -> Entry {
+/// One event. The store never parses bodies, so every event shares one body (a `Bytes` clone):
+/// the load generator must not cost more than what it measures.
+fn entry(template: &Bytes, n: u64, key: Option<String>) -> Entry {
     Entry {
         channel: "bench.c".into(),
         id: format!("e{n}"),
         key,
         deleted: false,
-        body: body(size, n),
+        body: template.clone(),
     }
 }
 
@@ -93,11 +95,13 @@ async fn append_rate(
     keys: u64,
 ) -> anyhow::Result<f64> {
     let next = Arc::new(AtomicU64::new(0));
+    let template = body(size, 0);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..appenders {
         let log = log.clone();
         let next = next.clone();
+        let template = template.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let first = next.fetch_add(batch as u64, Ordering::Relaxed);
@@ -106,7 +110,7 @@ async fn append_rate(
                 }
                 let last = (first + batch as u64).min(total);
                 let entries = (first..last)
-                    .map(|n| entry(size, n, (keys > 0).then(|| format!("k{}", n % keys))))
+                    .map(|n| entry(&template, n, (keys > 0).then(|| format!("k{}", n % keys))))
                     .collect();
                 log.append(entries).await?;
             }

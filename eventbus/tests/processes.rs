@@ -133,7 +133,7 @@ async fn a_store_killed_under_load_loses_nothing_acknowledged() {
     let cycles: usize = std::env::var("EVENTBUS_CRASH_CYCLES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(20);
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let store_port = free_port();

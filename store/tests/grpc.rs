@@ -1,0 +1,92 @@
+//! The store's gRPC API refuses bad requests with clear errors and keeps serving.
+
+use std::sync::Arc;
+
+use eventbus_model::{Accepted, Limits, parse_event};
+use eventbus_router::InProcessBackbone;
+use eventbus_runtime::Shutdown;
+use eventbus_store::{Config, StoreClient, StoreError};
+
+fn event(channel: &str, n: usize) -> Accepted {
+    parse_event(
+        format!(r#"{{"channel":"{channel}","type":"t","data":{n}}}"#).as_bytes(),
+        "test",
+        &Limits::default(),
+    )
+    .expect("valid event")
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let shutdown = Shutdown::new();
+    let server = tokio::spawn(eventbus_store::run(
+        Config::with_data(dir.path().to_owned()),
+        listener,
+        Arc::new(InProcessBackbone::new()),
+        shutdown.clone(),
+    ));
+    let store = StoreClient::new(&url).expect("client");
+
+    let appended = store
+        .append(vec![event("orders", 1), event("orders", 2)])
+        .await
+        .expect("append");
+    assert_eq!(
+        appended.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    let too_many = (0..10_001).map(|n| event("orders", n)).collect();
+    match store.append(too_many).await {
+        Err(StoreError::Invalid(message)) => {
+            assert!(message.contains("at most 10000"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        store.append(vec![]).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut not_json = event("orders", 3);
+    not_json.body = b"not json".to_vec();
+    assert!(matches!(
+        store.append(vec![not_json]).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut bad_channel = event("orders", 4);
+    bad_channel.channel = "no..good".into();
+    assert!(matches!(
+        store.append(vec![bad_channel]).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    match store.read("orders", 3, 10, false).await {
+        Err(StoreError::OutOfRange(message)) => {
+            assert!(message.contains("beyond the head"), "{message}")
+        }
+        other => panic!("expected out of range, got {other:?}"),
+    }
+    let unknown = store
+        .read("never-written", 0, 10, false)
+        .await
+        .expect("an unknown channel is empty");
+    assert_eq!((unknown.events.len(), unknown.head), (0, 0));
+    assert!(matches!(
+        store.read("never-written", 1, 10, false).await,
+        Err(StoreError::OutOfRange(_))
+    ));
+    assert!(matches!(
+        store.read("a.*", 0, 10, false).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // Still serving, and nothing of the refused requests was stored.
+    assert_eq!(store.head("orders").await.expect("head"), 2);
+    shutdown.trigger();
+    server.await.expect("join").expect("store stopped cleanly");
+}
