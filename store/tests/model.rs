@@ -30,11 +30,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// One modelled event: id, key, deleted.
+type ModelEvent = (String, Option<String>, bool);
+
 /// The contract, as plainly as it can be written.
 #[derive(Default)]
 struct Model {
-    /// Per channel, the events in seq order: (id, key, deleted).
-    channels: HashMap<&'static str, Vec<(String, Option<String>, bool)>>,
+    /// Per channel, the events in seq order.
+    channels: HashMap<&'static str, Vec<ModelEvent>>,
 }
 
 impl Model {
