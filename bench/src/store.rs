@@ -71,8 +71,8 @@ fn entry(template: &Bytes, n: u64, key: Option<String>) -> Entry {
 
 fn open(dir: &std::path::Path) -> anyhow::Result<Arc<Log>> {
     let (log, mut committed) = Log::open(Options {
-        dir: dir.to_owned(),
         segment_bytes: 128 * 1024 * 1024,
+        ..Options::new(dir.to_owned())
     })?;
     // Nothing publishes in this scenario: drain what the writer hands to the backbone.
     tokio::spawn(async move { while committed.recv().await.is_some() {} });

@@ -509,8 +509,8 @@ impl Conn {
         let mut head = None;
         if kind == Kind::Channel {
             // Interest is registered first, so anything committed after this head is queued live.
-            let now = match self.gw.store.head(name).await {
-                Ok(now) => now,
+            let (first, now) = match self.gw.store.bounds(name).await {
+                Ok(bounds) => bounds,
                 Err(err) => {
                     return refuse(
                         "unavailable",
@@ -525,6 +525,12 @@ impl Conn {
                     "after_beyond_head",
                     format!("after={after} is beyond the head of {name:?} ({now})"),
                 );
+            }
+            // Never skip silently: the client learns that history is gone and from where it is kept.
+            if let Some(after) = after
+                && after + 1 < first
+            {
+                return Err(Ok(truncated(name, first)));
             }
             sub.delivered.insert(name.to_owned(), after.unwrap_or(now));
             head = Some(now);
@@ -564,6 +570,9 @@ impl Conn {
                 .await
             {
                 Ok(page) => page,
+                Err(eventbus_store::StoreError::Truncated { first, .. }) => {
+                    return self.drop_truncated(id, channel, first).await;
+                }
                 Err(err) => return Err(self.store_failed(err).await),
             };
             for event in &page.events {
@@ -597,6 +606,9 @@ impl Conn {
             let want = (upto - delivered).min(REFILL_PAGE) as u32;
             let page = match self.gw.store.read(channel, delivered, want, false).await {
                 Ok(page) => page,
+                Err(eventbus_store::StoreError::Truncated { first, .. }) => {
+                    return self.drop_truncated(id, channel, first).await;
+                }
                 Err(err) => return Err(self.store_failed(err).await),
             };
             if page.events.is_empty() {
@@ -618,6 +630,16 @@ impl Conn {
             }
             self.flush().await?;
         }
+    }
+
+    /// The range a subscription needs is no longer retained: it ends, and the client is told from
+    /// where history is kept, so that it decides (resubscribe from there, or reload a snapshot).
+    async fn drop_truncated(&mut self, id: u64, channel: &str, first: u64) -> Result<(), Ending> {
+        if let Some(sub) = self.subs.remove(&id) {
+            self.by_name.remove(&sub.name);
+        }
+        let err = truncated(channel, first);
+        self.send(frames::error(&err, None).into()).await
     }
 
     async fn store_failed(&mut self, err: eventbus_store::StoreError) -> Ending {
@@ -662,6 +684,9 @@ impl Conn {
                 debug!(connection = %self.id, channel = %delivery.channel, from = last, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
                 self.refill(live.subscription, &delivery.channel, delivery.seq - 1)
                     .await?;
+                if !self.subs.contains_key(&live.subscription) {
+                    return Ok(());
+                }
             }
             _ => {}
         }
@@ -671,6 +696,18 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+fn truncated(channel: &str, first: u64) -> FrameError {
+    FrameError::new(
+        "truncated",
+        format!(
+            "events of {channel:?} before seq {first} are no longer retained; subscribe with after={} to go on from there",
+            first - 1
+        ),
+    )
+    .with_channel(channel)
+    .with_first_seq(first)
 }
 
 fn frame_of(json: &[u8]) -> Result<Utf8Bytes, Ending> {

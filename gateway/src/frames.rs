@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 pub struct FrameError {
     pub code: &'static str,
     pub message: String,
+    pub channel: Option<String>,
+    /// For `truncated`: the first seq still retained.
+    pub first_seq: Option<u64>,
 }
 
 impl FrameError {
@@ -18,7 +21,19 @@ impl FrameError {
         Self {
             code,
             message: message.into(),
+            channel: None,
+            first_seq: None,
         }
+    }
+
+    pub fn with_channel(mut self, channel: &str) -> Self {
+        self.channel = Some(channel.to_owned());
+        self
+    }
+
+    pub fn with_first_seq(mut self, first: u64) -> Self {
+        self.first_seq = Some(first);
+        self
     }
 }
 
@@ -177,10 +192,14 @@ pub fn with_ref(mut answer: Value, reference: Option<&RawValue>) -> String {
 }
 
 pub fn error(err: &FrameError, reference: Option<&RawValue>) -> String {
-    with_ref(
-        json!({"op": "error", "code": err.code, "message": err.message}),
-        reference,
-    )
+    let mut frame = json!({"op": "error", "code": err.code, "message": err.message});
+    if let Some(channel) = &err.channel {
+        frame["channel"] = json!(channel);
+    }
+    if let Some(first) = err.first_seq {
+        frame["first_seq"] = json!(first);
+    }
+    with_ref(frame, reference)
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ pub fn store_problem(err: StoreError) -> Problem {
             Problem::new(Kind::Unavailable, format!("not stored, retry: {err}"))
         }
         StoreError::OutOfRange(message) => Problem::new(Kind::InvalidRequest, message),
+        StoreError::Truncated { first, message } => {
+            Problem::new(Kind::Truncated, message).with("first_seq", first)
+        }
         StoreError::Invalid(message) => Problem::new(Kind::InvalidRequest, message),
     }
 }

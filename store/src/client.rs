@@ -17,6 +17,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("{0}")]
     OutOfRange(String),
+    /// The events asked for are no longer retained; `first` is the first one that is.
+    #[error("{message}")]
+    Truncated { first: u64, message: String },
     #[error("the store refused the request: {0}")]
     Invalid(String),
     #[error("store error: {0}")]
@@ -26,7 +29,23 @@ pub enum StoreError {
 impl From<tonic::Status> for StoreError {
     fn from(status: tonic::Status) -> Self {
         let message = status.message().to_owned();
-        match status.code() {
+        let first = status
+            .metadata()
+            .get(crate::service::FIRST_SEQ_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match (status.code(), first) {
+            (tonic::Code::FailedPrecondition, Some(first)) => {
+                StoreError::Truncated { first, message }
+            }
+            _ => Self::from_code(status.code(), message),
+        }
+    }
+}
+
+impl StoreError {
+    fn from_code(code: tonic::Code, message: String) -> Self {
+        match code {
             tonic::Code::OutOfRange => StoreError::OutOfRange(message),
             tonic::Code::InvalidArgument => StoreError::Invalid(message),
             tonic::Code::Unavailable
@@ -50,6 +69,8 @@ pub struct Appended {
 pub struct Page {
     pub events: Vec<StoredEvent>,
     pub head: u64,
+    /// The first retained seq of the channel.
+    pub first: u64,
 }
 
 #[derive(Clone)]
@@ -120,6 +141,7 @@ impl StoreClient {
             .into_inner();
         Ok(Page {
             head: response.head,
+            first: response.first,
             events: response
                 .events
                 .into_iter()
@@ -133,14 +155,19 @@ impl StoreClient {
     }
 
     pub async fn head(&self, channel: &str) -> Result<u64, StoreError> {
-        Ok(self
+        Ok(self.bounds(channel).await?.1)
+    }
+
+    /// The first retained seq and the head of a channel.
+    pub async fn bounds(&self, channel: &str) -> Result<(u64, u64), StoreError> {
+        let response = self
             .inner
             .clone()
             .head(pb::HeadRequest {
                 channel: channel.to_owned(),
             })
             .await?
-            .into_inner()
-            .head)
+            .into_inner();
+        Ok((response.first, response.head))
     }
 }

@@ -21,15 +21,61 @@ pub struct Config {
     /// Size at which a log segment is sealed and a new one begun.
     #[arg(long = "segment-bytes", env = "EVENTBUS_STORE_SEGMENT_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub segment_bytes: u64,
+    /// Seconds an event `id` is remembered per channel, so that a retry is answered with the first
+    /// result instead of stored again.
+    #[arg(
+        long = "dedupe-window-s",
+        env = "EVENTBUS_STORE_DEDUPE_WINDOW_S",
+        default_value_t = 86_400
+    )]
+    pub dedupe_window_s: u64,
+    /// Most ids remembered at once (about 100 bytes each); the oldest are forgotten first.
+    #[arg(
+        long = "dedupe-max-ids",
+        env = "EVENTBUS_STORE_DEDUPE_MAX_IDS",
+        default_value_t = 2_000_000
+    )]
+    pub dedupe_max_ids: usize,
+    /// Retention rules, separated by `;`, each `pattern[:max_age_s=N][:max_events=N][:max_bytes=N]`;
+    /// the first matching rule applies, channels no rule matches keep everything.
+    /// Example: `chat.*:max_age_s=604800;metrics.>:max_events=100000`.
+    #[arg(
+        long = "retention",
+        env = "EVENTBUS_STORE_RETENTION",
+        value_delimiter = ';'
+    )]
+    pub retention: Vec<crate::log::Rule>,
+    /// Seconds between retention passes.
+    #[arg(
+        long = "retention-interval-s",
+        env = "EVENTBUS_STORE_RETENTION_INTERVAL_S",
+        default_value_t = 10
+    )]
+    pub retention_interval_s: u64,
 }
 
 impl Config {
+    pub fn log_options(&self) -> crate::log::Options {
+        crate::log::Options {
+            dir: self.data.clone(),
+            segment_bytes: self.segment_bytes,
+            dedupe_window_ms: self.dedupe_window_s.saturating_mul(1000),
+            dedupe_max_ids: self.dedupe_max_ids,
+            retention: self.retention.clone(),
+        }
+    }
+
     /// A configuration for tests and the all-in-one mode: data in `data`, everything else default.
     pub fn with_data(data: PathBuf) -> Self {
+        // Keep in step with the flag defaults above.
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
             segment_bytes: 128 * 1024 * 1024,
+            dedupe_window_s: 86_400,
+            dedupe_max_ids: 2_000_000,
+            retention: Vec::new(),
+            retention_interval_s: 10,
         }
     }
 }

@@ -35,10 +35,7 @@ pub async fn run(
     backbone: Arc<dyn Backbone>,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
-    let options = log::Options {
-        dir: config.data.clone(),
-        segment_bytes: config.segment_bytes,
-    };
+    let options = config.log_options();
     let (log, mut committed) = tokio::task::spawn_blocking(move || Log::open(options))
         .await
         .map_err(|err| Error::Serve(std::io::Error::other(err)))??;
@@ -57,6 +54,25 @@ pub async fn run(
         }
     });
 
+    let retention_log = log.clone();
+    let retention_interval = std::time::Duration::from_secs(config.retention_interval_s.max(1));
+    let retention_shutdown = shutdown.clone();
+    let retention = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(retention_interval);
+        loop {
+            tokio::select! {
+                _ = retention_shutdown.wait() => return,
+                _ = ticks.tick() => {}
+            }
+            let log = retention_log.clone();
+            let outcome =
+                tokio::task::spawn_blocking(move || log.enforce_retention(log::now_ms())).await;
+            if let Ok(Err(err)) = outcome {
+                warn!(cause = %err, "retention pass failed");
+            }
+        }
+    });
+
     let ready_log = log.clone();
     let app = tonic::service::Routes::new(service::server(log.clone()))
         .into_axum_router()
@@ -68,6 +84,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown.wait())
         .await?;
 
+    let _ = retention.await;
     match Arc::try_unwrap(log) {
         Ok(log) => tokio::task::spawn_blocking(move || log.close())
             .await

@@ -9,6 +9,9 @@ use tonic::{Request, Response, Status};
 
 use crate::log::{Entry, Log, LogError};
 
+/// gRPC metadata carrying the first retained seq of a truncated read.
+pub const FIRST_SEQ_METADATA: &str = "eventbus-first-seq";
+
 /// Most events one Append may carry.
 pub const MAX_APPEND_EVENTS: usize = 10_000;
 /// Largest gRPC message the store accepts.
@@ -27,6 +30,13 @@ pub struct Service {
 fn status(err: LogError) -> Status {
     match err {
         LogError::AfterBeyondHead { .. } => Status::out_of_range(err.to_string()),
+        LogError::Truncated { first } => {
+            let mut status = Status::failed_precondition(err.to_string());
+            status
+                .metadata_mut()
+                .insert(FIRST_SEQ_METADATA, first.into());
+            status
+        }
         LogError::Invalid(_) => Status::invalid_argument(err.to_string()),
         LogError::Failed => Status::unavailable(err.to_string()),
         LogError::Io { .. } | LogError::Corrupt { .. } => Status::internal(err.to_string()),
@@ -117,6 +127,7 @@ impl Store for Service {
                 })
                 .collect(),
             head: result.head,
+            first: result.first,
         }))
     }
 
@@ -126,8 +137,7 @@ impl Store for Service {
     ) -> Result<Response<pb::HeadResponse>, Status> {
         let request = request.into_inner();
         check_channel(&request.channel)?;
-        Ok(Response::new(pb::HeadResponse {
-            head: self.log.head(&request.channel),
-        }))
+        let (first, head) = self.log.bounds(&request.channel);
+        Ok(Response::new(pb::HeadResponse { head, first }))
     }
 }

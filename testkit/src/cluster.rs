@@ -71,6 +71,14 @@ impl Cluster {
 
     /// As [`Cluster::start`], but using the store at `store_url` (e.g. a separate process) when given.
     pub async fn start_with_store(store_url: Option<String>) -> Cluster {
+        Self::start_tuned(store_url, |_| {}).await
+    }
+
+    /// As [`Cluster::start_with_store`], with the in-process store's settings changed by `tune`.
+    pub async fn start_tuned(
+        store_url: Option<String>,
+        tune: impl FnOnce(&mut eventbus_store::Config),
+    ) -> Cluster {
         let nats = NatsServer::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let shutdown = Shutdown::new();
@@ -82,7 +90,8 @@ impl Cluster {
                 let listener = listener().await;
                 let url = format!("http://{}", listener.local_addr().expect("addr"));
                 let backbone = nats_backbone(&nats).await;
-                let config = eventbus_store::Config::with_data(dir.path().join("store"));
+                let mut config = eventbus_store::Config::with_data(dir.path().join("store"));
+                tune(&mut config);
                 tasks.push(spawn(eventbus_store::run(
                     config,
                     listener,

@@ -1,7 +1,8 @@
-//! The in-memory index: per channel, where each seq sits on disk, and the newest seq of each key
-//! (for compacted reads). It only ever holds committed (fsync'd) records.
+//! The in-memory index: per channel, where each retained seq sits on disk, and the newest seq of
+//! each key (for compacted reads); per segment, what it holds (for retention). It only ever holds
+//! committed (fsync'd) records.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Where one record sits: segment number, byte offset, length on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,24 +12,46 @@ pub struct Location {
     pub len: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChannelIndex {
-    /// `locations[seq - 1]`: seqs start at 1 and have no gaps.
-    pub locations: Vec<Location>,
+    /// The first retained seq: reads below it are refused as truncated.
+    pub first: u64,
+    /// `locations[seq - first]` for every retained seq; seqs have no gaps.
+    pub locations: VecDeque<Location>,
+    /// Bytes on disk of the retained events.
+    pub bytes: u64,
     /// Newest seq per key, and whether that newest event deleted the key.
     pub keys: HashMap<String, (u64, bool)>,
     /// Seqs of events without a key, in order: a compacted read keeps them all.
-    pub keyless: Vec<u64>,
+    pub keyless: VecDeque<u64>,
 }
 
 impl ChannelIndex {
+    /// A channel whose first record on disk has seq `first` (1 unless retention removed older ones).
+    pub fn starting_at(first: u64) -> Self {
+        Self {
+            first,
+            locations: VecDeque::new(),
+            bytes: 0,
+            keys: HashMap::new(),
+            keyless: VecDeque::new(),
+        }
+    }
+
     pub fn head(&self) -> u64 {
-        self.locations.len() as u64
+        self.first + self.locations.len() as u64 - 1
+    }
+
+    pub fn location(&self, seq: u64) -> Option<Location> {
+        seq.checked_sub(self.first)
+            .and_then(|i| self.locations.get(i as usize))
+            .copied()
     }
 
     pub fn push(&mut self, seq: u64, location: Location, key: Option<&str>, deleted: bool) {
         debug_assert_eq!(seq, self.head() + 1);
-        self.locations.push(location);
+        self.locations.push_back(location);
+        self.bytes += location.len as u64;
         match key {
             Some(key) => match self.keys.get_mut(key) {
                 Some(entry) => *entry = (seq, deleted),
@@ -36,16 +59,35 @@ impl ChannelIndex {
                     self.keys.insert(key.to_owned(), (seq, deleted));
                 }
             },
-            None => self.keyless.push(seq),
+            None => self.keyless.push_back(seq),
+        }
+    }
+
+    /// Forgets every seq below `first`. Keys whose newest event goes are forgotten too: a key
+    /// whose history is gone is as good as never written.
+    pub fn truncate_below(&mut self, first: u64) {
+        let first = first.min(self.head() + 1);
+        if first <= self.first {
+            return;
+        }
+        for _ in self.first..first {
+            if let Some(location) = self.locations.pop_front() {
+                self.bytes -= location.len as u64;
+            }
+        }
+        self.first = first;
+        self.keys.retain(|_, (seq, _)| *seq >= first);
+        while self.keyless.front().is_some_and(|seq| *seq < first) {
+            self.keyless.pop_front();
         }
     }
 
     /// Up to `limit` seqs after `after`, in order.
     pub fn range(&self, after: u64, limit: usize) -> Vec<(u64, Location)> {
-        let start = after as usize;
-        let end = (start + limit).min(self.locations.len());
+        let start = after.max(self.first - 1) + 1;
+        let end = (start + limit as u64).min(self.head() + 1);
         (start..end)
-            .map(|i| (i as u64 + 1, self.locations[i]))
+            .filter_map(|seq| self.location(seq).map(|l| (seq, l)))
             .collect()
     }
 
@@ -59,23 +101,75 @@ impl ChannelIndex {
             .map(|(seq, _)| *seq)
             .collect();
         let first_keyless = self.keyless.partition_point(|seq| *seq <= after);
-        seqs.extend_from_slice(&self.keyless[first_keyless..]);
+        seqs.extend(self.keyless.range(first_keyless..));
         seqs.sort_unstable();
         seqs.truncate(limit);
         seqs.into_iter()
-            .map(|seq| (seq, self.locations[(seq - 1) as usize]))
+            .filter_map(|seq| self.location(seq).map(|l| (seq, l)))
             .collect()
     }
+}
+
+/// What one segment holds: enough to know when retention may delete it whole.
+#[derive(Debug, Default, Clone)]
+pub struct SegmentInfo {
+    /// Commit time of its newest record, in Unix milliseconds.
+    pub newest_ms: u64,
+    /// The largest seq of each channel in it.
+    pub last_seq: HashMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
 pub struct Index {
     pub channels: HashMap<String, ChannelIndex>,
+    pub segments: BTreeMap<u32, SegmentInfo>,
 }
 
 impl Index {
     pub fn head(&self, channel: &str) -> u64 {
         self.channels.get(channel).map_or(0, ChannelIndex::head)
+    }
+
+    /// Records one committed (or recovered) record.
+    pub fn add(
+        &mut self,
+        channel: &str,
+        seq: u64,
+        location: Location,
+        key: Option<&str>,
+        deleted: bool,
+        time_ms: u64,
+    ) {
+        let index = match self.channels.get_mut(channel) {
+            Some(index) => index,
+            None => self
+                .channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| ChannelIndex::starting_at(seq)),
+        };
+        index.push(seq, location, key, deleted);
+        let segment = self.segments.entry(location.segment).or_default();
+        segment.newest_ms = segment.newest_ms.max(time_ms);
+        match segment.last_seq.get_mut(channel) {
+            Some(last) => *last = seq,
+            None => {
+                segment.last_seq.insert(channel.to_owned(), seq);
+            }
+        }
+    }
+
+    /// Sealed segments none of whose records is retained any more.
+    pub fn dead_segments(&self, active: u32) -> Vec<u32> {
+        self.segments
+            .iter()
+            .filter(|(number, _)| **number != active)
+            .filter(|(_, info)| {
+                info.last_seq.iter().all(|(channel, last)| {
+                    self.channels.get(channel).is_none_or(|c| *last < c.first)
+                })
+            })
+            .map(|(number, _)| *number)
+            .collect()
     }
 }
 
@@ -87,29 +181,61 @@ mod tests {
         Location {
             segment: 0,
             offset,
-            len: 1,
+            len: 10,
         }
     }
 
     #[test]
     fn compacted_range_keeps_newest_live_key_and_keyless() {
-        let mut channel = ChannelIndex::default();
+        let mut channel = ChannelIndex::starting_at(1);
         channel.push(1, at(1), Some("a"), false);
         channel.push(2, at(2), Some("b"), false);
         channel.push(3, at(3), None, false);
         channel.push(4, at(4), Some("a"), false);
         channel.push(5, at(5), Some("b"), true);
-        let seqs = |after, limit| {
+        let seqs = |channel: &ChannelIndex, after, limit| {
             channel
                 .compacted_range(after, limit)
                 .into_iter()
                 .map(|(s, _)| s)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(seqs(0, 10), vec![3, 4]);
-        assert_eq!(seqs(3, 10), vec![4]);
-        assert_eq!(seqs(0, 1), vec![3]);
+        assert_eq!(seqs(&channel, 0, 10), vec![3, 4]);
+        assert_eq!(seqs(&channel, 3, 10), vec![4]);
+        assert_eq!(seqs(&channel, 0, 1), vec![3]);
         assert_eq!(channel.range(3, 10).len(), 2);
         assert_eq!(channel.range(5, 10).len(), 0);
+
+        channel.truncate_below(4);
+        assert_eq!((channel.first, channel.head(), channel.bytes), (4, 5, 20));
+        assert_eq!(seqs(&channel, 0, 10), vec![4]);
+        assert_eq!(
+            channel
+                .range(0, 10)
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert_eq!(channel.location(3), None);
+    }
+
+    #[test]
+    fn a_segment_dies_when_every_channel_in_it_moved_past_it() {
+        let mut index = Index::default();
+        let loc = |segment| Location {
+            segment,
+            offset: 0,
+            len: 1,
+        };
+        index.add("a", 1, loc(0), None, false, 10);
+        index.add("b", 1, loc(0), None, false, 10);
+        index.add("a", 2, loc(1), None, false, 20);
+        index.add("b", 2, loc(2), None, false, 30);
+        assert!(index.dead_segments(2).is_empty());
+        index.channels.get_mut("a").unwrap().truncate_below(2);
+        assert!(index.dead_segments(2).is_empty(), "b still needs segment 0");
+        index.channels.get_mut("b").unwrap().truncate_below(2);
+        assert_eq!(index.dead_segments(2), vec![0]);
     }
 }

@@ -3,15 +3,17 @@
 //!
 //! Readers only ever see committed records: the index is updated after the data is durable.
 
+mod dedupe;
 mod index;
 mod record;
+pub mod retention;
 mod segments;
 mod writer;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -19,7 +21,9 @@ use eventbus_model::{StoredEvent, with_seq};
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
+use dedupe::Dedupe;
 use index::{Index, Location};
+pub use retention::Rule;
 
 /// Most events one read returns.
 pub const MAX_READ_LIMIT: usize = 1000;
@@ -29,6 +33,32 @@ pub struct Options {
     pub dir: PathBuf,
     /// A segment is sealed and a new one begun once it reaches this size.
     pub segment_bytes: u64,
+    /// How long an `id` is remembered per channel for idempotency.
+    pub dedupe_window_ms: u64,
+    /// At most this many ids are remembered (the oldest are forgotten first).
+    pub dedupe_max_ids: usize,
+    /// How much history each channel keeps.
+    pub retention: Vec<Rule>,
+}
+
+impl Options {
+    /// Defaults: 128 MiB segments, a 24 h idempotency window of at most 2M ids, keep everything.
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            segment_bytes: 128 * 1024 * 1024,
+            dedupe_window_ms: 24 * 3600 * 1000,
+            dedupe_max_ids: 2_000_000,
+            retention: Vec::new(),
+        }
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +78,8 @@ pub enum LogError {
     Failed,
     #[error("after={after} is beyond the head of the channel ({head})")]
     AfterBeyondHead { after: u64, head: u64 },
+    #[error("truncated: events before seq {first} are no longer retained (resume from after={})", first - 1)]
+    Truncated { first: u64 },
     #[error("invalid append: {0}")]
     Invalid(String),
 }
@@ -83,6 +115,8 @@ pub struct Appended {
 pub struct ReadResult {
     pub events: Vec<StoredEvent>,
     pub head: u64,
+    /// The first retained seq of the channel.
+    pub first: u64,
 }
 
 /// Events committed by the writer, in commit order, for the backbone.
@@ -93,6 +127,9 @@ struct Shared {
     index: RwLock<Index>,
     files: RwLock<HashMap<u32, Arc<File>>>,
     failed: AtomicBool,
+    /// The segment being written: never deleted by retention.
+    active: AtomicU32,
+    retention: Vec<Rule>,
 }
 
 pub struct Log {
@@ -113,35 +150,36 @@ impl Log {
             list.push(0);
         }
         let mut index = Index::default();
-        let mut ids: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        let mut dedupe = Dedupe::new(options.dedupe_window_ms, options.dedupe_max_ids);
         let mut files = HashMap::new();
         let mut active_len = 0;
         let mut events = 0u64;
         for (i, &segment) in list.iter().enumerate() {
             let is_last = i + 1 == list.len();
             let len = segments::scan(&dir, segment, is_last, |record, offset, len| {
-                let channel = index.channels.entry(record.channel.to_owned()).or_default();
-                if record.seq != channel.head() + 1 {
+                let head = index.channels.get(record.channel).map(|c| c.head());
+                if head.is_some_and(|head| record.seq != head + 1) {
                     return Err(LogError::Invalid(format!(
                         "channel {} jumps from seq {} to {}",
                         record.channel,
-                        channel.head(),
+                        head.unwrap_or_default(),
                         record.seq
                     )));
                 }
-                channel.push(
+                let location = Location {
+                    segment,
+                    offset,
+                    len,
+                };
+                index.add(
+                    record.channel,
                     record.seq,
-                    Location {
-                        segment,
-                        offset,
-                        len,
-                    },
+                    location,
                     record.key,
                     record.deleted,
+                    record.time_ms,
                 );
-                ids.entry(record.channel.to_owned())
-                    .or_default()
-                    .insert(record.id.to_owned(), record.seq);
+                dedupe.insert(record.channel, record.id, record.seq, record.time_ms);
                 events += 1;
                 Ok(())
             })?;
@@ -150,12 +188,14 @@ impl Log {
                 active_len = len;
             }
         }
+        dedupe.expire(now_ms());
         let active = *list.last().unwrap_or(&0);
         info!(
             dir = %dir.display(),
             segments = list.len(),
             channels = index.channels.len(),
             events,
+            remembered_ids = dedupe.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log recovered"
         );
@@ -169,6 +209,8 @@ impl Log {
             index: RwLock::new(index),
             files: RwLock::new(files),
             failed: AtomicBool::new(false),
+            active: AtomicU32::new(active),
+            retention: options.retention.clone(),
         });
         let (jobs_tx, jobs_rx) = mpsc::channel(4096);
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
@@ -180,21 +222,21 @@ impl Log {
             active_len,
             file,
             heads,
-            ids,
+            dedupe,
             committed: committed_tx,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || state.run(jobs_rx))
             .map_err(|err| LogError::io(&dir, err))?;
-        Ok((
-            Log {
-                shared,
-                jobs: jobs_tx,
-                writer: Mutex::new(Some(handle)),
-            },
-            committed_rx,
-        ))
+        let log = Log {
+            shared,
+            jobs: jobs_tx,
+            writer: Mutex::new(Some(handle)),
+        };
+        // What retention let go before the restart stays gone, before anyone reads.
+        log.enforce_retention(now_ms())?;
+        Ok((log, committed_rx))
     }
 
     /// Appends a batch; resolves once every event in it is durable (or was already stored).
@@ -219,13 +261,14 @@ impl Log {
         compact: bool,
     ) -> Result<ReadResult, LogError> {
         let limit = limit.clamp(1, MAX_READ_LIMIT);
-        let (head, wanted) = {
+        let (head, first, wanted) = {
             let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
             let Some(ch) = index.channels.get(channel) else {
                 return if after == 0 {
                     Ok(ReadResult {
                         events: Vec::new(),
                         head: 0,
+                        first: 1,
                     })
                 } else {
                     Err(LogError::AfterBeyondHead { after, head: 0 })
@@ -235,17 +278,22 @@ impl Log {
             if after > head {
                 return Err(LogError::AfterBeyondHead { after, head });
             }
+            // Never skip silently: a reader behind the retained history is told so.
+            if after + 1 < ch.first {
+                return Err(LogError::Truncated { first: ch.first });
+            }
             let wanted = if compact {
                 ch.compacted_range(after, limit)
             } else {
                 ch.range(after, limit)
             };
-            (head, wanted)
+            (head, ch.first, wanted)
         };
         if wanted.is_empty() {
             return Ok(ReadResult {
                 events: Vec::new(),
                 head,
+                first,
             });
         }
         let shared = self.shared.clone();
@@ -253,7 +301,11 @@ impl Log {
         let events = tokio::task::spawn_blocking(move || shared.fetch(&channel, &wanted))
             .await
             .map_err(|_| LogError::Failed)??;
-        Ok(ReadResult { events, head })
+        Ok(ReadResult {
+            events,
+            head,
+            first,
+        })
     }
 
     pub fn head(&self, channel: &str) -> u64 {
@@ -274,7 +326,7 @@ impl Log {
                 .iter()
                 .filter_map(|(name, ch)| {
                     ch.locations
-                        .last()
+                        .back()
                         .map(|loc| (name.clone(), ch.head(), *loc))
                 })
                 .collect()
@@ -284,6 +336,48 @@ impl Log {
             out.extend(self.shared.fetch(&channel, &[(seq, location)])?);
         }
         Ok(out)
+    }
+
+    /// Applies the retention rules as of `now_ms`, and deletes the segments nothing retained lives
+    /// in any more. Returns (events let go, segments deleted).
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<(u64, usize), LogError> {
+        let (dropped, dead) = {
+            let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
+            let dropped = retention::apply(&mut index, &self.shared.retention, now_ms);
+            let dead = index.dead_segments(self.shared.active.load(Ordering::Acquire));
+            for segment in &dead {
+                index.segments.remove(segment);
+            }
+            (dropped, dead)
+        };
+        {
+            let mut files = self.shared.files.write().unwrap_or_else(|p| p.into_inner());
+            for segment in &dead {
+                files.remove(segment);
+            }
+        }
+        for segment in &dead {
+            let path = segments::path_of(&self.shared.dir, *segment);
+            std::fs::remove_file(&path).map_err(|err| LogError::io(&path, err))?;
+        }
+        if !dead.is_empty() {
+            segments::sync_dir(&self.shared.dir)?;
+            info!(
+                segments = dead.len(),
+                events = dropped,
+                "retention deleted old segments"
+            );
+        }
+        Ok((dropped, dead.len()))
+    }
+
+    /// The first retained seq and the head of a channel.
+    pub fn bounds(&self, channel: &str) -> (u64, u64) {
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        index
+            .channels
+            .get(channel)
+            .map_or((1, 0), |c| (c.first, c.head()))
     }
 
     pub fn is_healthy(&self) -> bool {

@@ -1,5 +1,5 @@
-//! The on-disk record: `[len u32 LE][crc32c u32 LE][payload]`, payload =
-//! `seq u64 | channel (u16 len) | id (u16 len) | flags u8 | key (u16 len, if flagged) | body (u32 len)`.
+//! The on-disk record: `[len u32 LE][crc32c u32 LE][payload]`, payload = `seq u64 | time_ms u64 |
+//! channel (u16 len) | id (u16 len) | flags u8 | key (u16 len, if flagged) | body (u32 len)`.
 //! The checksum covers the payload, so a torn or flipped record is detected before it is served.
 
 pub const HEADER_LEN: usize = 8;
@@ -12,6 +12,8 @@ const FLAG_DELETED: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<'a> {
     pub seq: u64,
+    /// Commit time, Unix milliseconds: what retention by age and the dedupe window go by.
+    pub time_ms: u64,
     pub channel: &'a str,
     pub id: &'a str,
     pub key: Option<&'a str>,
@@ -36,6 +38,7 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
     out.extend_from_slice(&record.seq.to_le_bytes());
+    out.extend_from_slice(&record.time_ms.to_le_bytes());
     put_short(out, record.channel.as_bytes());
     put_short(out, record.id.as_bytes());
     let mut flags = 0;
@@ -84,12 +87,8 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
         buf: payload,
         pos: 0,
     };
-    let seq = u64::from_le_bytes(
-        cursor
-            .take(8)?
-            .try_into()
-            .map_err(|_| DecodeError::Malformed)?,
-    );
+    let seq = cursor.u64()?;
+    let time_ms = cursor.u64()?;
     let channel = cursor.short_str()?;
     let id = cursor.short_str()?;
     let flags = cursor.take(1)?[0];
@@ -111,6 +110,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
     Ok((
         Record {
             seq,
+            time_ms,
             channel,
             id,
             key,
@@ -136,6 +136,14 @@ impl<'a> Cursor<'a> {
         Ok(out)
     }
 
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let bytes = self
+            .take(8)?
+            .try_into()
+            .map_err(|_| DecodeError::Malformed)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
     fn short_str(&mut self) -> Result<&'a str, DecodeError> {
         let len = u16::from_le_bytes(
             self.take(2)?
@@ -153,6 +161,7 @@ mod tests {
     fn sample() -> Record<'static> {
         Record {
             seq: 7,
+            time_ms: 1_700_000_000_000,
             channel: "orders",
             id: "e1",
             key: Some("k"),

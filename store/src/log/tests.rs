@@ -2,12 +2,13 @@ use std::io::Write;
 
 use bytes::Bytes;
 
+use super::now_ms;
 use super::*;
 
 fn open(dir: &Path) -> (Log, Committed) {
     Log::open(Options {
-        dir: dir.to_owned(),
         segment_bytes: 4096,
+        ..Options::new(dir.to_owned())
     })
     .unwrap()
 }
@@ -117,8 +118,8 @@ async fn append_read_dedupe_and_recover_across_segments() {
 async fn torn_and_corrupt_tails_are_cut_never_served() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Log::open(Options {
-        dir: dir.path().to_owned(),
         segment_bytes: 1 << 30,
+        ..Options::new(dir.path().to_owned())
     })
     .unwrap();
     for i in 0..10 {
@@ -139,6 +140,7 @@ async fn torn_and_corrupt_tails_are_cut_never_served() {
     record::encode(
         &record::Record {
             seq: 11,
+            time_ms: 0,
             channel: "c",
             id: "c10",
             key: None,
@@ -150,8 +152,8 @@ async fn torn_and_corrupt_tails_are_cut_never_served() {
     file.write_all(&torn[..torn.len() / 2]).unwrap();
     drop(file);
     let (log, _) = Log::open(Options {
-        dir: dir.path().to_owned(),
         segment_bytes: 1 << 30,
+        ..Options::new(dir.path().to_owned())
     })
     .unwrap();
     assert_eq!(log.head("c"), 10);
@@ -168,8 +170,8 @@ async fn torn_and_corrupt_tails_are_cut_never_served() {
     data[last] ^= 0xff;
     std::fs::write(&path, &data).unwrap();
     let (log, _) = Log::open(Options {
-        dir: dir.path().to_owned(),
         segment_bytes: 1 << 30,
+        ..Options::new(dir.path().to_owned())
     })
     .unwrap();
     assert_eq!(log.head("c"), 9);
@@ -204,5 +206,67 @@ async fn compacted_reads_keep_newest_per_key_and_drop_deleted() {
         vec![3, 4]
     );
     assert_eq!(seqs(&log.read("k", 3, 100, true).await.unwrap()), vec![4]);
+    log.close();
+}
+
+#[tokio::test]
+async fn retention_deletes_whole_segments_and_refuses_truncated_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        segment_bytes: 1024,
+        retention: vec![
+            "metrics:max_events=10".parse().unwrap(),
+            "logs.*:max_age_s=3600".parse().unwrap(),
+        ],
+        ..Options::new(dir.path().to_owned())
+    };
+    let (log, _) = Log::open(options.clone()).unwrap();
+    for i in 0..60 {
+        log.append(vec![entry("metrics", &format!("m{i}"), None, false)])
+            .await
+            .unwrap();
+    }
+    for i in 0..20 {
+        log.append(vec![entry("logs.app", &format!("l{i}"), None, false)])
+            .await
+            .unwrap();
+    }
+    let segments_before = segments::list(dir.path()).unwrap().len();
+    let (dropped, deleted) = log.enforce_retention(now_ms()).unwrap();
+    assert_eq!(dropped, 50, "metrics keeps its newest 10, logs are young");
+    assert!(deleted > 0, "segments holding only old metrics are deleted");
+    assert_eq!(
+        segments::list(dir.path()).unwrap().len(),
+        segments_before - deleted
+    );
+    assert_eq!(log.bounds("metrics"), (51, 60));
+    assert!(matches!(
+        log.read("metrics", 0, 10, false).await,
+        Err(LogError::Truncated { first: 51 })
+    ));
+    assert!(matches!(
+        log.read("metrics", 0, 10, true).await,
+        Err(LogError::Truncated { first: 51 })
+    ));
+    assert_eq!(
+        seqs(&log.read("metrics", 50, 100, false).await.unwrap()),
+        (51..=60).collect::<Vec<_>>()
+    );
+
+    // Two hours later, the logs have aged out, except the newest event, which keeps the head known.
+    let later = now_ms() + 2 * 3600 * 1000;
+    log.enforce_retention(later).unwrap();
+    assert_eq!(log.bounds("logs.app").1, 20);
+    assert!(log.bounds("logs.app").0 > 1);
+    log.close();
+
+    // A restart keeps what was let go gone, and the log still appends after it.
+    let (log, _) = Log::open(options).unwrap();
+    assert_eq!(log.bounds("metrics"), (51, 60));
+    let next = log
+        .append(vec![entry("metrics", "m60", None, false)])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq, 61);
     log.close();
 }

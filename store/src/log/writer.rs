@@ -11,9 +11,10 @@ use eventbus_model::{StoredEvent, with_seq};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
+use super::dedupe::Dedupe;
 use super::index::Location;
 use super::record::{self, Record};
-use super::{Appended, Entry, LogError, Shared, segments};
+use super::{Appended, Entry, LogError, Shared, now_ms, segments};
 
 /// A group commit stops taking more work past this many bytes, to bound latency and memory.
 const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
@@ -30,7 +31,7 @@ pub struct Writer {
     pub active_len: u64,
     pub file: File,
     pub heads: HashMap<String, u64>,
-    pub ids: HashMap<String, HashMap<String, u64>>,
+    pub dedupe: Dedupe,
     pub committed: mpsc::UnboundedSender<Vec<StoredEvent>>,
 }
 
@@ -74,16 +75,14 @@ impl Writer {
 
     fn commit(&mut self, group: Vec<Job>, buf: &mut Vec<u8>) -> Result<(), LogError> {
         buf.clear();
+        let time_ms = now_ms();
+        self.dedupe.expire(time_ms);
         let mut pending: Vec<Pending> = Vec::new();
         let mut answers: Vec<Vec<Appended>> = Vec::with_capacity(group.len());
         for job in &group {
             let mut results = Vec::with_capacity(job.entries.len());
             for entry in &job.entries {
-                let known = self
-                    .ids
-                    .get(&entry.channel)
-                    .and_then(|ids| ids.get(&entry.id))
-                    .copied();
+                let known = self.dedupe.get(&entry.channel, &entry.id);
                 if let Some(seq) = known {
                     results.push(Appended {
                         channel: entry.channel.clone(),
@@ -100,6 +99,7 @@ impl Writer {
                 let len = record::encode(
                     &Record {
                         seq,
+                        time_ms,
                         channel: &entry.channel,
                         id: &entry.id,
                         key: entry.key.as_deref(),
@@ -108,10 +108,7 @@ impl Writer {
                     },
                     buf,
                 );
-                self.ids
-                    .entry(entry.channel.clone())
-                    .or_default()
-                    .insert(entry.id.clone(), seq);
+                self.dedupe.insert(&entry.channel, &entry.id, seq, time_ms);
                 pending.push(Pending {
                     channel: entry.channel.clone(),
                     seq,
@@ -151,11 +148,13 @@ impl Writer {
                     offset: base + p.offset as u64,
                     len: p.len as u32,
                 };
-                index.channels.entry(p.channel.clone()).or_default().push(
+                index.add(
+                    &p.channel,
                     p.seq,
                     location,
                     p.key.as_deref(),
                     p.deleted,
+                    time_ms,
                 );
             }
         }
@@ -200,6 +199,9 @@ impl Writer {
             .insert(next, Arc::new(reader));
         self.active = next;
         self.active_len = 0;
+        self.shared
+            .active
+            .store(next, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

@@ -1,0 +1,96 @@
+//! The idempotency window: which ids each channel has seen recently, and at which seq. Bounded in
+//! time (ids older than the window are forgotten) and in count (the oldest go first), so memory is
+//! bounded whatever the publishers do. Rebuilt from the log on start, so it survives restarts.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+pub struct Dedupe {
+    window_ms: u64,
+    max_ids: usize,
+    /// `channel \n id` → seq. Neither a channel nor an id can hold a newline.
+    seen: HashMap<Arc<str>, u64>,
+    /// Insertion order, for forgetting the oldest: (commit time, key, seq).
+    order: VecDeque<(u64, Arc<str>, u64)>,
+}
+
+fn key(channel: &str, id: &str) -> String {
+    let mut key = String::with_capacity(channel.len() + id.len() + 1);
+    key.push_str(channel);
+    key.push('\n');
+    key.push_str(id);
+    key
+}
+
+impl Dedupe {
+    pub fn new(window_ms: u64, max_ids: usize) -> Self {
+        Self {
+            window_ms,
+            max_ids: max_ids.max(1),
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn get(&self, channel: &str, id: &str) -> Option<u64> {
+        self.seen.get(key(channel, id).as_str()).copied()
+    }
+
+    pub fn insert(&mut self, channel: &str, id: &str, seq: u64, time_ms: u64) {
+        let key: Arc<str> = Arc::from(key(channel, id));
+        self.seen.insert(key.clone(), seq);
+        self.order.push_back((time_ms, key, seq));
+        while self.order.len() > self.max_ids {
+            self.forget_oldest();
+        }
+    }
+
+    /// Forgets ids committed before `now_ms - window`.
+    pub fn expire(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        while self
+            .order
+            .front()
+            .is_some_and(|(time, _, _)| *time < horizon)
+        {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some((_, key, seq)) = self.order.pop_front() {
+            // The same id may have been stored again after an earlier expiry; keep the newer one.
+            if self.seen.get(&key) == Some(&seq) {
+                self.seen.remove(&key);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_by_count_and_by_time() {
+        let mut dedupe = Dedupe::new(1000, 3);
+        for (n, time) in [(1, 0), (2, 10), (3, 2000), (4, 2010)] {
+            dedupe.insert("c", &format!("id{n}"), n, time);
+        }
+        assert_eq!(
+            dedupe.get("c", "id1"),
+            None,
+            "the oldest goes past the count bound"
+        );
+        assert_eq!(dedupe.get("c", "id2"), Some(2));
+        assert_eq!(dedupe.get("other", "id2"), None, "ids are per channel");
+        dedupe.expire(2500);
+        assert_eq!(dedupe.get("c", "id2"), None, "older than the window");
+        assert_eq!(dedupe.get("c", "id3"), Some(3));
+        assert_eq!(dedupe.len(), 2);
+    }
+}
