@@ -55,20 +55,7 @@ pub async fn history(
             }
         }
     }
-    verified.grant.check_subscribe(&channel).map_err(|denied| {
-        let kind = match denied {
-            eventbus_router::Denied::InvalidChannel { .. }
-            | eventbus_router::Denied::PatternNotAllowed => Kind::InvalidRequest,
-            _ => Kind::Forbidden,
-        };
-        Problem::new(kind, denied.to_string()).with("channel", channel.as_str())
-    })?;
-    if eventbus_router::pattern::is_pattern(&channel) {
-        return Err(invalid(
-            "channel",
-            "history is read one channel at a time, not by pattern",
-        ));
-    }
+    check_readable(&verified.grant, &channel)?;
     let page = ingest
         .store
         .read(&channel, after, limit, compact)
@@ -77,19 +64,50 @@ pub async fn history(
             eventbus_store::StoreError::OutOfRange(message) => invalid("after", &message),
             other => store_problem(other),
         })?;
-    let next_after = page.events.last().map_or(after, |e| e.seq);
-    // The events are already JSON text; they are joined, not re-encoded.
-    let mut body =
-        Vec::with_capacity(page.events.iter().map(|e| e.json.len() + 1).sum::<usize>() + 64);
-    body.extend_from_slice(b"{\"events\":[");
-    for (i, event) in page.events.iter().enumerate() {
+    let body = page_json("", &page.events, after, page.head);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// May this grant read `channel`'s history (a single channel, subscribe permission)?
+pub fn check_readable(grant: &eventbus_router::Grant, channel: &str) -> Result<(), Problem> {
+    grant.check_subscribe(channel).map_err(|denied| {
+        let kind = match denied {
+            eventbus_router::Denied::InvalidChannel { .. }
+            | eventbus_router::Denied::PatternNotAllowed => Kind::InvalidRequest,
+            _ => Kind::Forbidden,
+        };
+        Problem::new(kind, denied.to_string()).with("channel", channel)
+    })?;
+    if eventbus_router::pattern::is_pattern(channel) {
+        return Err(invalid(
+            "channel",
+            "history is read one channel at a time, not by pattern",
+        ));
+    }
+    Ok(())
+}
+
+/// `{<prefix>"events":[...],"next_after":N,"head":H}`. The events are already JSON text; they are
+/// joined, not re-encoded.
+pub fn page_json(
+    prefix: &str,
+    events: &[eventbus_model::StoredEvent],
+    after: u64,
+    head: u64,
+) -> Vec<u8> {
+    let next_after = events.last().map_or(after, |e| e.seq);
+    let mut body = Vec::with_capacity(
+        events.iter().map(|e| e.json.len() + 1).sum::<usize>() + prefix.len() + 64,
+    );
+    body.push(b'{');
+    body.extend_from_slice(prefix.as_bytes());
+    body.extend_from_slice(b"\"events\":[");
+    for (i, event) in events.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
         body.extend_from_slice(&event.json);
     }
-    body.extend_from_slice(
-        format!("],\"next_after\":{next_after},\"head\":{}}}", page.head).as_bytes(),
-    );
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    body.extend_from_slice(format!("],\"next_after\":{next_after},\"head\":{head}}}").as_bytes());
+    body
 }

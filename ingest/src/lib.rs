@@ -8,6 +8,7 @@ mod binary_mode;
 pub mod config;
 mod history;
 mod publish;
+mod snapshots;
 
 use std::sync::Arc;
 
@@ -65,6 +66,10 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
     Ok(axum::Router::new()
         .route("/v1/events", post(publish::publish))
         .route("/v1/channels/{channel}/events", get(history::history))
+        .route(
+            "/v1/channels/{channel}/snapshot",
+            get(snapshots::get).put(snapshots::put),
+        )
         .with_state(ingest)
         .layer(origins.layer()))
 }

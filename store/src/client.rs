@@ -170,4 +170,35 @@ impl StoreClient {
             .into_inner();
         Ok((response.first, response.head))
     }
+
+    /// Stores `data` (JSON text) as the state of `channel` as of `seq`.
+    pub async fn put_snapshot(
+        &self,
+        channel: &str,
+        seq: u64,
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .clone()
+            .put_snapshot(pb::PutSnapshotRequest {
+                channel: channel.to_owned(),
+                seq,
+                data: data.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The latest snapshot of `channel`: its seq and JSON text.
+    pub async fn snapshot(&self, channel: &str) -> Result<Option<(u64, bytes::Bytes)>, StoreError> {
+        let response = self
+            .inner
+            .clone()
+            .get_snapshot(pb::GetSnapshotRequest {
+                channel: channel.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(response.found.then_some((response.seq, response.data)))
+    }
 }

@@ -131,6 +131,39 @@ impl Store for Service {
         }))
     }
 
+    async fn put_snapshot(
+        &self,
+        request: Request<pb::PutSnapshotRequest>,
+    ) -> Result<Response<pb::PutSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        check_channel(&request.channel)?;
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&request.data).is_err() {
+            return Err(Status::invalid_argument("snapshot data must be JSON"));
+        }
+        self.log
+            .put_snapshot(&request.channel, request.seq, request.data)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PutSnapshotResponse {}))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        check_channel(&request.channel)?;
+        let snapshot = self.log.snapshot(&request.channel).await.map_err(status)?;
+        Ok(Response::new(match snapshot {
+            Some(snapshot) => pb::GetSnapshotResponse {
+                found: true,
+                seq: snapshot.seq,
+                data: snapshot.data,
+            },
+            None => pb::GetSnapshotResponse::default(),
+        }))
+    }
+
     async fn head(
         &self,
         request: Request<pb::HeadRequest>,

@@ -22,6 +22,13 @@ enum Op {
     },
     Restart,
     EnforceRetention,
+    PutSnapshot {
+        channel: usize,
+        seq_offset: i64,
+    },
+    GetSnapshot {
+        channel: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -31,6 +38,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(channel, after_offset, limit, compact)| Op::Read { channel, after_offset, limit, compact }),
         1 => Just(Op::Restart),
         1 => Just(Op::EnforceRetention),
+        1 => (0..CHANNELS.len(), -3i64..2).prop_map(|(channel, seq_offset)| Op::PutSnapshot { channel, seq_offset }),
+        1 => (0..CHANNELS.len()).prop_map(|channel| Op::GetSnapshot { channel }),
     ]
 }
 
@@ -50,6 +59,8 @@ struct Model {
     channels: HashMap<&'static str, Vec<ModelEvent>>,
     /// Per channel, the first retained seq (absent: 1).
     first: HashMap<&'static str, u64>,
+    /// Per channel, the latest snapshot: seq and data.
+    snapshots: HashMap<&'static str, (u64, String)>,
 }
 
 impl Model {
@@ -215,6 +226,37 @@ async fn check(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 log.close();
                 log = open(dir.path());
                 model.enforce_retention();
+            }
+            Op::PutSnapshot {
+                channel,
+                seq_offset,
+            } => {
+                let channel = CHANNELS[channel];
+                let head = model.channels.get(channel).map_or(0, Vec::len) as i64;
+                let seq = (head + seq_offset).max(0) as u64;
+                let data = format!(r#"{{"state":{seq}}}"#);
+                let current = model.snapshots.get(channel).map_or(0, |(s, _)| *s);
+                let valid = seq >= 1 && seq as i64 <= head && seq >= current;
+                let result = log
+                    .put_snapshot(channel, seq, Bytes::from(data.clone()))
+                    .await;
+                prop_assert_eq!(
+                    result.is_ok(),
+                    valid,
+                    "snapshot of {} at {}: {:?}",
+                    channel,
+                    seq,
+                    result
+                );
+                if valid {
+                    model.snapshots.insert(channel, (seq, data));
+                }
+            }
+            Op::GetSnapshot { channel } => {
+                let channel = CHANNELS[channel];
+                let got = log.snapshot(channel).await.expect("snapshot");
+                let got = got.map(|s| (s.seq, String::from_utf8_lossy(&s.data).into_owned()));
+                prop_assert_eq!(got.as_ref(), model.snapshots.get(channel));
             }
             Op::EnforceRetention => {
                 log.enforce_retention(eventbus_store::log::now_ms())

@@ -52,6 +52,15 @@ impl Http {
         self.client.post(format!("{}{path}", self.base))
     }
 
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.put(format!("{}{path}", self.base))
+    }
+
+    /// A PUT with a JSON body and a bearer token.
+    pub fn put_json(&self, path: &str, token: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.put(path).bearer_auth(token).json(body)
+    }
+
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.get(format!("{}{path}", self.base))
     }

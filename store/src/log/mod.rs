@@ -8,6 +8,7 @@ mod index;
 mod record;
 pub mod retention;
 mod segments;
+pub mod snapshots;
 mod writer;
 
 use std::collections::HashMap;
@@ -80,7 +81,7 @@ pub enum LogError {
     AfterBeyondHead { after: u64, head: u64 },
     #[error("truncated: events before seq {first} are no longer retained (resume from after={})", first - 1)]
     Truncated { first: u64 },
-    #[error("invalid append: {0}")]
+    #[error("invalid request: {0}")]
     Invalid(String),
 }
 
@@ -134,6 +135,7 @@ struct Shared {
 
 pub struct Log {
     shared: Arc<Shared>,
+    snapshot_lock: tokio::sync::Mutex<()>,
     jobs: mpsc::Sender<writer::Job>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -231,6 +233,7 @@ impl Log {
             .map_err(|err| LogError::io(&dir, err))?;
         let log = Log {
             shared,
+            snapshot_lock: tokio::sync::Mutex::new(()),
             jobs: jobs_tx,
             writer: Mutex::new(Some(handle)),
         };
@@ -369,6 +372,42 @@ impl Log {
             );
         }
         Ok((dropped, dead.len()))
+    }
+
+    /// Stores `data` (JSON text) as the state of `channel` as of `seq`, replacing an older
+    /// snapshot. Durable when it returns.
+    pub async fn put_snapshot(&self, channel: &str, seq: u64, data: Bytes) -> Result<(), LogError> {
+        let head = self.head(channel);
+        if seq == 0 || seq > head {
+            return Err(LogError::Invalid(format!(
+                "a snapshot's seq must be 1-{head} (the channel's head)"
+            )));
+        }
+        let dir = snapshots::dir_of(&self.shared.dir);
+        let channel = channel.to_owned();
+        let _one_writer = self.snapshot_lock.lock().await;
+        tokio::task::spawn_blocking(move || {
+            if let Some(current) = snapshots::read(&dir, &channel)?
+                && current.seq > seq
+            {
+                return Err(LogError::Invalid(format!(
+                    "a newer snapshot exists (seq {}); snapshots only move forward",
+                    current.seq
+                )));
+            }
+            snapshots::write(&dir, &channel, &snapshots::Snapshot { seq, data })
+        })
+        .await
+        .map_err(|_| LogError::Failed)?
+    }
+
+    /// The latest snapshot of `channel`, if any.
+    pub async fn snapshot(&self, channel: &str) -> Result<Option<snapshots::Snapshot>, LogError> {
+        let dir = snapshots::dir_of(&self.shared.dir);
+        let channel = channel.to_owned();
+        tokio::task::spawn_blocking(move || snapshots::read(&dir, &channel))
+            .await
+            .map_err(|_| LogError::Failed)?
     }
 
     /// The first retained seq and the head of a channel.
