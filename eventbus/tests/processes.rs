@@ -144,6 +144,10 @@ async fn a_store_killed_under_load_loses_nothing_acknowledged() {
         &[
             ("EVENTBUS_NATS_URL", &nats.url()),
             ("EVENTBUS_STORE_DATA", data.to_str().expect("path")),
+            // Checkpoint the index every few KiB and roll segments often, so restarts load
+            // checkpoints that a kill left behind the log and scan the tail after them.
+            ("EVENTBUS_STORE_CHECKPOINT_BYTES", "8192"),
+            ("EVENTBUS_STORE_SEGMENT_BYTES", "65536"),
         ],
     )
     .await;

@@ -45,6 +45,10 @@ pub struct Config {
         value_delimiter = ';'
     )]
     pub retention: Vec<crate::log::Rule>,
+    /// The index is checkpointed after this many bytes of log (and at every clean stop), which
+    /// bounds what a restart after a crash has to scan.
+    #[arg(long = "checkpoint-bytes", env = "EVENTBUS_STORE_CHECKPOINT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub checkpoint_bytes: u64,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -62,6 +66,7 @@ impl Config {
             dedupe_window_ms: self.dedupe_window_s.saturating_mul(1000),
             dedupe_max_ids: self.dedupe_max_ids,
             retention: self.retention.clone(),
+            checkpoint_bytes: self.checkpoint_bytes,
         }
     }
 
@@ -75,6 +80,7 @@ impl Config {
             dedupe_window_s: 86_400,
             dedupe_max_ids: 2_000_000,
             retention: Vec::new(),
+            checkpoint_bytes: 1024 * 1024 * 1024,
             retention_interval_s: 10,
         }
     }

@@ -66,6 +66,25 @@ impl Dedupe {
         }
     }
 
+    /// What is remembered, oldest first: (commit time, `channel \n id`, seq), for the checkpoint.
+    pub fn entries(&self) -> Vec<(u64, String, u64)> {
+        self.order
+            .iter()
+            .filter(|(_, key, seq)| self.seen.get(key) == Some(seq))
+            .map(|(time, key, seq)| (*time, key.to_string(), *seq))
+            .collect()
+    }
+
+    /// Remembers an entry read back from a checkpoint.
+    pub fn restore(&mut self, time_ms: u64, key: &str, seq: u64) {
+        let key: Arc<str> = Arc::from(key);
+        self.seen.insert(key.clone(), seq);
+        self.order.push_back((time_ms, key, seq));
+        while self.order.len() > self.max_ids {
+            self.forget_oldest();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.seen.len()
     }

@@ -3,6 +3,7 @@
 //!
 //! Readers only ever see committed records: the index is updated after the data is durable.
 
+mod checkpoint;
 mod dedupe;
 mod index;
 mod record;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 use eventbus_model::{StoredEvent, with_seq};
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{info, warn};
 
 use dedupe::Dedupe;
 use index::{Index, Location};
@@ -40,6 +41,9 @@ pub struct Options {
     pub dedupe_max_ids: usize,
     /// How much history each channel keeps.
     pub retention: Vec<Rule>,
+    /// The index is checkpointed after this many bytes of log (and at every clean close), which
+    /// bounds how much a restart after a crash scans.
+    pub checkpoint_bytes: u64,
 }
 
 impl Options {
@@ -51,6 +55,7 @@ impl Options {
             dedupe_window_ms: 24 * 3600 * 1000,
             dedupe_max_ids: 2_000_000,
             retention: Vec::new(),
+            checkpoint_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -133,7 +138,17 @@ struct Shared {
     retention: Vec<Rule>,
 }
 
+/// What a start had to do to recover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Whether an index checkpoint was loaded.
+    pub from_checkpoint: bool,
+    /// Records read from the segments (those the checkpoint did not cover).
+    pub scanned_events: u64,
+}
+
 pub struct Log {
+    recovery: Recovery,
     shared: Arc<Shared>,
     snapshot_lock: tokio::sync::Mutex<()>,
     jobs: mpsc::Sender<writer::Job>,
@@ -151,14 +166,69 @@ impl Log {
             drop(segments::open_append(&dir, 0)?);
             list.push(0);
         }
-        let mut index = Index::default();
         let mut dedupe = Dedupe::new(options.dedupe_window_ms, options.dedupe_max_ids);
+        // A checkpoint spares scanning what it covers; anything odd about it and we rebuild.
+        let loaded = checkpoint::read(&dir).filter(|loaded| {
+            let covered = loaded.covered;
+            // The newest covered segment is where damage happens in practice (recent writes, a
+            // disk that lied about a flush): its covered part is checked record by record.
+            let usable = list.contains(&covered.segment)
+                && std::fs::metadata(segments::path_of(&dir, covered.segment)).is_ok_and(|m| m.len() >= covered.offset)
+                && segments::verify_prefix(&dir, covered.segment, covered.offset).unwrap_or(false);
+            if !usable {
+                warn!("the index checkpoint does not match the segments; rebuilding the index from them");
+            }
+            usable
+        });
+        if loaded.is_none() && checkpoint::path_of(&dir).exists() {
+            warn!(
+                "the index checkpoint is missing or damaged; rebuilding the index from the segments"
+            );
+        }
+        let from_checkpoint = loaded.is_some();
+        let (mut index, start) = match loaded {
+            Some(loaded) => {
+                for (time, key, seq) in &loaded.window {
+                    dedupe.restore(*time, key, *seq);
+                }
+                let mut index = loaded.index;
+                // Segments that retention deleted after the checkpoint was written are gone.
+                index.segments.retain(|number, _| list.contains(number));
+                for channel in index.channels.values_mut() {
+                    let mut first = channel.first;
+                    while channel
+                        .location(first)
+                        .is_some_and(|l| !list.contains(&l.segment))
+                    {
+                        first += 1;
+                    }
+                    channel.truncate_below(first);
+                }
+                (index, loaded.covered)
+            }
+            None => (
+                Index::default(),
+                checkpoint::Position {
+                    segment: 0,
+                    offset: 0,
+                },
+            ),
+        };
         let mut files = HashMap::new();
         let mut active_len = 0;
         let mut events = 0u64;
         for (i, &segment) in list.iter().enumerate() {
             let is_last = i + 1 == list.len();
-            let len = segments::scan(&dir, segment, is_last, |record, offset, len| {
+            files.insert(segment, Arc::new(segments::open_read(&dir, segment)?));
+            if segment < start.segment {
+                continue;
+            }
+            let from = if segment == start.segment {
+                start.offset
+            } else {
+                0
+            };
+            let len = segments::scan(&dir, segment, from, is_last, |record, offset, len| {
                 let head = index.channels.get(record.channel).map(|c| c.head());
                 if head.is_some_and(|head| record.seq != head + 1) {
                     return Err(LogError::Invalid(format!(
@@ -185,7 +255,6 @@ impl Log {
                 events += 1;
                 Ok(())
             })?;
-            files.insert(segment, Arc::new(segments::open_read(&dir, segment)?));
             if is_last {
                 active_len = len;
             }
@@ -196,7 +265,8 @@ impl Log {
             dir = %dir.display(),
             segments = list.len(),
             channels = index.channels.len(),
-            events,
+            scanned_events = events,
+            from_checkpoint,
             remembered_ids = dedupe.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log recovered"
@@ -220,6 +290,8 @@ impl Log {
         let state = writer::Writer {
             shared: shared.clone(),
             segment_bytes: options.segment_bytes,
+            checkpoint_bytes: options.checkpoint_bytes,
+            since_checkpoint: 0,
             active,
             active_len,
             file,
@@ -232,6 +304,10 @@ impl Log {
             .spawn(move || state.run(jobs_rx))
             .map_err(|err| LogError::io(&dir, err))?;
         let log = Log {
+            recovery: Recovery {
+                from_checkpoint,
+                scanned_events: events,
+            },
             shared,
             snapshot_lock: tokio::sync::Mutex::new(()),
             jobs: jobs_tx,
@@ -408,6 +484,10 @@ impl Log {
         tokio::task::spawn_blocking(move || snapshots::read(&dir, &channel))
             .await
             .map_err(|_| LogError::Failed)?
+    }
+
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
     }
 
     /// The first retained seq and the head of a channel.

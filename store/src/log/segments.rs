@@ -56,12 +56,14 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(|err| LogError::io(dir, err))
 }
 
-/// Reads every valid record of one segment, calling `visit` with each record and its offset.
+/// Reads every valid record of one segment from byte `start`, calling `visit` with each record and
+/// its offset.
 /// Returns the length of the valid prefix. When `is_last`, an invalid tail is cut off the file;
 /// elsewhere it is an error, since a sealed segment was fully durable before the next one began.
 pub fn scan(
     dir: &Path,
     segment: u32,
+    start: u64,
     is_last: bool,
     mut visit: impl FnMut(&Record<'_>, u64, u32) -> Result<(), LogError>,
 ) -> Result<u64, LogError> {
@@ -70,7 +72,17 @@ pub fn scan(
     File::open(&path)
         .and_then(|mut f| f.read_to_end(&mut data))
         .map_err(|err| LogError::io(&path, err))?;
-    let mut offset = 0usize;
+    let mut offset = start as usize;
+    if offset > data.len() {
+        return Err(LogError::Corrupt {
+            path,
+            offset: start,
+            cause: format!(
+                "the segment is shorter ({} bytes) than the index says",
+                data.len()
+            ),
+        });
+    }
     let mut failure = None;
     while offset < data.len() {
         match record::decode(&data[offset..]) {
@@ -111,4 +123,22 @@ pub fn scan(
         file.sync_all().map_err(|err| LogError::io(&path, err))?;
     }
     Ok(offset as u64)
+}
+
+/// Whether the first `end` bytes of a segment are whole, valid records: how a checkpoint's claim
+/// about the newest segment is checked before it is trusted.
+pub fn verify_prefix(dir: &Path, segment: u32, end: u64) -> Result<bool, LogError> {
+    let path = path_of(dir, segment);
+    let mut data = Vec::new();
+    File::open(&path)
+        .and_then(|f| f.take(end).read_to_end(&mut data))
+        .map_err(|err| LogError::io(&path, err))?;
+    let mut offset = 0;
+    while offset < data.len() {
+        match record::decode(&data[offset..]) {
+            Ok((_, len)) => offset += len,
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(offset as u64 == end)
 }

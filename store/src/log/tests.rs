@@ -270,3 +270,78 @@ async fn retention_deletes_whole_segments_and_refuses_truncated_reads() {
     assert_eq!(next[0].seq, 61);
     log.close();
 }
+
+#[tokio::test]
+async fn a_clean_restart_loads_the_checkpoint_and_a_damaged_one_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        segment_bytes: 2048,
+        ..Options::new(dir.path().to_owned())
+    };
+    let (log, _) = Log::open(options.clone()).unwrap();
+    for i in 0..40 {
+        let key = (i % 4 != 0).then(|| format!("k{}", i % 3));
+        log.append(vec![entry(
+            "a",
+            &format!("a{i}"),
+            key.as_deref(),
+            i % 7 == 6 && key.is_some(),
+        )])
+        .await
+        .unwrap();
+    }
+    let before = (
+        log.read("a", 0, 100, false).await.unwrap(),
+        log.read("a", 0, 100, true).await.unwrap(),
+    );
+    log.close();
+
+    let (log, _) = Log::open(options.clone()).unwrap();
+    assert_eq!(
+        log.recovery(),
+        Recovery {
+            from_checkpoint: true,
+            scanned_events: 0
+        }
+    );
+    let after = (
+        log.read("a", 0, 100, false).await.unwrap(),
+        log.read("a", 0, 100, true).await.unwrap(),
+    );
+    assert_eq!(seqs(&after.0), seqs(&before.0));
+    assert_eq!(
+        seqs(&after.1),
+        seqs(&before.1),
+        "the compaction index comes back too"
+    );
+    let dup = log
+        .append(vec![entry("a", "a3", None, false)])
+        .await
+        .unwrap();
+    assert!(dup[0].duplicate, "the idempotency window comes back too");
+    log.append(vec![entry("a", "a40", None, false)])
+        .await
+        .unwrap();
+    log.close();
+
+    // A damaged checkpoint is ignored; the segments rebuild the same index.
+    let path = checkpoint::path_of(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&path, &bytes).unwrap();
+    let (log, _) = Log::open(options).unwrap();
+    assert_eq!(
+        log.recovery(),
+        Recovery {
+            from_checkpoint: false,
+            scanned_events: 41
+        }
+    );
+    assert_eq!(log.head("a"), 41);
+    assert_eq!(
+        seqs(&log.read("a", 0, 100, true).await.unwrap()),
+        seqs(&before.1).into_iter().chain([41]).collect::<Vec<_>>()
+    );
+    log.close();
+}

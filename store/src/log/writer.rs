@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 
 use eventbus_model::{StoredEvent, with_seq};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
+use super::checkpoint;
 use super::dedupe::Dedupe;
 use super::index::Location;
 use super::record::{self, Record};
@@ -27,6 +28,9 @@ pub struct Job {
 pub struct Writer {
     pub shared: Arc<Shared>,
     pub segment_bytes: u64,
+    pub checkpoint_bytes: u64,
+    /// Log bytes written since the last checkpoint.
+    pub since_checkpoint: u64,
     pub active: u32,
     pub active_len: u64,
     pub file: File,
@@ -70,7 +74,29 @@ impl Writer {
                 return;
             }
         }
+        // A clean stop leaves a checkpoint, so the next start scans nothing.
+        if let Err(err) = self.checkpoint() {
+            warn!(cause = %err, "cannot write the index checkpoint; the next start rebuilds the index");
+        }
         debug!("log writer stopped");
+    }
+
+    fn checkpoint(&mut self) -> Result<(), LogError> {
+        let started = std::time::Instant::now();
+        let covered = checkpoint::Position {
+            segment: self.active,
+            offset: self.active_len,
+        };
+        {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            checkpoint::write(&self.shared.dir, &index, &self.dedupe, covered)?;
+        }
+        self.since_checkpoint = 0;
+        debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "index checkpoint written"
+        );
+        Ok(())
     }
 
     fn commit(&mut self, group: Vec<Job>, buf: &mut Vec<u8>) -> Result<(), LogError> {
@@ -138,6 +164,7 @@ impl Writer {
         }
         let base = self.active_len;
         self.active_len += buf.len() as u64;
+        self.since_checkpoint += buf.len() as u64;
 
         let mut committed = Vec::with_capacity(pending.len());
         {
@@ -170,6 +197,13 @@ impl Writer {
         }
         if !committed.is_empty() {
             let _ = self.committed.send(committed);
+        }
+        if self.since_checkpoint >= self.checkpoint_bytes
+            && let Err(err) = self.checkpoint()
+        {
+            // Only restart time suffers; the log itself is intact.
+            warn!(cause = %err, "cannot write the index checkpoint");
+            self.since_checkpoint = 0;
         }
         Ok(())
     }

@@ -1,0 +1,239 @@
+//! The index checkpoint: the whole in-memory state of the log (index, segment facts, idempotency
+//! window) as of a position in the log, so that a restart loads it and scans only the records
+//! written after it, instead of the whole log. It is an optimisation only: a missing, damaged or
+//! stale checkpoint is ignored and the index is rebuilt from the segments, which stay the truth.
+//!
+//! Layout (little endian): magic, covered position, channels, segments, window, then a CRC32C of
+//! everything before it. Written to a temporary file, fsync'd, renamed over the old one.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::dedupe::Dedupe;
+use super::index::{ChannelIndex, Index, Location, SegmentInfo};
+use super::{LogError, segments};
+
+const MAGIC: &[u8; 8] = b"EBCKPT01";
+
+pub fn path_of(dir: &Path) -> PathBuf {
+    dir.join("index.ckpt")
+}
+
+/// Where the checkpoint's knowledge ends: every record before this position is in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub segment: u32,
+    pub offset: u64,
+}
+
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, v: &str) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Writes the checkpoint durably.
+pub fn write(
+    dir: &Path,
+    index: &Index,
+    dedupe: &Dedupe,
+    covered: Position,
+) -> Result<(), LogError> {
+    let mut out = Out(Vec::with_capacity(
+        64 + index
+            .channels
+            .values()
+            .map(|c| c.locations.len() * 16)
+            .sum::<usize>(),
+    ));
+    out.0.extend_from_slice(MAGIC);
+    out.u32(covered.segment);
+    out.u64(covered.offset);
+
+    out.u64(index.channels.len() as u64);
+    for (name, channel) in &index.channels {
+        out.str(name);
+        out.u64(channel.first);
+        out.u64(channel.bytes);
+        out.u64(channel.locations.len() as u64);
+        for location in &channel.locations {
+            out.u32(location.segment);
+            out.u64(location.offset);
+            out.u32(location.len);
+        }
+        out.u64(channel.keys.len() as u64);
+        for (key, (seq, deleted)) in &channel.keys {
+            out.str(key);
+            out.u64(*seq);
+            out.u8(u8::from(*deleted));
+        }
+        // Keyless seqs are mostly long runs: store them as ranges.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &seq in &channel.keyless {
+            match runs.last_mut() {
+                Some((_, end)) if *end + 1 == seq => *end = seq,
+                _ => runs.push((seq, seq)),
+            }
+        }
+        out.u64(runs.len() as u64);
+        for (start, end) in runs {
+            out.u64(start);
+            out.u64(end);
+        }
+    }
+
+    out.u64(index.segments.len() as u64);
+    for (number, info) in &index.segments {
+        out.u32(*number);
+        out.u64(info.newest_ms);
+        out.u64(info.last_seq.len() as u64);
+        for (channel, seq) in &info.last_seq {
+            out.str(channel);
+            out.u64(*seq);
+        }
+    }
+
+    let remembered = dedupe.entries();
+    out.u64(remembered.len() as u64);
+    for (time, key, seq) in remembered {
+        out.u64(time);
+        out.str(&key);
+        out.u64(seq);
+    }
+    let crc = crc32c::crc32c(&out.0);
+    out.u32(crc);
+
+    let path = path_of(dir);
+    let tmp = dir.join(".index.ckpt.tmp");
+    let io = |err| LogError::io(&tmp, err);
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(&out.0).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(|err| LogError::io(&path, err))?;
+    segments::sync_dir(dir)
+}
+
+struct In<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let out = self.buf.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(out)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let len = self.u32()? as usize;
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+    /// A count of items each at least `min_size` bytes: refused if the rest cannot hold them, so
+    /// a damaged count cannot make us allocate wildly.
+    fn count(&mut self, min_size: usize) -> Option<usize> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        (n.checked_mul(min_size)? <= self.buf.len() - self.pos).then_some(n)
+    }
+}
+
+pub struct Loaded {
+    pub index: Index,
+    pub window: Vec<(u64, String, u64)>,
+    pub covered: Position,
+}
+
+/// Reads the checkpoint; `None` when there is none or it is damaged (the caller then rebuilds
+/// from the segments).
+pub fn read(dir: &Path) -> Option<Loaded> {
+    let bytes = std::fs::read(path_of(dir)).ok()?;
+    let body_len = bytes.len().checked_sub(4)?;
+    let crc = u32::from_le_bytes(bytes[body_len..].try_into().ok()?);
+    if crc32c::crc32c(&bytes[..body_len]) != crc {
+        return None;
+    }
+    let mut input = In {
+        buf: &bytes[..body_len],
+        pos: 0,
+    };
+    if input.take(8)? != MAGIC {
+        return None;
+    }
+    let covered = Position {
+        segment: input.u32()?,
+        offset: input.u64()?,
+    };
+    let mut index = Index::default();
+    for _ in 0..input.count(32)? {
+        let name = input.str()?.to_owned();
+        let mut channel = ChannelIndex::starting_at(input.u64()?);
+        channel.bytes = input.u64()?;
+        let n = input.count(16)?;
+        let mut locations = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            locations.push_back(Location {
+                segment: input.u32()?,
+                offset: input.u64()?,
+                len: input.u32()?,
+            });
+        }
+        channel.locations = locations;
+        let keys = input.count(13)?;
+        let mut map = HashMap::with_capacity(keys);
+        for _ in 0..keys {
+            let key = input.str()?.to_owned();
+            let seq = input.u64()?;
+            map.insert(key, (seq, input.u8()? != 0));
+        }
+        channel.keys = map;
+        for _ in 0..input.count(16)? {
+            let (start, end) = (input.u64()?, input.u64()?);
+            channel.keyless.extend(start..=end);
+        }
+        index.channels.insert(name, channel);
+    }
+    for _ in 0..input.count(20)? {
+        let number = input.u32()?;
+        let mut info = SegmentInfo {
+            newest_ms: input.u64()?,
+            last_seq: HashMap::new(),
+        };
+        for _ in 0..input.count(12)? {
+            let channel = input.str()?.to_owned();
+            info.last_seq.insert(channel, input.u64()?);
+        }
+        index.segments.insert(number, info);
+    }
+    let mut window = Vec::new();
+    for _ in 0..input.count(20)? {
+        let time = input.u64()?;
+        let key = input.str()?.to_owned();
+        window.push((time, key, input.u64()?));
+    }
+    (input.pos == input.buf.len()).then_some(Loaded {
+        index,
+        window,
+        covered,
+    })
+}
