@@ -14,7 +14,7 @@ pub struct Dedupe {
     order: VecDeque<(u64, Arc<str>, u64)>,
 }
 
-fn key(channel: &str, id: &str) -> String {
+pub fn key(channel: &str, id: &str) -> String {
     let mut key = String::with_capacity(channel.len() + id.len() + 1);
     key.push_str(channel);
     key.push('\n');
@@ -32,12 +32,22 @@ impl Dedupe {
         }
     }
 
+    #[cfg(test)]
     pub fn get(&self, channel: &str, id: &str) -> Option<u64> {
         self.seen.get(key(channel, id).as_str()).copied()
     }
 
     pub fn insert(&mut self, channel: &str, id: &str, seq: u64, time_ms: u64) {
-        let key: Arc<str> = Arc::from(key(channel, id));
+        self.insert_key(key(channel, id), seq, time_ms);
+    }
+
+    /// The seq remembered for a key made by [`key`].
+    pub fn get_key(&self, key: &str) -> Option<u64> {
+        self.seen.get(key).copied()
+    }
+
+    pub fn insert_key(&mut self, key: String, seq: u64, time_ms: u64) {
+        let key: Arc<str> = Arc::from(key);
         self.seen.insert(key.clone(), seq);
         self.order.push_back((time_ms, key, seq));
         while self.order.len() > self.max_ids {

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::checkpoint;
-use super::dedupe::Dedupe;
+use super::dedupe::{self, Dedupe};
 use super::index::Location;
 use super::record::{self, Record};
 use super::{Appended, Entry, LogError, Shared, now_ms, segments};
@@ -40,13 +40,11 @@ pub struct Writer {
 }
 
 struct Pending {
-    channel: String,
+    job: usize,
+    entry: usize,
     seq: u64,
     offset: usize,
     len: usize,
-    key: Option<String>,
-    deleted: bool,
-    body: bytes::Bytes,
 }
 
 impl Writer {
@@ -103,24 +101,28 @@ impl Writer {
         buf.clear();
         let time_ms = now_ms();
         self.dedupe.expire(time_ms);
+        // Per job, per entry: its seq and whether it was a duplicate. Strings stay in the entries
+        // and move into the answers at the end: nothing per event is cloned for bookkeeping.
+        let mut outcomes: Vec<Vec<(u64, bool)>> = Vec::with_capacity(group.len());
         let mut pending: Vec<Pending> = Vec::new();
-        let mut answers: Vec<Vec<Appended>> = Vec::with_capacity(group.len());
-        for job in &group {
-            let mut results = Vec::with_capacity(job.entries.len());
-            for entry in &job.entries {
-                let known = self.dedupe.get(&entry.channel, &entry.id);
-                if let Some(seq) = known {
-                    results.push(Appended {
-                        channel: entry.channel.clone(),
-                        id: entry.id.clone(),
-                        seq,
-                        duplicate: true,
-                    });
+        for (job_index, job) in group.iter().enumerate() {
+            let mut outcome = Vec::with_capacity(job.entries.len());
+            for (entry_index, entry) in job.entries.iter().enumerate() {
+                let dedupe_key = dedupe::key(&entry.channel, &entry.id);
+                if let Some(seq) = self.dedupe.get_key(&dedupe_key) {
+                    outcome.push((seq, true));
                     continue;
                 }
-                let head = self.heads.entry(entry.channel.clone()).or_insert(0);
-                *head += 1;
-                let seq = *head;
+                let seq = match self.heads.get_mut(&entry.channel) {
+                    Some(head) => {
+                        *head += 1;
+                        *head
+                    }
+                    None => {
+                        self.heads.insert(entry.channel.clone(), 1);
+                        1
+                    }
+                };
                 let offset = buf.len();
                 let len = record::encode(
                     &Record {
@@ -134,24 +136,17 @@ impl Writer {
                     },
                     buf,
                 );
-                self.dedupe.insert(&entry.channel, &entry.id, seq, time_ms);
+                self.dedupe.insert_key(dedupe_key, seq, time_ms);
                 pending.push(Pending {
-                    channel: entry.channel.clone(),
+                    job: job_index,
+                    entry: entry_index,
                     seq,
                     offset,
                     len,
-                    key: entry.key.clone(),
-                    deleted: entry.deleted,
-                    body: entry.body.clone(),
                 });
-                results.push(Appended {
-                    channel: entry.channel.clone(),
-                    id: entry.id.clone(),
-                    seq,
-                    duplicate: false,
-                });
+                outcome.push((seq, false));
             }
-            answers.push(results);
+            outcomes.push(outcome);
         }
 
         if !buf.is_empty()
@@ -166,33 +161,48 @@ impl Writer {
         self.active_len += buf.len() as u64;
         self.since_checkpoint += buf.len() as u64;
 
-        let mut committed = Vec::with_capacity(pending.len());
         {
             let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
             for p in &pending {
+                let entry = &group[p.job].entries[p.entry];
                 let location = Location {
                     segment: self.active,
                     offset: base + p.offset as u64,
                     len: p.len as u32,
                 };
                 index.add(
-                    &p.channel,
+                    &entry.channel,
                     p.seq,
                     location,
-                    p.key.as_deref(),
-                    p.deleted,
+                    entry.key.as_deref(),
+                    entry.deleted,
                     time_ms,
                 );
             }
         }
-        for p in pending {
-            committed.push(StoredEvent {
-                json: with_seq(&p.body, p.seq),
-                channel: p.channel,
-                seq: p.seq,
-            });
-        }
-        for (job, results) in group.into_iter().zip(answers) {
+        let committed: Vec<StoredEvent> = pending
+            .iter()
+            .map(|p| {
+                let entry = &group[p.job].entries[p.entry];
+                StoredEvent {
+                    channel: entry.channel.clone(),
+                    seq: p.seq,
+                    json: with_seq(&entry.body, p.seq),
+                }
+            })
+            .collect();
+        for (job, outcome) in group.into_iter().zip(outcomes) {
+            let results = job
+                .entries
+                .into_iter()
+                .zip(outcome)
+                .map(|(entry, (seq, duplicate))| Appended {
+                    channel: entry.channel,
+                    id: entry.id,
+                    seq,
+                    duplicate,
+                })
+                .collect();
             let _ = job.reply.send(Ok(results));
         }
         if !committed.is_empty() {
