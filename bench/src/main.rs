@@ -2,6 +2,7 @@
 //! and one JSON line, with every run and the median, so figures can be pasted into
 //! docs/benchmarks.md together with the exact command.
 
+mod jetstream;
 mod store;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
 enum Scenario {
     /// The log engine: durable batched and single appends, replay, compacted read, restart.
     Store(store::Args),
+    /// The same durable appends against NATS JetStream (file storage, sync always), for comparison.
+    Jetstream(jetstream::Args),
 }
 
 /// The median of some measurements (the mean of the two middle ones for an even count).
@@ -41,5 +44,6 @@ pub fn median(values: &[f64]) -> f64 {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Store(args) => store::run(args).await,
+        Scenario::Jetstream(args) => jetstream::run(args).await,
     }
 }

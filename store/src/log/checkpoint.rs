@@ -160,7 +160,7 @@ impl<'a> In<'a> {
 
 pub struct Loaded {
     pub index: Index,
-    pub window: Vec<(u64, String, u64)>,
+    pub window: Vec<(u64, std::sync::Arc<str>, u64)>,
     pub covered: Position,
 }
 
@@ -190,14 +190,14 @@ pub fn read(dir: &Path) -> Option<Loaded> {
         let mut channel = ChannelIndex::starting_at(input.u64()?);
         channel.bytes = input.u64()?;
         let n = input.count(16)?;
+        // The bulk of a checkpoint: decoded in one pass over fixed-size entries.
+        let raw = input.take(n * 16)?;
         let mut locations = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            locations.push_back(Location {
-                segment: input.u32()?,
-                offset: input.u64()?,
-                len: input.u32()?,
-            });
-        }
+        locations.extend(raw.chunks_exact(16).map(|c| Location {
+            segment: u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            offset: u64::from_le_bytes([c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]]),
+            len: u32::from_le_bytes([c[12], c[13], c[14], c[15]]),
+        }));
         channel.locations = locations;
         let keys = input.count(13)?;
         let mut map = HashMap::with_capacity(keys);
@@ -225,10 +225,11 @@ pub fn read(dir: &Path) -> Option<Loaded> {
         }
         index.segments.insert(number, info);
     }
-    let mut window = Vec::new();
-    for _ in 0..input.count(20)? {
+    let remembered = input.count(20)?;
+    let mut window = Vec::with_capacity(remembered);
+    for _ in 0..remembered {
         let time = input.u64()?;
-        let key = input.str()?.to_owned();
+        let key: std::sync::Arc<str> = std::sync::Arc::from(input.str()?);
         window.push((time, key, input.u64()?));
     }
     (input.pos == input.buf.len()).then_some(Loaded {

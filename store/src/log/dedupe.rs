@@ -8,8 +8,9 @@ use std::sync::Arc;
 pub struct Dedupe {
     window_ms: u64,
     max_ids: usize,
-    /// `channel \n id` → seq. Neither a channel nor an id can hold a newline.
-    seen: HashMap<Arc<str>, u64>,
+    /// `channel \n id` → seq. Neither a channel nor an id can hold a newline. foldhash: fast on
+    /// short strings and seeded per process, so publishers cannot aim collisions at it.
+    seen: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
     /// Insertion order, for forgetting the oldest: (commit time, key, seq).
     order: VecDeque<(u64, Arc<str>, u64)>,
 }
@@ -27,7 +28,7 @@ impl Dedupe {
         Self {
             window_ms,
             max_ids: max_ids.max(1),
-            seen: HashMap::new(),
+            seen: HashMap::with_hasher(foldhash::fast::RandomState::default()),
             order: VecDeque::new(),
         }
     }
@@ -85,9 +86,14 @@ impl Dedupe {
             .collect()
     }
 
+    /// Makes room for `n` more entries (a checkpoint being restored).
+    pub fn reserve(&mut self, n: usize) {
+        self.seen.reserve(n);
+        self.order.reserve(n);
+    }
+
     /// Remembers an entry read back from a checkpoint.
-    pub fn restore(&mut self, time_ms: u64, key: &str, seq: u64) {
-        let key: Arc<str> = Arc::from(key);
+    pub fn restore(&mut self, time_ms: u64, key: Arc<str>, seq: u64) {
         self.seen.insert(key.clone(), seq);
         self.order.push_back((time_ms, key, seq));
         while self.order.len() > self.max_ids {

@@ -188,8 +188,9 @@ impl Log {
         let from_checkpoint = loaded.is_some();
         let (mut index, start) = match loaded {
             Some(loaded) => {
-                for (time, key, seq) in &loaded.window {
-                    dedupe.restore(*time, key, *seq);
+                dedupe.reserve(loaded.window.len());
+                for (time, key, seq) in loaded.window {
+                    dedupe.restore(time, key, seq);
                 }
                 let mut index = loaded.index;
                 // Segments that retention deleted after the checkpoint was written are gone.
