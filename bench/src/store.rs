@@ -59,9 +59,9 @@ fn body(size: usize, n: u64) -> Bytes {
 
 /// One event. The store never parses bodies, so every event shares one body (a `Bytes` clone):
 /// the load generator must not cost more than what it measures.
-fn entry(template: &Bytes, n: u64, key: Option<String>) -> Entry {
+fn entry(channel: &str, template: &Bytes, n: u64, key: Option<String>) -> Entry {
     Entry {
-        channel: "bench.c".into(),
+        channel: channel.into(),
         id: format!("e{n}"),
         key,
         deleted: false,
@@ -88,6 +88,7 @@ fn close(log: Arc<Log>) {
 /// Appends `total` events from `appenders` tasks, `batch` at a time; returns events per second.
 async fn append_rate(
     log: &Arc<Log>,
+    channel: &'static str,
     total: u64,
     batch: usize,
     appenders: usize,
@@ -110,7 +111,14 @@ async fn append_rate(
                 }
                 let last = (first + batch as u64).min(total);
                 let entries = (first..last)
-                    .map(|n| entry(&template, n, (keys > 0).then(|| format!("k{}", n % keys))))
+                    .map(|n| {
+                        entry(
+                            channel,
+                            &template,
+                            n,
+                            (keys > 0).then(|| format!("k{}", n % keys)),
+                        )
+                    })
                     .collect();
                 log.append(entries).await?;
             }
@@ -151,6 +159,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         unit: "events/s",
         runs: vec![],
     };
+    let mut during_replay = Report {
+        name: "batched_while_replaying",
+        unit: "events/s",
+        runs: vec![],
+    };
     let mut compacted = Report {
         name: "compacted_read",
         unit: "ms",
@@ -162,6 +175,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         batched.runs.push(
             append_rate(
                 &log,
+                "bench.c",
                 args.events,
                 args.batch,
                 args.appenders,
@@ -208,6 +222,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         compacted
             .runs
             .push(started.elapsed().as_secs_f64() * 1000.0);
+
+        // Appends to another channel while a reader replays this one from the start, over and
+        // over: reads must not stall the writer.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (log, stop) = (log.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut read = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut after = 0;
+                    while let Some(last) =
+                        log.read("bench.c", after, 1000, false).await?.events.last()
+                    {
+                        after = last.seq;
+                        read += 1000;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                }
+                anyhow::Ok(read)
+            })
+        };
+        during_replay.runs.push(
+            append_rate(
+                &log,
+                "bench.other",
+                args.events / 2,
+                args.batch,
+                args.appenders,
+                args.size,
+                0,
+            )
+            .await?,
+        );
+        stop.store(true, Ordering::Relaxed);
+        reader.await??;
         close(log);
         std::fs::remove_dir_all(&dir)?;
 
@@ -216,6 +267,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         single.runs.push(
             append_rate(
                 &log,
+                "bench.c",
                 args.single_events,
                 1,
                 args.single_appenders,
@@ -227,12 +279,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         close(log);
         std::fs::remove_dir_all(&dir)?;
     }
-    reports.extend([batched, single, replay, compacted]);
+    reports.extend([batched, single, replay, compacted, during_replay]);
 
     if args.restart_events > 0 {
         let dir = fresh("restart", 0);
         let log = open(&dir)?;
-        append_rate(&log, args.restart_events, 1000, 4, args.size, 0).await?;
+        append_rate(&log, "bench.c", args.restart_events, 1000, 4, args.size, 0).await?;
         close(log);
         let mut restart = Report {
             name: "restart_to_ready",
