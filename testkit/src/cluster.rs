@@ -79,6 +79,20 @@ impl Cluster {
         store_url: Option<String>,
         tune: impl FnOnce(&mut eventbus_store::Config),
     ) -> Cluster {
+        Self::start_full(store_url, tune, false).await
+    }
+
+    /// A cluster whose store publishes to a backbone nobody listens to: the gateways hear only
+    /// what a test itself puts on NATS, so a test can lose backbone messages at will.
+    pub async fn start_with_detached_store() -> Cluster {
+        Self::start_full(None, |_| {}, true).await
+    }
+
+    async fn start_full(
+        store_url: Option<String>,
+        tune: impl FnOnce(&mut eventbus_store::Config),
+        detached_store: bool,
+    ) -> Cluster {
         let nats = NatsServer::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let shutdown = Shutdown::new();
@@ -89,7 +103,11 @@ impl Cluster {
             None => {
                 let listener = listener().await;
                 let url = format!("http://{}", listener.local_addr().expect("addr"));
-                let backbone = nats_backbone(&nats).await;
+                let backbone: Arc<dyn Backbone> = if detached_store {
+                    Arc::new(eventbus_router::InProcessBackbone::new())
+                } else {
+                    nats_backbone(&nats).await
+                };
                 let mut config = eventbus_store::Config::with_data(dir.path().join("store"));
                 tune(&mut config);
                 tasks.push(spawn(eventbus_store::run(
