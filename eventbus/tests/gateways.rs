@@ -219,3 +219,35 @@ async fn a_gap_on_the_backbone_is_refilled_from_the_store_before_anything_newer(
     assert_eq!(ws.recv().await["op"], "pong", "the duplicate 7 was dropped");
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_and_a_live_one_kept() {
+    let mut cluster = Cluster::start().await;
+    let gateway = cluster
+        .add_gateway_with(|config| config.ping_interval_s = 1)
+        .await;
+    let bus = cluster.endpoints.clone();
+    let service = bus.service_token().await;
+    let (mut live, _) = Ws::hello(&gateway, &service).await;
+    let (mut silent, _) = Ws::hello(&gateway, &service).await;
+    // The behaviour under test is about time: the silent peer does not read (so it answers no
+    // server ping) for over two ping intervals, while the live one keeps talking.
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(3500) {
+        live.send(json!({"op": "ping"})).await;
+        assert_eq!(live.recv().await["op"], "pong");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        silent.closed().await,
+        Closed::Dropped,
+        "the silent peer was dropped"
+    );
+    live.send(json!({"op": "ping"})).await;
+    assert_eq!(
+        live.recv().await["op"],
+        "pong",
+        "the live peer is still served"
+    );
+    cluster.stop().await;
+}

@@ -47,6 +47,13 @@ pub struct Config {
         default_value_t = 10
     )]
     pub hello_timeout_s: u64,
+    /// Seconds between server pings; a peer silent for two intervals is dropped.
+    #[arg(
+        long = "ping-interval-s",
+        env = "EVENTBUS_WS_PING_INTERVAL_S",
+        default_value_t = 25
+    )]
+    pub ping_interval_s: u64,
     /// Seconds given to connections to close at shutdown.
     #[arg(
         long = "grace-s",
@@ -73,6 +80,7 @@ impl Config {
             max_frame_bytes: 128 * 1024,
             max_event_bytes: 64 * 1024,
             hello_timeout_s: 10,
+            ping_interval_s: 25,
             grace_s: 10,
             dev: false,
             cors: Default::default(),

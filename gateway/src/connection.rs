@@ -134,6 +134,12 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         },
         None => None,
     };
+    // Heartbeats: a ping every interval; a peer not heard from for two intervals is gone (a dead
+    // network path never says so itself).
+    let mut heartbeat =
+        tokio::time::interval_at(Instant::now() + gw.ping_interval, gw.ping_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
     while ending.is_none() {
         let deadline = match &conn.verified {
             Some(v) => Instant::now() + Duration::from_secs(v.expires_at.saturating_sub(now_s())),
@@ -144,7 +150,18 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
             _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
             _ = slow.notified() => Err(slow_consumer()),
             _ = tokio::time::sleep_until(deadline) => Err(conn.expired().await),
-            message = stream.next() => conn.on_message(message).await,
+            message = stream.next() => {
+                last_heard = Instant::now();
+                conn.on_message(message).await
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > 2 * gw.ping_interval {
+                    debug!(connection = %conn.id, "peer silent for two ping intervals, dropped");
+                    Err(Ending::Gone)
+                } else {
+                    conn.ping().await
+                }
+            }
             Some(first) = live.recv() => conn.on_live_batch(first, &mut live).await,
             Some(answer) = answered.recv() => conn.send(answer.into()).await,
         };
@@ -172,6 +189,13 @@ impl Conn {
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), Ending> {
         tokio::select! {
             written = self.sink.feed(Message::Text(text)) => written.map_err(|_| Ending::Gone),
+            _ = self.slow.notified() => Err(slow_consumer()),
+        }
+    }
+
+    async fn ping(&mut self) -> Result<(), Ending> {
+        tokio::select! {
+            written = self.sink.feed(Message::Ping(bytes::Bytes::new())) => written.map_err(|_| Ending::Gone),
             _ = self.slow.notified() => Err(slow_consumer()),
         }
     }

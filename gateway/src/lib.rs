@@ -49,6 +49,7 @@ pub(crate) struct Gateway {
     queue_len: usize,
     max_frame_bytes: usize,
     hello_timeout: Duration,
+    ping_interval: Duration,
     id: String,
     next_connection: AtomicU64,
     shutdown: Shutdown,
@@ -100,6 +101,7 @@ pub fn service(
         queue_len: config.queue_len.max(1),
         max_frame_bytes: config.max_frame_bytes,
         hello_timeout: Duration::from_secs(config.hello_timeout_s),
+        ping_interval: Duration::from_secs(config.ping_interval_s.max(1)),
         id: config
             .id
             .clone()
