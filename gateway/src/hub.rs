@@ -231,3 +231,73 @@ async fn fan_out(
         "backbone feed ended"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventbus_model::StoredEvent;
+    use eventbus_router::InProcessBackbone;
+
+    fn mailbox() -> (Mailbox, mpsc::Receiver<Live>) {
+        let (tx, rx) = mpsc::channel(16);
+        (
+            Mailbox {
+                tx,
+                slow: Arc::new(Notify::new()),
+            },
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn interest_follows_local_subscribers() {
+        let backbone = InProcessBackbone::new();
+        let hub = Hub::new(Arc::new(backbone.clone()));
+        let (box_a, mut rx_a) = mailbox();
+        let (box_b, mut rx_b) = mailbox();
+        let a = hub.join("orders", None, 1, box_a).await.unwrap();
+        let b = hub.join("orders", None, 1, box_b).await.unwrap();
+        assert_eq!(
+            hub.topics(),
+            1,
+            "one backbone subscription per channel, however many subscribers"
+        );
+
+        let event = StoredEvent {
+            channel: "orders".into(),
+            seq: 1,
+            json: eventbus_model::with_seq(br#"{"id":"x"}"#, 1),
+        };
+        backbone.publish(&event).await.unwrap();
+        let (got_a, got_b) = (rx_a.recv().await.unwrap(), rx_b.recv().await.unwrap());
+        assert!(
+            Arc::ptr_eq(&got_a.delivery, &got_b.delivery),
+            "the frame is encoded once and shared"
+        );
+        assert_eq!(
+            got_a.delivery.frame.as_str(),
+            r#"{"op":"event","event":{"seq":1,"id":"x"}}"#
+        );
+
+        drop(a);
+        assert_eq!(hub.topics(), 1, "b still wants it");
+        backbone
+            .publish(&StoredEvent {
+                seq: 2,
+                ..event.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rx_b.recv().await.unwrap().delivery.seq,
+            2,
+            "b is still served after a left"
+        );
+        drop(b);
+        assert_eq!(
+            hub.topics(),
+            0,
+            "the last one out drops the backbone subscription"
+        );
+    }
+}
