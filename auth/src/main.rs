@@ -1,7 +1,5 @@
 //! `eventbus-auth`: the identity service as its own process.
 
-use eventbus_runtime::{Shutdown, telemetry};
-
 #[derive(clap::Parser)]
 #[command(
     name = "eventbus-auth",
@@ -15,14 +13,10 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
-    telemetry::init();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals();
-    let result = async {
+    eventbus_runtime::serve_main("auth", |shutdown| async move {
         let listener = eventbus_runtime::bind(cli.config.listen).await?;
         eventbus_auth::run(cli.config, listener, shutdown).await?;
-        anyhow::Ok(())
-    }
+        Ok(())
+    })
     .await;
-    eventbus_runtime::exit_on_error("auth", result);
 }

@@ -1,7 +1,6 @@
 //! `eventbus`: the all-in-one bus, and each service on its own.
 
 use clap::{Parser, Subcommand};
-use eventbus_runtime::{Shutdown, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -47,10 +46,7 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
-    telemetry::init();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals();
-    let result = async {
+    eventbus_runtime::serve_main("eventbus", |shutdown| async move {
         match cli.command {
             Command::Serve(config) => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
@@ -74,8 +70,7 @@ async fn main() {
                     .await?;
             }
         }
-        anyhow::Ok(())
-    }
+        Ok(())
+    })
     .await;
-    eventbus_runtime::exit_on_error("eventbus", result);
 }

@@ -1,7 +1,5 @@
 //! `eventbus-gateway`: the WebSocket endpoint as its own process.
 
-use eventbus_runtime::{Shutdown, telemetry};
-
 #[derive(clap::Parser)]
 #[command(name = "eventbus-gateway", about = "The eventbus WebSocket gateway")]
 struct Cli {
@@ -14,15 +12,11 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
-    telemetry::init();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals();
-    let result = async {
+    eventbus_runtime::serve_main("gateway", |shutdown| async move {
         let listener = eventbus_runtime::bind(cli.config.listen).await?;
         let backbone = cli.backbone.connect().await?;
         eventbus_gateway::run(cli.config, listener, backbone, shutdown).await?;
-        anyhow::Ok(())
-    }
+        Ok(())
+    })
     .await;
-    eventbus_runtime::exit_on_error("gateway", result);
 }

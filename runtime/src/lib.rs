@@ -140,3 +140,16 @@ pub fn exit_on_error(service: &str, result: anyhow::Result<()>) {
         std::process::exit(1);
     }
 }
+
+/// The body of every service binary's `main`: logging, SIGINT/SIGTERM as the shutdown signal, and
+/// a non-zero exit (with the cause logged) when `run` fails.
+pub async fn serve_main<F, Fut>(service: &str, run: F)
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    telemetry::init();
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    exit_on_error(service, run(shutdown).await);
+}

@@ -1,7 +1,5 @@
 //! `eventbus-store`: the durable event log as its own process.
 
-use eventbus_runtime::{Shutdown, telemetry};
-
 #[derive(clap::Parser)]
 #[command(
     name = "eventbus-store",
@@ -17,15 +15,11 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
-    telemetry::init();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals();
-    let result = async {
+    eventbus_runtime::serve_main("store", |shutdown| async move {
         let listener = eventbus_runtime::bind(cli.config.listen).await?;
         let backbone = cli.backbone.connect().await?;
         eventbus_store::run(cli.config, listener, backbone, shutdown).await?;
-        anyhow::Ok(())
-    }
+        Ok(())
+    })
     .await;
-    eventbus_runtime::exit_on_error("store", result);
 }
