@@ -1,0 +1,98 @@
+//! CloudEvents at the publishing edge: structured, batched and binary mode store the same event.
+
+use eventbus_testkit::Cluster;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn structured_batched_and_binary_mode_store_the_same_event() {
+    let cluster = Cluster::start().await;
+    let bus = cluster.endpoints.clone();
+    let service = bus.service_token().await;
+    let event = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "type": "com.example.order", "source": "ignored",
+               "channel": "ce", "subject": "order-1", "datacontenttype": "application/json",
+               "traceparent": "00-abc", "data": {"total": 42}})
+    };
+    let structured = bus
+        .api
+        .send(
+            bus.api
+                .post("/v1/events")
+                .bearer_auth(&service)
+                .header("content-type", "application/cloudevents+json")
+                .body(event("s").to_string()),
+        )
+        .await;
+    assert_eq!(structured.status, 200, "{}", structured.body);
+    let batched = bus
+        .api
+        .send(
+            bus.api
+                .post("/v1/events")
+                .bearer_auth(&service)
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(json!([event("b")]).to_string()),
+        )
+        .await;
+    assert_eq!(batched.status, 200, "{}", batched.body);
+    let binary = bus
+        .api
+        .send(
+            bus.api
+                .post("/v1/events")
+                .bearer_auth(&service)
+                .header("ce-specversion", "1.0")
+                .header("ce-id", "x")
+                .header("ce-type", "com.example.order")
+                .header("ce-source", "ignored")
+                .header("ce-channel", "ce")
+                .header("ce-subject", "order-1")
+                .header("ce-traceparent", "00-abc")
+                .header("content-type", "application/json")
+                .body(json!({"total": 42}).to_string()),
+        )
+        .await;
+    assert_eq!(binary.status, 200, "{}", binary.body);
+
+    let stored = bus.api.history(&service, "ce", "after=0").await.body["events"]
+        .as_array()
+        .expect("events")
+        .clone();
+    assert_eq!(stored.len(), 3);
+    // Apart from what differs by construction (id, seq, time), the three are the same event.
+    let normalised: Vec<Value> = stored
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            for field in ["id", "seq", "time"] {
+                e.as_object_mut().expect("object").remove(field);
+            }
+            e
+        })
+        .collect();
+    assert_eq!(normalised[0], normalised[1]);
+    assert_eq!(normalised[0], normalised[2]);
+    assert_eq!(
+        normalised[0]["source"], "billing",
+        "source is the publisher, in every mode"
+    );
+    assert_eq!(normalised[0]["traceparent"], "00-abc");
+    assert_eq!(normalised[0]["data"], json!({"total": 42}));
+
+    // Binary mode with a body that does not match its content type is refused.
+    let bad = bus
+        .api
+        .send(
+            bus.api
+                .post("/v1/events")
+                .bearer_auth(&service)
+                .header("ce-specversion", "1.0")
+                .header("ce-type", "t")
+                .header("ce-channel", "ce")
+                .header("content-type", "application/json")
+                .body("{not json"),
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    cluster.stop().await;
+}
