@@ -251,3 +251,36 @@ async fn a_silent_peer_is_dropped_and_a_live_one_kept() {
     );
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_tail_the_backbone_never_carried_still_arrives() {
+    // Nothing the store commits reaches NATS: only the gateway's tail check can deliver it.
+    let mut cluster = Cluster::start_with_detached_store().await;
+    let gateway = cluster
+        .add_gateway_with(|config| config.tail_check_s = 1)
+        .await;
+    let bus = cluster.endpoints.clone();
+    let service = bus.service_token().await;
+    let token = bus
+        .auth
+        .client_token(&service, "watcher", &["quiet"], &[])
+        .await;
+    let (mut ws, _) = Ws::hello(&gateway, &token).await;
+    let head = ws.subscribe(json!({"channel": "quiet"})).await["head"]
+        .as_u64()
+        .expect("head");
+    let batch: Vec<Value> = (0..3)
+        .map(|i| json!({"channel": "quiet", "type": "tick", "data": i}))
+        .collect();
+    assert_eq!(
+        bus.api.publish(&service, &Value::Array(batch)).await.status,
+        200
+    );
+    assert_eq!(
+        seqs(&ws.events(3).await),
+        vec![head + 1, head + 2, head + 3]
+    );
+    ws.send(json!({"op": "ping"})).await;
+    assert_eq!(ws.recv().await["op"], "pong", "each event once");
+    cluster.stop().await;
+}

@@ -54,6 +54,14 @@ pub struct Config {
         default_value_t = 25
     )]
     pub ping_interval_s: u64,
+    /// Seconds between comparisons of each carried channel's head with what arrived; an event whose
+    /// backbone message was lost is delivered from the store at the latest this long after.
+    #[arg(
+        long = "tail-check-s",
+        env = "EVENTBUS_GATEWAY_TAIL_CHECK_S",
+        default_value_t = 5
+    )]
+    pub tail_check_s: u64,
     /// Seconds given to connections to close at shutdown.
     #[arg(
         long = "grace-s",
@@ -81,6 +89,7 @@ impl Config {
             max_event_bytes: 64 * 1024,
             hello_timeout_s: 10,
             ping_interval_s: 25,
+            tail_check_s: 5,
             grace_s: 10,
             dev: false,
             cors: Default::default(),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use eventbus_model::event_frame;
+use eventbus_router::pattern::is_pattern;
 use eventbus_router::{Backbone, BackboneError};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -67,13 +68,19 @@ struct TopicKey {
     group: Option<String>,
 }
 
+type Members = Arc<RwLock<Arc<[Member]>>>;
+
 struct Topic {
-    members: Arc<RwLock<Arc<[Member]>>>,
+    members: Members,
+    /// Highest seq this gateway has offered on this topic (channel topics only).
+    last_seq: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
 struct Inner {
     backbone: Arc<dyn Backbone>,
+    /// For the tail check: channel heads and the events a lost backbone message stranded.
+    store: Option<eventbus_store::StoreClient>,
     topics: Mutex<HashMap<TopicKey, Topic>>,
     next_member: AtomicU64,
 }
@@ -118,9 +125,27 @@ impl Drop for Interest {
 
 impl Hub {
     pub fn new(backbone: Arc<dyn Backbone>) -> Self {
+        Self::build(backbone, None)
+    }
+
+    /// A hub that, every `interval`, compares the head of each channel it carries with what it has
+    /// offered, and delivers from the store what the backbone never brought. Without it, an event
+    /// whose backbone message was lost waits for the next event of its channel to reveal the gap.
+    pub fn with_tail_check(
+        backbone: Arc<dyn Backbone>,
+        store: eventbus_store::StoreClient,
+        interval: std::time::Duration,
+    ) -> Self {
+        let hub = Self::build(backbone, Some(store));
+        tokio::spawn(tail_check(Arc::downgrade(&hub.inner), interval));
+        hub
+    }
+
+    fn build(backbone: Arc<dyn Backbone>, store: Option<eventbus_store::StoreClient>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 backbone,
+                store,
                 topics: Mutex::new(HashMap::new()),
                 next_member: AtomicU64::new(1),
             }),
@@ -167,14 +192,33 @@ impl Hub {
             }
             // Subscribe outside the lock (it awaits), then install unless another join won the race.
             let feed = self.inner.backbone.subscribe(pattern, group).await?;
+            // Where the tail check starts: the head once the backbone feed is in place, since
+            // anything committed later either comes live or is found by the check. If the store
+            // cannot say, from the start: connections drop what they already have.
+            let baseline = match (&self.inner.store, group.is_none() && !is_pattern(pattern)) {
+                (Some(store), true) => store.head(pattern).await.unwrap_or(0),
+                _ => 0,
+            };
             let mut topics = self.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
             if topics.contains_key(&key) {
                 continue;
             }
-            let members: Arc<RwLock<Arc<[Member]>>> =
-                Arc::new(RwLock::new(Arc::from(vec![member.clone()])));
-            let task = tokio::spawn(fan_out(feed, members.clone(), group.is_some()));
-            topics.insert(key.clone(), Topic { members, task });
+            let members: Members = Arc::new(RwLock::new(Arc::from(vec![member.clone()])));
+            let last_seq = Arc::new(AtomicU64::new(baseline));
+            let task = tokio::spawn(fan_out(
+                feed,
+                members.clone(),
+                group.is_some(),
+                last_seq.clone(),
+            ));
+            topics.insert(
+                key.clone(),
+                Topic {
+                    members,
+                    last_seq,
+                    task,
+                },
+            );
             return Ok(Interest {
                 inner: self.inner.clone(),
                 key,
@@ -193,26 +237,44 @@ impl Hub {
     }
 }
 
-async fn fan_out(
-    mut feed: eventbus_router::Subscription,
-    members: Arc<RwLock<Arc<[Member]>>>,
-    is_group: bool,
-) {
-    let next_pick = AtomicUsize::new(0);
-    let delivered = AtomicU64::new(0);
-    while let Some(event) = feed.next().await {
-        let Ok(frame) = Utf8Bytes::try_from(event_frame(&event.json)) else {
-            warn!(channel = %event.channel, seq = event.seq, "event is not UTF-8, dropped");
-            continue;
-        };
-        let delivery = Arc::new(Delivery {
+/// One event as every connection receives it, or `None` when it cannot be a text frame.
+fn delivery_of(event: eventbus_model::StoredEvent) -> Option<Arc<Delivery>> {
+    match Utf8Bytes::try_from(event_frame(&event.json)) {
+        Ok(frame) => Some(Arc::new(Delivery {
             channel: event.channel,
             seq: event.seq,
             frame,
-        });
-        let snapshot = members.read().unwrap_or_else(|p| p.into_inner()).clone();
+        })),
+        Err(_) => {
+            warn!(channel = %event.channel, seq = event.seq, "event is not UTF-8, dropped");
+            None
+        }
+    }
+}
+
+fn offer_all(members: &Members, delivery: &Arc<Delivery>) {
+    let snapshot = members.read().unwrap_or_else(|p| p.into_inner()).clone();
+    for member in snapshot.iter() {
+        member.offer(delivery);
+    }
+}
+
+async fn fan_out(
+    mut feed: eventbus_router::Subscription,
+    members: Members,
+    is_group: bool,
+    last_seq: Arc<AtomicU64>,
+) {
+    let next_pick = AtomicUsize::new(0);
+    let mut delivered = 0u64;
+    while let Some(event) = feed.next().await {
+        let seq = event.seq;
+        let Some(delivery) = delivery_of(event) else {
+            continue;
+        };
         if is_group {
             // One member of the group: the next in turn whose queue has room.
+            let snapshot = members.read().unwrap_or_else(|p| p.into_inner()).clone();
             let start = next_pick.fetch_add(1, Ordering::Relaxed);
             for i in 0..snapshot.len() {
                 if snapshot[(start + i) % snapshot.len()].offer(&delivery) {
@@ -220,16 +282,70 @@ async fn fan_out(
                 }
             }
         } else {
-            for member in snapshot.iter() {
-                member.offer(&delivery);
+            offer_all(&members, &delivery);
+        }
+        last_seq.fetch_max(seq, Ordering::Relaxed);
+        delivered += 1;
+    }
+    debug!(events = delivered, "backbone feed ended");
+}
+
+/// The periodic tail check of [`Hub::with_tail_check`]. Connections drop what they already have, so
+/// offering an event twice (live and from here) is harmless.
+async fn tail_check(hub: std::sync::Weak<Inner>, interval: std::time::Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let (store, targets) = {
+            let Some(inner) = hub.upgrade() else {
+                return;
+            };
+            let Some(store) = inner.store.clone() else {
+                return;
+            };
+            let topics = inner.topics.lock().unwrap_or_else(|p| p.into_inner());
+            let targets: Vec<(String, Members, Arc<AtomicU64>)> = topics
+                .iter()
+                .filter(|(key, _)| key.group.is_none() && !is_pattern(&key.pattern))
+                .map(|(key, topic)| {
+                    (
+                        key.pattern.clone(),
+                        topic.members.clone(),
+                        topic.last_seq.clone(),
+                    )
+                })
+                .collect();
+            (store, targets)
+        };
+        for (channel, members, last_seq) in targets {
+            let Ok(head) = store.head(&channel).await else {
+                continue;
+            };
+            let mut after = last_seq.load(Ordering::Relaxed);
+            if head > after {
+                debug!(channel = %channel, from = after, to = head, "delivering a stranded tail from the store");
+            }
+            while after < head {
+                let Ok(page) = store
+                    .read(&channel, after, (head - after).min(1000) as u32, false)
+                    .await
+                else {
+                    break;
+                };
+                let Some(last) = page.events.last().map(|e| e.seq) else {
+                    break;
+                };
+                for event in page.events {
+                    if let Some(delivery) = delivery_of(event) {
+                        offer_all(&members, &delivery);
+                    }
+                }
+                after = last;
+                last_seq.fetch_max(last, Ordering::Relaxed);
             }
         }
-        delivered.fetch_add(1, Ordering::Relaxed);
     }
-    debug!(
-        events = delivered.load(Ordering::Relaxed),
-        "backbone feed ended"
-    );
 }
 
 #[cfg(test)]
