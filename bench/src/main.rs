@@ -4,6 +4,7 @@
 
 mod jetstream;
 mod store;
+mod store_grpc;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Scenario {
     /// The log engine: durable batched and single appends, replay, compacted read, restart.
     Store(store::Args),
+    /// Durable appends through the store's gRPC API, as ingest makes them.
+    StoreGrpc(store_grpc::Args),
     /// The same durable appends against NATS JetStream (file storage, sync always), for comparison.
     Jetstream(jetstream::Args),
 }
@@ -45,5 +48,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Store(args) => store::run(args).await,
         Scenario::Jetstream(args) => jetstream::run(args).await,
+        Scenario::StoreGrpc(args) => store_grpc::run(args).await,
     }
 }

@@ -73,7 +73,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let auth_listener = loopback().await?;
     let auth_url = format!("http://{}", auth_listener.local_addr()?);
     let auth_internal = tokio::spawn(
-        axum::serve(auth_listener, auth.internal)
+        axum::serve(eventbus_runtime::nodelay(auth_listener), auth.internal)
             .with_graceful_shutdown(shutdown.wait())
             .into_future(),
     );
@@ -124,7 +124,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
              -d '{{\"channel\":\"demo\",\"type\":\"greeting\",\"data\":{{\"text\":\"hello\"}}}}' http://{addr}/v1/events\n"
         );
     }
-    axum::serve(listener, app)
+    axum::serve(eventbus_runtime::nodelay(listener), app)
         .with_graceful_shutdown(shutdown.wait())
         .await?;
     gateway.drain.wait().await;

@@ -182,7 +182,7 @@ pub async fn run(
             ready_backbone.is_connected()
         }));
     info!(addr = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, app)
+    axum::serve(eventbus_runtime::nodelay(listener), app)
         .with_graceful_shutdown(shutdown.wait())
         .await?;
     service.drain.wait().await;

@@ -80,7 +80,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         .merge(eventbus_runtime::health_routes(|| true))
         .fallback(|| async { Problem::new(Kind::NotFound, "no such route") });
     info!(addr = %listener.local_addr()?, store = %config.store_url, "ingest listening");
-    axum::serve(listener, app)
+    axum::serve(eventbus_runtime::nodelay(listener), app)
         .with_graceful_shutdown(shutdown.wait())
         .await?;
     info!("ingest stopped");

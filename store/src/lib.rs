@@ -80,7 +80,7 @@ pub async fn run(
             ready_log.is_healthy()
         }));
     info!(addr = %listener.local_addr()?, data = %config.data.display(), "store listening");
-    axum::serve(listener, app)
+    axum::serve(eventbus_runtime::nodelay(listener), app)
         .with_graceful_shutdown(shutdown.wait())
         .await?;
 
