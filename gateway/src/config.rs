@@ -10,20 +10,8 @@ pub struct Config {
         default_value = "127.0.0.1:7004"
     )]
     pub listen: SocketAddr,
-    /// gRPC address of the store.
-    #[arg(
-        long = "store-url",
-        env = "EVENTBUS_STORE_URL",
-        default_value = "http://127.0.0.1:7001"
-    )]
-    pub store_url: String,
-    /// gRPC address of the auth service (for its signing keys).
-    #[arg(
-        long = "auth-url",
-        env = "EVENTBUS_AUTH_URL",
-        default_value = "http://127.0.0.1:7002"
-    )]
-    pub auth_url: String,
+    #[command(flatten)]
+    pub upstream: eventbus_runtime::upstream::Args,
     /// Name of this gateway in connection ids (random when unset).
     #[arg(long = "id", env = "EVENTBUS_GATEWAY_ID")]
     pub id: Option<String>,
@@ -81,8 +69,10 @@ impl Config {
     pub fn new(store_url: String, auth_url: String) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            store_url,
-            auth_url,
+            upstream: eventbus_runtime::upstream::Args {
+                store_url,
+                auth_url,
+            },
             id: None,
             queue_len: 2048,
             max_frame_bytes: 128 * 1024,

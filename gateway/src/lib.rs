@@ -90,15 +90,17 @@ pub fn service(
     shutdown: Shutdown,
 ) -> Result<Service, Error> {
     let connections = TaskTracker::new();
-    let store =
-        StoreClient::new(&config.store_url).map_err(|err| Error::Config(err.to_string()))?;
+    let store = StoreClient::new(&config.upstream.store_url)
+        .map_err(|err| Error::Config(err.to_string()))?;
     let gateway = Arc::new(Gateway {
         hub: hub::Hub::with_tail_check(
             backbone,
             store.clone(),
             Duration::from_secs(config.tail_check_s.max(1)),
         ),
-        verifier: Verifier::new(GrpcKeySource::new(&config.auth_url).map_err(Error::Config)?),
+        verifier: Verifier::new(
+            GrpcKeySource::new(&config.upstream.auth_url).map_err(Error::Config)?,
+        ),
         store,
         limits: Limits {
             max_event_bytes: config.max_event_bytes,

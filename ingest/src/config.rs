@@ -10,20 +10,8 @@ pub struct Config {
         default_value = "127.0.0.1:7003"
     )]
     pub listen: SocketAddr,
-    /// gRPC address of the store.
-    #[arg(
-        long = "store-url",
-        env = "EVENTBUS_STORE_URL",
-        default_value = "http://127.0.0.1:7001"
-    )]
-    pub store_url: String,
-    /// gRPC address of the auth service (for its signing keys).
-    #[arg(
-        long = "auth-url",
-        env = "EVENTBUS_AUTH_URL",
-        default_value = "http://127.0.0.1:7002"
-    )]
-    pub auth_url: String,
+    #[command(flatten)]
+    pub upstream: eventbus_runtime::upstream::Args,
     /// Largest event, serialized, in bytes; larger ones are refused with 413.
     #[arg(long = "max-event-bytes", env = "EVENTBUS_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
     pub max_event_bytes: usize,
@@ -49,8 +37,10 @@ impl Config {
     pub fn new(store_url: String, auth_url: String) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            store_url,
-            auth_url,
+            upstream: eventbus_runtime::upstream::Args {
+                store_url,
+                auth_url,
+            },
             max_event_bytes: 64 * 1024,
             max_batch_events: 1000,
             max_body_bytes: 4 * 1024 * 1024,

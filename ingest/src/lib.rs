@@ -54,8 +54,11 @@ impl Ingest {
 /// The public routes of ingest, for [`run`] and for the all-in-one listener.
 pub fn routes(config: &Config) -> Result<axum::Router, Error> {
     let ingest = Arc::new(Ingest {
-        verifier: Verifier::new(GrpcKeySource::new(&config.auth_url).map_err(Error::Config)?),
-        store: StoreClient::new(&config.store_url).map_err(|err| Error::Config(err.to_string()))?,
+        verifier: Verifier::new(
+            GrpcKeySource::new(&config.upstream.auth_url).map_err(Error::Config)?,
+        ),
+        store: StoreClient::new(&config.upstream.store_url)
+            .map_err(|err| Error::Config(err.to_string()))?,
         limits: Limits {
             max_event_bytes: config.max_event_bytes,
         },
@@ -79,7 +82,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let app = routes(&config)?
         .merge(eventbus_runtime::health_routes(|| true))
         .fallback(|| async { Problem::new(Kind::NotFound, "no such route") });
-    info!(addr = %listener.local_addr()?, store = %config.store_url, "ingest listening");
+    info!(addr = %listener.local_addr()?, store = %config.upstream.store_url, "ingest listening");
     axum::serve(eventbus_runtime::nodelay(listener), app)
         .with_graceful_shutdown(shutdown.wait())
         .await?;

@@ -11,6 +11,7 @@ pub mod backbone;
 pub mod cors;
 pub mod problem;
 pub mod telemetry;
+pub mod upstream;
 
 /// A shutdown signal that any number of tasks can wait on. Cloning is cheap.
 #[derive(Clone)]
