@@ -3,6 +3,7 @@
 //! docs/benchmarks.md together with the exact command.
 
 mod jetstream;
+mod load;
 mod store;
 mod store_grpc;
 
@@ -26,6 +27,18 @@ enum Scenario {
     StoreGrpc(store_grpc::Args),
     /// The same durable appends against NATS JetStream (file storage, sync always), for comparison.
     Jetstream(jetstream::Args),
+    /// Many WebSocket subscribers on one channel, events published at a set rate: deliveries/s,
+    /// loss and publish → deliver latency (`--target nats` runs the same against nats-server).
+    Fanout(load::fanout::FanoutArgs),
+    /// Light load latency: by default 100 subscribers × 100 events/s, one event per request.
+    Latency(load::fanout::LatencyArgs),
+    /// Durable publishes over HTTP from many concurrent publishers.
+    Ingest(load::ingest::Args),
+    /// Gateway memory per idle authenticated connection.
+    Idle(load::idle::Args),
+    /// A subscriber process (started by the scenarios above, not by hand).
+    #[command(hide = true)]
+    Worker(load::worker::Args),
 }
 
 /// The median of some measurements (the mean of the two middle ones for an even count).
@@ -43,9 +56,25 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().scenario {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A worker is one of several client processes sharing two cores with the server: one thread.
+    let runtime = match cli.scenario {
+        Scenario::Worker(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Runtime::new()?,
+    };
+    runtime.block_on(scenario(cli.scenario))
+}
+
+async fn scenario(scenario: Scenario) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::Fanout(args) => load::fanout::run(args, "fanout").await,
+        Scenario::Latency(args) => load::fanout::run(args.into(), "latency").await,
+        Scenario::Ingest(args) => load::ingest::run(args).await,
+        Scenario::Idle(args) => load::idle::run(args).await,
+        Scenario::Worker(args) => load::worker::run(args).await,
         Scenario::Store(args) => store::run(args).await,
         Scenario::Jetstream(args) => jetstream::run(args).await,
         Scenario::StoreGrpc(args) => store_grpc::run(args).await,

@@ -1,0 +1,424 @@
+//! A subscriber process of the load tool: opens many WebSocket connections, subscribes each, then
+//! checks and times every event it receives. The parent talks to it over stdin/stdout, so one
+//! scenario can spread its connections over several processes (one process may hold at most
+//! 20,000 open files here) and still merge one histogram.
+//!
+//! stdout: `ready <connections>`, then `progress <received> <closed>` every 200 ms, and
+//! `report <json>` after each `report` line on stdin (which also resets the counts). EOF on stdin
+//! ends the process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Target, now_ns};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[arg(long, value_enum)]
+    pub target: Target,
+    /// `ws://…/v1/ws?token=…` for eventbus, `ws://host:port` for NATS.
+    #[arg(long)]
+    pub ws_url: String,
+    #[arg(long)]
+    pub channel: String,
+    #[arg(long)]
+    pub connections: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 200)]
+    pub open_concurrency: usize,
+    /// Subscribe each connection (off: authenticated but idle).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub subscribe: bool,
+}
+
+/// What one worker saw since its last report.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct Report {
+    pub received: u64,
+    /// Events skipped within a connection (a later seq arrived first).
+    pub gaps: u64,
+    /// Events received twice or out of order.
+    pub duplicates: u64,
+    /// Connections the server closed, by close code.
+    pub closed: Vec<(u16, u64)>,
+    /// Unix ns of the last event received (0: none).
+    pub last_received_ns: u64,
+    /// publish → deliver in µs, HDR V2, base64.
+    pub histogram: String,
+}
+
+struct Totals {
+    received: AtomicU64,
+    gaps: AtomicU64,
+    duplicates: AtomicU64,
+    closed: AtomicU64,
+    last_received_ns: AtomicU64,
+    close_codes: Mutex<Vec<(u16, u64)>>,
+    histogram: Mutex<Histogram<u64>>,
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap())
+}
+
+pub fn encode(h: &Histogram<u64>) -> anyhow::Result<String> {
+    let mut bytes = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .map_err(|err| anyhow::anyhow!("histogram: {err:?}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+pub fn decode(text: &str) -> anyhow::Result<Histogram<u64>> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text)?;
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|err| anyhow::anyhow!("histogram: {err:?}"))
+}
+
+impl Totals {
+    fn record(&self, sent_ns: u64, now: u64) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.last_received_ns.fetch_max(now, Ordering::Relaxed);
+        let micros = now.saturating_sub(sent_ns) / 1000;
+        if let Ok(mut h) = self.histogram.lock() {
+            h.saturating_record(micros.max(1));
+        }
+    }
+
+    fn closed_with(&self, code: u16) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut codes) = self.close_codes.lock() {
+            match codes.iter_mut().find(|(c, _)| *c == code) {
+                Some((_, n)) => *n += 1,
+                None => codes.push((code, 1)),
+            }
+        }
+    }
+
+    fn take_report(&self) -> anyhow::Result<Report> {
+        let histogram = {
+            let mut h = self
+                .histogram
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let text = encode(&h)?;
+            h.reset();
+            text
+        };
+        let closed = std::mem::take(
+            &mut *self
+                .close_codes
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?,
+        );
+        Ok(Report {
+            received: self.received.swap(0, Ordering::Relaxed),
+            gaps: self.gaps.swap(0, Ordering::Relaxed),
+            duplicates: self.duplicates.swap(0, Ordering::Relaxed),
+            closed,
+            last_received_ns: self.last_received_ns.swap(0, Ordering::Relaxed),
+            histogram,
+        })
+    }
+}
+
+/// Reads a decimal number starting at `from` in `text`.
+fn number_at(text: &[u8], from: usize) -> Option<u64> {
+    let digits = text.get(from..)?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The sequence number and send time of a frame of the load tool: `"seq":` (eventbus, the
+/// store's number) or `"n":` (NATS, the publisher's count), and `"t":` in the event data.
+pub fn parse_payload(text: &[u8], counter: &[u8]) -> Option<(u64, u64)> {
+    let seq = number_at(text, find(text, counter)? + counter.len())?;
+    let t = number_at(text, find(text, b"\"t\":")? + 4)?;
+    Some((seq, t))
+}
+
+/// Tracks one connection's order: the next number it expects.
+struct Order {
+    last: u64,
+}
+
+impl Order {
+    fn see(&mut self, seq: u64, totals: &Totals) {
+        if seq > self.last + 1 {
+            totals
+                .gaps
+                .fetch_add(seq - self.last - 1, Ordering::Relaxed);
+        }
+        if seq <= self.last {
+            totals.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.last = seq;
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let totals = Arc::new(Totals {
+        received: AtomicU64::new(0),
+        gaps: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        last_received_ns: AtomicU64::new(0),
+        close_codes: Mutex::new(Vec::new()),
+        histogram: Mutex::new(new_histogram()),
+    });
+    let opening = Arc::new(Semaphore::new(args.open_concurrency.max(1)));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(1024);
+    for _ in 0..args.connections {
+        let args = args.clone();
+        let totals = totals.clone();
+        let opening = opening.clone();
+        let ready = ready_tx.clone();
+        tokio::spawn(async move {
+            let result = match args.target {
+                Target::Eventbus => eventbus_connection(&args, &totals, &opening, &ready).await,
+                Target::Nats => nats_connection(&args, &totals, &opening, &ready).await,
+            };
+            if let Err(err) = result {
+                let _ = ready.send(Err(err)).await;
+            }
+        });
+    }
+    drop(ready_tx);
+    let mut stdout = tokio::io::stdout();
+    let mut opened = 0;
+    while opened < args.connections {
+        match ready_rx.recv().await {
+            Some(Ok(())) => opened += 1,
+            Some(Err(err)) => bail!("a connection failed while opening: {err:#}"),
+            None => bail!("connections ended while opening"),
+        }
+    }
+    stdout
+        .write_all(format!("ready {opened}\n").as_bytes())
+        .await?;
+    stdout.flush().await?;
+
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            line = stdin.next_line() => match line? {
+                Some(line) if line.trim() == "report" => {
+                    let report = serde_json::to_string(&totals.take_report()?)?;
+                    stdout.write_all(format!("report {report}\n").as_bytes()).await?;
+                    stdout.flush().await?;
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            },
+            _ = tick.tick() => {
+                let line = format!(
+                    "progress {} {}\n",
+                    totals.received.load(Ordering::Relaxed),
+                    totals.closed.load(Ordering::Relaxed)
+                );
+                stdout.write_all(line.as_bytes()).await?;
+                stdout.flush().await?;
+            }
+            late = ready_rx.recv() => if let Some(Err(err)) = late {
+                eprintln!("worker: a connection failed: {err:#}");
+            },
+        }
+    }
+}
+
+async fn eventbus_connection(
+    args: &Args,
+    totals: &Totals,
+    opening: &Semaphore,
+    ready: &tokio::sync::mpsc::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let permit = opening.acquire().await?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
+        .await
+        .context("connecting")?;
+    let welcome = ws.next().await.context("closed before welcome")??;
+    if !welcome.to_text().unwrap_or("").contains("\"welcome\"") {
+        bail!("expected welcome, got {welcome:?}");
+    }
+    let mut order = Order { last: 0 };
+    if args.subscribe {
+        let subscribe = serde_json::json!({"op": "subscribe", "channel": args.channel});
+        ws.send(Message::text(subscribe.to_string())).await?;
+        let answer = ws.next().await.context("closed before subscribed")??;
+        let text = answer.to_text().unwrap_or("");
+        if !text.contains("\"subscribed\"") {
+            bail!("expected subscribed, got {text}");
+        }
+        order.last = number_at(
+            text.as_bytes(),
+            find(text.as_bytes(), b"\"head\":").unwrap_or(0) + 7,
+        )
+        .unwrap_or(0);
+    }
+    drop(permit);
+    ready.send(Ok(())).await?;
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) => {
+                let now = now_ns();
+                if let Some((seq, sent)) = parse_payload(text.as_bytes(), b"\"seq\":") {
+                    order.see(seq, totals);
+                    totals.record(sent, now);
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                totals.closed_with(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(_) => {
+                totals.closed_with(1006);
+                return Ok(());
+            }
+        }
+    }
+    totals.closed_with(1006);
+    Ok(())
+}
+
+/// A NATS client over WebSocket, as a browser would run one: the NATS text protocol in binary
+/// frames, a message possibly split across frames.
+async fn nats_connection(
+    args: &Args,
+    totals: &Totals,
+    opening: &Semaphore,
+    ready: &tokio::sync::mpsc::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let permit = opening.acquire().await?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
+        .await
+        .context("connecting")?;
+    let hello = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":false}}\r\n{}PING\r\n",
+        if args.subscribe {
+            format!("SUB {} 1\r\n", args.channel)
+        } else {
+            String::new()
+        }
+    );
+    ws.send(Message::binary(hello.into_bytes())).await?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
+    let mut order = Order { last: 0 };
+    let mut permit = Some(permit);
+    loop {
+        let Some(message) = ws.next().await else {
+            totals.closed_with(1006);
+            return Ok(());
+        };
+        let now = now_ns();
+        match message {
+            Ok(Message::Binary(bytes)) => buffer.extend_from_slice(&bytes),
+            Ok(Message::Text(text)) => buffer.extend_from_slice(text.as_bytes()),
+            Ok(Message::Close(frame)) => {
+                totals.closed_with(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                return Ok(());
+            }
+            Ok(_) => continue,
+            Err(_) => {
+                totals.closed_with(1006);
+                return Ok(());
+            }
+        }
+        let mut at = 0;
+        let mut pongs = 0;
+        while let Some(eol) = find(&buffer[at..], b"\r\n") {
+            let line = &buffer[at..at + eol];
+            if let Some(rest) = line.strip_prefix(b"MSG ") {
+                // MSG <subject> <sid> [reply] <len>
+                let len: usize = std::str::from_utf8(rest)
+                    .ok()
+                    .and_then(|r| r.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .context("bad MSG line")?;
+                let start = at + eol + 2;
+                if buffer.len() < start + len + 2 {
+                    break;
+                }
+                if let Some((n, sent)) = parse_payload(&buffer[start..start + len], b"\"n\":") {
+                    order.see(n, totals);
+                    totals.record(sent, now);
+                }
+                at = start + len + 2;
+                continue;
+            }
+            if line == b"PING" {
+                pongs += 1;
+            } else if line == b"PONG" {
+                if let Some(permit) = permit.take() {
+                    drop(permit);
+                    ready.send(Ok(())).await?;
+                }
+            } else if line.starts_with(b"-ERR") {
+                bail!("nats: {}", String::from_utf8_lossy(line));
+            }
+            at += eol + 2;
+        }
+        buffer.drain(..at);
+        for _ in 0..pongs {
+            ws.send(Message::binary(b"PONG\r\n".to_vec())).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_numbers_are_found() {
+        let frame =
+            br#"{"op":"event","event":{"seq":42,"id":"x","data":{"t":1700000000000000000}}}"#;
+        assert_eq!(
+            parse_payload(frame, b"\"seq\":"),
+            Some((42, 1_700_000_000_000_000_000))
+        );
+        assert_eq!(parse_payload(br#"{"n":7,"t":9}"#, b"\"n\":"), Some((7, 9)));
+        assert_eq!(parse_payload(br#"{"n":7}"#, b"\"n\":"), None);
+    }
+
+    #[test]
+    fn order_counts_gaps_and_duplicates() {
+        let totals = Totals {
+            received: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            last_received_ns: AtomicU64::new(0),
+            close_codes: Mutex::new(Vec::new()),
+            histogram: Mutex::new(new_histogram()),
+        };
+        let mut order = Order { last: 3 };
+        for seq in [4, 5, 8, 8, 6, 9] {
+            order.see(seq, &totals);
+        }
+        assert_eq!(totals.gaps.load(Ordering::Relaxed), 2);
+        assert_eq!(totals.duplicates.load(Ordering::Relaxed), 2);
+    }
+}
