@@ -19,7 +19,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::Gateway;
 use crate::frames::{self, FrameError, Request};
@@ -128,7 +128,7 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
 
     let mut ending = match pre_authenticated {
         // Everything fed must be flushed before waiting: a read does not reliably push it out.
-        Some(verified) => match conn.authenticate(verified, None).await {
+        Some(verified) => match Box::pin(conn.authenticate(verified, None)).await {
             Ok(()) => conn.flush().await.err(),
             Err(end) => Some(end),
         },
@@ -149,10 +149,12 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
             biased;
             _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
             _ = slow.notified() => Err(slow_consumer()),
-            _ = tokio::time::sleep_until(deadline) => Err(conn.expired().await),
+            _ = tokio::time::sleep_until(deadline) => Err(Box::pin(conn.expired()).await),
             message = stream.next() => {
                 last_heard = Instant::now();
-                conn.on_message(message).await
+                // Boxed: handling a request awaits store and auth calls whose futures are large,
+                // and inline they would sit in every idle connection's task for its whole life.
+                Box::pin(conn.on_message(message)).await
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > 2 * gw.ping_interval {
@@ -364,7 +366,7 @@ impl Conn {
             "connection": self.id,
             "expires_at": verified.expires_at,
         });
-        info!(connection = %self.id, identity = %verified.grant.identity, role = verified.grant.role.as_str(), "authenticated");
+        debug!(connection = %self.id, identity = %verified.grant.identity, role = verified.grant.role.as_str(), "authenticated");
         self.verified = Some(verified);
         self.send(frames::with_ref(welcome, reference).into())
             .await?;
@@ -706,7 +708,8 @@ impl Conn {
             (_, Some(last)) if delivery.seq <= last => return Ok(()),
             (Kind::Channel | Kind::Pattern, Some(last)) if delivery.seq > last + 1 => {
                 debug!(connection = %self.id, channel = %delivery.channel, from = last, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
-                self.refill(live.subscription, &delivery.channel, delivery.seq - 1)
+                // Boxed, like request handling: the store read is rare here and its future large.
+                Box::pin(self.refill(live.subscription, &delivery.channel, delivery.seq - 1))
                     .await?;
                 if !self.subs.contains_key(&live.subscription) {
                     return Ok(());
