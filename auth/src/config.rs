@@ -74,6 +74,17 @@ pub struct Config {
         default_value_t = 86_400
     )]
     pub max_ttl_s: u64,
+    /// Channels (patterns, comma separated) whose joins and leaves become events on
+    /// `presence.<channel>`; needs the store (`--store-url`).
+    #[arg(
+        long = "presence-events",
+        env = "EVENTBUS_PRESENCE_EVENTS",
+        value_delimiter = ','
+    )]
+    pub presence_events: Vec<String>,
+    /// gRPC address of the store, where presence events are written.
+    #[arg(long = "store-url", env = "EVENTBUS_STORE_URL")]
+    pub store_url: Option<String>,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -88,6 +99,8 @@ impl Config {
             dev: false,
             default_ttl_s: 3600,
             max_ttl_s: 86_400,
+            presence_events: Vec::new(),
+            store_url: None,
             cors: Default::default(),
         }
     }

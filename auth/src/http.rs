@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use eventbus_router::Role;
@@ -180,6 +180,50 @@ pub async fn issue(
     };
     info!(sub = %claims.sub, role = claims.role.as_str(), ttl_s, by, "token issued");
     issuer.mint(&claims).map(Json)
+}
+
+pub struct PresenceApi {
+    pub registry: crate::presence::Registry,
+    pub verifier: Verifier,
+}
+
+/// `GET /v1/presence/{channel}`: who is subscribed to a channel now, for whoever may read it.
+pub async fn presence(
+    State(api): State<Arc<PresenceApi>>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Problem> {
+    let token = bearer(&headers)
+        .ok_or_else(|| Problem::new(Kind::Unauthorized, "send a token as Bearer"))?;
+    let verified = api
+        .verifier
+        .verify(token)
+        .await
+        .map_err(|err| Problem::new(Kind::Unauthorized, err.to_string()))?;
+    if eventbus_router::pattern::is_pattern(&channel) {
+        return Err(invalid(
+            "channel",
+            "presence is kept per channel, not pattern",
+        ));
+    }
+    verified.grant.check_subscribe(&channel).map_err(|denied| {
+        let kind = match denied {
+            eventbus_router::Denied::InvalidChannel { .. } => Kind::InvalidRequest,
+            _ => Kind::Forbidden,
+        };
+        Problem::new(kind, denied.to_string())
+    })?;
+    let members = api.registry.members(&channel);
+    let connections: u32 = members.iter().map(|(_, n)| n).sum();
+    Ok(Json(json!({
+        "channel": channel,
+        "identities": members
+            .iter()
+            .map(|(identity, n)| json!({"identity": identity, "connections": n}))
+            .collect::<Vec<_>>(),
+        "count": members.len(),
+        "connections": connections,
+    })))
 }
 
 pub async fn jwks(State(issuer): State<Arc<Issuer>>) -> Json<jsonwebtoken::jwk::JwkSet> {

@@ -8,6 +8,7 @@ pub mod claims;
 pub mod config;
 mod http;
 pub mod keys;
+pub mod presence;
 pub mod verifier;
 
 use std::sync::Arc;
@@ -27,16 +28,27 @@ pub use verifier::{GrpcKeySource, KeySource, StaticKeys, Verifier};
 pub enum Error {
     #[error(transparent)]
     Keys(#[from] keys::KeyError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("server error: {0}")]
     Serve(#[from] std::io::Error),
 }
 
-struct KeyService {
+struct AuthService {
     ring: Arc<KeyRing>,
+    presence: presence::Registry,
 }
 
 #[tonic::async_trait]
-impl pb::auth_server::Auth for KeyService {
+impl pb::auth_server::Auth for AuthService {
+    async fn report_presence(
+        &self,
+        request: tonic::Request<pb::PresenceReport>,
+    ) -> Result<tonic::Response<pb::PresenceReply>, tonic::Status> {
+        self.presence.apply(request.into_inner());
+        Ok(tonic::Response::new(pb::PresenceReply {}))
+    }
+
     async fn get_keys(
         &self,
         _: tonic::Request<pb::GetKeysRequest>,
@@ -73,15 +85,43 @@ pub fn service(config: &Config) -> Result<Service, Error> {
         default_ttl_s: config.default_ttl_s,
         max_ttl_s: config.max_ttl_s,
     });
+    for pattern in &config.presence_events {
+        eventbus_router::validate_pattern(pattern).map_err(|err| {
+            Error::Config(format!("EVENTBUS_PRESENCE_EVENTS: {pattern:?}: {err}"))
+        })?;
+    }
+    let store = match (&config.store_url, config.presence_events.is_empty()) {
+        (Some(url), false) => Some(
+            eventbus_store::StoreClient::new(url).map_err(|err| Error::Config(err.to_string()))?,
+        ),
+        (None, false) => {
+            return Err(Error::Config(
+                "EVENTBUS_PRESENCE_EVENTS needs the store: set EVENTBUS_STORE_URL".into(),
+            ));
+        }
+        (_, true) => None,
+    };
+    let registry = presence::Registry::new(store, config.presence_events.clone());
+    let presence_api = Arc::new(http::PresenceApi {
+        registry: registry.clone(),
+        verifier: Verifier::new(StaticKeys(ring.jwks())),
+    });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
     let public = axum::Router::new()
         .route("/v1/tokens", post(http::issue))
         .route("/v1/jwks", get(http::jwks))
         .with_state(issuer)
+        .merge(
+            axum::Router::new()
+                .route("/v1/presence/{channel}", get(http::presence))
+                .with_state(presence_api),
+        )
         .layer(origins.layer());
-    let internal =
-        tonic::service::Routes::new(pb::auth_server::AuthServer::new(KeyService { ring }))
-            .into_axum_router();
+    let internal = tonic::service::Routes::new(pb::auth_server::AuthServer::new(AuthService {
+        ring,
+        presence: registry,
+    }))
+    .into_axum_router();
     Ok(Service { public, internal })
 }
 

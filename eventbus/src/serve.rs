@@ -31,6 +31,14 @@ pub struct Config {
     /// Service API keys, comma separated, each `name:secret`.
     #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<eventbus_auth::config::ApiKey>,
+    /// Channels (patterns, comma separated) whose joins and leaves become events on
+    /// `presence.<channel>`.
+    #[arg(
+        long = "presence-events",
+        env = "EVENTBUS_PRESENCE_EVENTS",
+        value_delimiter = ','
+    )]
+    pub presence_events: Vec<String>,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -42,6 +50,7 @@ impl Config {
             data,
             dev: false,
             api_keys: Vec::new(),
+            presence_events: Vec::new(),
             cors: Default::default(),
         }
     }
@@ -68,6 +77,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let mut auth_config = eventbus_auth::Config::with_keys_dir(config.data.join("auth"));
     auth_config.dev = config.dev;
     auth_config.api_keys = config.api_keys.clone();
+    auth_config.presence_events = config.presence_events.clone();
+    auth_config.store_url = Some(store_url.clone());
     auth_config.cors = config.cors.clone();
     let auth = eventbus_auth::service(&auth_config)?;
     let auth_listener = loopback().await?;

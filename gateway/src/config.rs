@@ -50,6 +50,14 @@ pub struct Config {
         default_value_t = 5
     )]
     pub tail_check_s: u64,
+    /// Presence entries of this gateway expire this many seconds after its last report (it
+    /// reports everything every third of that), so a gateway that dies leaves no ghosts for long.
+    #[arg(
+        long = "presence-ttl-s",
+        env = "EVENTBUS_PRESENCE_TTL_S",
+        default_value_t = 30
+    )]
+    pub presence_ttl_s: u64,
     /// Seconds given to connections to close at shutdown.
     #[arg(
         long = "grace-s",
@@ -80,6 +88,7 @@ impl Config {
             hello_timeout_s: 10,
             ping_interval_s: 25,
             tail_check_s: 5,
+            presence_ttl_s: 30,
             grace_s: 10,
             dev: false,
             cors: Default::default(),

@@ -78,6 +78,8 @@ struct Sub {
     /// Last seq delivered, per channel.
     delivered: HashMap<String, u64>,
     _interest: Interest,
+    /// Channel subscriptions count in presence until they end.
+    _presence: Option<eventbus_auth::presence::Membership>,
 }
 
 struct Conn {
@@ -531,6 +533,7 @@ impl Conn {
             kind,
             delivered: HashMap::new(),
             _interest: interest,
+            _presence: None,
         };
         let mut head = None;
         if kind == Kind::Channel {
@@ -560,6 +563,14 @@ impl Conn {
             }
             sub.delivered.insert(name.to_owned(), after.unwrap_or(now));
             head = Some(now);
+            // The implicit inbox subscription (not announced) is nobody's business.
+            if announce {
+                sub._presence = Some(self.gw.presence.join(eventbus_auth::presence::Entry {
+                    connection: self.id.clone(),
+                    identity: verified.grant.identity.clone(),
+                    channel: name.to_owned(),
+                }));
+            }
         }
         self.subs.insert(id, sub);
         self.by_name.insert(name.to_owned(), id);

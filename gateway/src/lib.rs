@@ -54,6 +54,7 @@ pub(crate) struct Gateway {
     hello_timeout: Duration,
     ping_interval: Duration,
     id: String,
+    presence: eventbus_auth::presence::Reporter,
     next_connection: AtomicU64,
     shutdown: Shutdown,
     connections: TaskTracker,
@@ -68,6 +69,7 @@ pub struct Service {
 pub struct Drain {
     connections: TaskTracker,
     grace: Duration,
+    presence: eventbus_auth::presence::Reporter,
 }
 
 impl Drain {
@@ -83,6 +85,8 @@ impl Drain {
                 "grace period over, dropping the remaining connections"
             );
         }
+        // The leaves of the closed connections reach auth now rather than at expiry.
+        self.presence.flush(Duration::from_secs(2)).await;
     }
 }
 
@@ -95,6 +99,16 @@ pub fn service(
     let connections = TaskTracker::new();
     let store = StoreClient::new(&config.upstream.store_url)
         .map_err(|err| Error::Config(err.to_string()))?;
+    let id = config
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned());
+    let presence = eventbus_auth::presence::Reporter::start(
+        &config.upstream.auth_url,
+        id.clone(),
+        Duration::from_secs(config.presence_ttl_s.max(1)),
+    )
+    .map_err(Error::Config)?;
     let gateway = Arc::new(Gateway {
         hub: hub::Hub::with_tail_check(
             backbone,
@@ -113,10 +127,8 @@ pub fn service(
         max_frame_bytes: config.max_frame_bytes,
         hello_timeout: Duration::from_secs(config.hello_timeout_s),
         ping_interval: Duration::from_secs(config.ping_interval_s.max(1)),
-        id: config
-            .id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()),
+        id,
+        presence: presence.clone(),
         next_connection: AtomicU64::new(1),
         shutdown,
         connections: connections.clone(),
@@ -129,6 +141,7 @@ pub fn service(
         drain: Drain {
             connections,
             grace: Duration::from_secs(config.grace_s),
+            presence,
         },
     })
 }

@@ -63,6 +63,21 @@ pub fn inbox_of(identity: &str) -> String {
     format!("{INBOX_PREFIX}{identity}")
 }
 
+/// Channels under this prefix carry the bus's own presence events: `presence.<channel>` says who
+/// joins and leaves `<channel>`. Nobody publishes there but the bus.
+pub const PRESENCE_PREFIX: &str = "presence.";
+
+/// The presence channel of `channel` (None when the name would be too long).
+pub fn presence_of(channel: &str) -> Option<String> {
+    let name = format!("{PRESENCE_PREFIX}{channel}");
+    validate_channel(&name).ok().map(|()| name)
+}
+
+/// The channel whose presence channel `channel` is, if it is one.
+pub fn presence_subject(channel: &str) -> Option<&str> {
+    channel.strip_prefix(PRESENCE_PREFIX)
+}
+
 /// The identity whose inbox `channel` is, if it is an inbox.
 pub fn inbox_owner(channel: &str) -> Option<&str> {
     channel
@@ -102,5 +117,16 @@ mod tests {
         assert_eq!(inbox_owner("inbox.alice"), Some("alice"));
         assert_eq!(inbox_owner("inbox.alice.x"), None);
         assert_eq!(inbox_owner("orders"), None);
+    }
+
+    #[test]
+    fn presence_channels() {
+        assert_eq!(
+            presence_of("chat.room-1").as_deref(),
+            Some("presence.chat.room-1")
+        );
+        assert_eq!(presence_of(&"a".repeat(128)), None);
+        assert_eq!(presence_subject("presence.chat"), Some("chat"));
+        assert_eq!(presence_subject("chat"), None);
     }
 }

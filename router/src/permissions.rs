@@ -1,6 +1,6 @@
 //! Who may receive or publish what (DESIGN §2, §6.4).
 
-use eventbus_model::names::{inbox_owner, validate_channel};
+use eventbus_model::names::{inbox_owner, presence_subject, validate_channel};
 use serde::{Deserialize, Serialize};
 
 use crate::pattern::{covers, is_pattern, matches, validate_pattern};
@@ -46,6 +46,8 @@ pub enum Denied {
     NotPublishable(String),
     #[error("only services may join queue groups")]
     GroupNotAllowed,
+    #[error("{0:?} is written by the bus itself (presence events)")]
+    Reserved(String),
 }
 
 impl Denied {
@@ -54,9 +56,10 @@ impl Denied {
         match self {
             Denied::InvalidChannel { .. } => "invalid_channel",
             Denied::PatternNotAllowed => "pattern_not_allowed",
-            Denied::ForeignInbox(_) | Denied::NotSubscribable(_) | Denied::NotPublishable(_) => {
-                "forbidden"
-            }
+            Denied::ForeignInbox(_)
+            | Denied::NotSubscribable(_)
+            | Denied::NotPublishable(_)
+            | Denied::Reserved(_) => "forbidden",
             Denied::GroupNotAllowed => "group_not_allowed",
         }
     }
@@ -100,14 +103,20 @@ impl Grant {
             .iter()
             .any(|allowed| matches(allowed, target))
         {
-            Ok(())
-        } else {
-            Err(Denied::NotSubscribable(target.to_owned()))
+            return Ok(());
+        }
+        // Who is in a channel is visible to whoever may read the channel.
+        match presence_subject(target) {
+            Some(subject) if self.check_subscribe(subject).is_ok() => Ok(()),
+            _ => Err(Denied::NotSubscribable(target.to_owned())),
         }
     }
 
     /// May the holder publish to `channel` (a concrete, already validated channel)?
     pub fn check_publish(&self, channel: &str) -> Result<(), Denied> {
+        if presence_subject(channel).is_some() {
+            return Err(Denied::Reserved(channel.to_owned()));
+        }
         if self.publish.iter().any(|allowed| matches(allowed, channel)) {
             Ok(())
         } else {
@@ -135,6 +144,25 @@ mod tests {
             subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
             publish: publish.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn presence_follows_the_channel_and_nobody_publishes_there() {
+        let client = grant(Role::Client, &["chat.*"], &["presence.>", "chat.*"]);
+        assert_eq!(client.check_subscribe("presence.chat.a"), Ok(()));
+        assert!(matches!(
+            client.check_subscribe("presence.orders"),
+            Err(Denied::NotSubscribable(_))
+        ));
+        assert_eq!(client.check_subscribe("presence.inbox.alice"), Ok(()));
+        assert!(client.check_subscribe("presence.inbox.bob").is_err());
+        assert!(matches!(
+            client.check_publish("presence.chat.a"),
+            Err(Denied::Reserved(_))
+        ));
+        let service = grant(Role::Service, &[">"], &[">"]);
+        assert!(service.check_publish("presence.chat").is_err());
+        assert_eq!(service.check_subscribe("presence.>"), Ok(()));
     }
 
     #[test]

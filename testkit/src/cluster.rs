@@ -15,6 +15,8 @@ use crate::http::Http;
 /// The API key the test clusters configure.
 pub const API_KEY_NAME: &str = "billing";
 pub const API_KEY_SECRET: &str = "billing-secret-0123456789";
+/// Channels whose joins and leaves the test clusters publish as presence events.
+pub const PRESENCE_EVENTS: &str = "rooms.>";
 
 /// Where a running bus answers, whatever its topology.
 #[derive(Clone)]
@@ -128,6 +130,8 @@ impl Cluster {
                 .parse()
                 .expect("api key"),
         ];
+        auth_config.presence_events = vec![PRESENCE_EVENTS.to_owned()];
+        auth_config.store_url = Some(store_url.clone());
         tasks.push(spawn(eventbus_auth::run(
             auth_config,
             auth_listener,
