@@ -13,8 +13,7 @@ use eventbus_auth::Verified;
 use eventbus_auth::claims::now_s;
 use eventbus_model::{EventError, event_frame};
 use eventbus_router::pattern::is_pattern;
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -85,7 +84,8 @@ struct Sub {
 struct Conn {
     gw: Arc<Gateway>,
     id: String,
-    sink: SplitSink<WebSocket, Message>,
+    /// One task owns the socket whole: no split halves and their lock on every write.
+    socket: WebSocket,
     verified: Option<Verified>,
     subs: HashMap<u64, Sub>,
     by_name: HashMap<String, u64>,
@@ -103,14 +103,13 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         gw.next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let (sink, mut stream) = socket.split();
     let (tx, mut live) = mpsc::channel(gw.queue_len);
     let slow = Arc::new(Notify::new());
     let (answers, mut answered) = mpsc::unbounded_channel();
     let mut conn = Conn {
         gw: gw.clone(),
         id: id.clone(),
-        sink,
+        socket,
         verified: None,
         subs: HashMap::new(),
         by_name: HashMap::new(),
@@ -142,17 +141,27 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         tokio::time::interval_at(Instant::now() + gw.ping_interval, gw.ping_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let timer = tokio::time::sleep_until(hello_deadline);
+    tokio::pin!(timer);
+    let mut timer_for = None;
     while ending.is_none() {
-        let deadline = match &conn.verified {
-            Some(v) => Instant::now() + Duration::from_secs(v.expires_at.saturating_sub(now_s())),
-            None => hello_deadline,
-        };
+        // One timer for the connection's life, moved only when the token changes: a fresh timer
+        // per wake-up would cost a timer-wheel insert and removal for every event delivered.
+        let expires_at = conn.verified.as_ref().map(|v| v.expires_at);
+        if expires_at != timer_for {
+            timer_for = expires_at;
+            let deadline = match expires_at {
+                Some(at) => Instant::now() + Duration::from_secs(at.saturating_sub(now_s())),
+                None => hello_deadline,
+            };
+            timer.as_mut().reset(deadline);
+        }
         let step = tokio::select! {
             biased;
             _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
             _ = slow.notified() => Err(slow_consumer()),
-            _ = tokio::time::sleep_until(deadline) => Err(Box::pin(conn.expired()).await),
-            message = stream.next() => {
+            _ = &mut timer => Err(Box::pin(conn.expired()).await),
+            message = conn.socket.recv() => {
                 last_heard = Instant::now();
                 // Boxed: handling a request awaits store and auth calls whose futures are large,
                 // and inline they would sit in every idle connection's task for its whole life.
@@ -182,7 +191,7 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
             reason: Utf8Bytes::from(reason),
         }));
         // A stalled peer cannot take even the close frame: give up after a moment.
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.sink.send(frame)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.socket.send(frame)).await;
     }
     debug!(connection = %id, "connection ended");
 }
@@ -192,21 +201,21 @@ impl Conn {
     // or a stalled peer would hold its connection (and its queue) for ever.
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), Ending> {
         tokio::select! {
-            written = self.sink.feed(Message::Text(text)) => written.map_err(|_| Ending::Gone),
+            written = self.socket.feed(Message::Text(text)) => written.map_err(|_| Ending::Gone),
             _ = self.slow.notified() => Err(slow_consumer()),
         }
     }
 
     async fn ping(&mut self) -> Result<(), Ending> {
         tokio::select! {
-            written = self.sink.feed(Message::Ping(bytes::Bytes::new())) => written.map_err(|_| Ending::Gone),
+            written = self.socket.feed(Message::Ping(bytes::Bytes::new())) => written.map_err(|_| Ending::Gone),
             _ = self.slow.notified() => Err(slow_consumer()),
         }
     }
 
     async fn flush(&mut self) -> Result<(), Ending> {
         tokio::select! {
-            flushed = self.sink.flush() => flushed.map_err(|_| Ending::Gone),
+            flushed = self.socket.flush() => flushed.map_err(|_| Ending::Gone),
             _ = self.slow.notified() => Err(slow_consumer()),
         }
     }
@@ -730,7 +739,12 @@ impl Conn {
         }
         self.send(delivery.frame.clone()).await?;
         if let Some(sub) = self.subs.get_mut(&live.subscription) {
-            sub.delivered.insert(delivery.channel.clone(), delivery.seq);
+            match sub.delivered.get_mut(&delivery.channel) {
+                Some(last) => *last = delivery.seq,
+                None => {
+                    sub.delivered.insert(delivery.channel.clone(), delivery.seq);
+                }
+            }
         }
         Ok(())
     }

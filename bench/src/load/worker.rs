@@ -157,6 +157,21 @@ pub fn parse_payload(text: &[u8], counter: &[u8]) -> Option<(u64, u64)> {
     Some((seq, t))
 }
 
+/// tungstenite zero-fills its whole read buffer (128 KiB by default) before every read: with
+/// thousands of connections that alone would make the client the bottleneck.
+async fn connect(
+    url: &str,
+) -> anyhow::Result<(
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024);
+    tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .context("connecting")
+}
+
 /// Tracks one connection's order: the next number it expects.
 struct Order {
     last: u64,
@@ -255,9 +270,7 @@ async fn eventbus_connection(
     ready: &tokio::sync::mpsc::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let permit = opening.acquire().await?;
-    let (mut ws, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
-        .await
-        .context("connecting")?;
+    let (mut ws, _) = connect(&args.ws_url).await?;
     let welcome = ws.next().await.context("closed before welcome")??;
     if !welcome.to_text().unwrap_or("").contains("\"welcome\"") {
         bail!("expected welcome, got {welcome:?}");
@@ -312,9 +325,7 @@ async fn nats_connection(
     ready: &tokio::sync::mpsc::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let permit = opening.acquire().await?;
-    let (mut ws, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
-        .await
-        .context("connecting")?;
+    let (mut ws, _) = connect(&args.ws_url).await?;
     let hello = format!(
         "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":false}}\r\n{}PING\r\n",
         if args.subscribe {
