@@ -92,7 +92,10 @@ struct Conn {
     next_sub: u64,
     mailbox: Mailbox,
     slow: Arc<Notify>,
-    answers: mpsc::UnboundedSender<String>,
+    /// Acks of publishes, answered by their own tasks. Made at the first publish: most
+    /// connections never publish, and a channel costs about 1 KiB.
+    answers: Option<mpsc::UnboundedSender<String>>,
+    answered: Option<mpsc::UnboundedReceiver<String>>,
     publishes: Arc<Semaphore>,
 }
 
@@ -105,7 +108,6 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
     );
     let (tx, mut live) = mpsc::channel(gw.queue_len);
     let slow = Arc::new(Notify::new());
-    let (answers, mut answered) = mpsc::unbounded_channel();
     let mut conn = Conn {
         gw: gw.clone(),
         id: id.clone(),
@@ -119,7 +121,8 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
             slow: slow.clone(),
         },
         slow: slow.clone(),
-        answers,
+        answers: None,
+        answered: None,
         publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
     };
     debug!(connection = %id, "connection opened");
@@ -176,7 +179,12 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
                 }
             }
             Some(first) = live.recv() => conn.on_live_batch(first, &mut live).await,
-            Some(answer) = answered.recv() => conn.send(answer.into()).await,
+            Some(answer) = async {
+                match conn.answered.as_mut() {
+                    Some(answered) => answered.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => conn.send(answer.into()).await,
         };
         let step = match step {
             Ok(()) => conn.flush().await,
@@ -461,7 +469,14 @@ impl Conn {
             return Err(Ending::Gone);
         };
         let store = self.gw.store.clone();
-        let answers = self.answers.clone();
+        let answers = match &self.answers {
+            Some(answers) => answers.clone(),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.answered = Some(rx);
+                self.answers.insert(tx).clone()
+            }
+        };
         let reference = reference.map(|r| r.to_owned());
         tokio::spawn(async move {
             let answer = match store.append(vec![accepted]).await {

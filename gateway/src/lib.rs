@@ -40,7 +40,7 @@ pub enum Error {
     Serve(#[from] std::io::Error),
 }
 
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+const READ_BUFFER_BYTES: usize = 1024;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 pub(crate) struct Gateway {
