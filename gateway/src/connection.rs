@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::Gateway;
 use crate::frames::{self, FrameError, Request};
 use crate::hub::{Interest, Live, Mailbox};
+use eventbus_runtime::metrics::metrics;
 
 /// Close codes of the protocol.
 pub mod close {
@@ -41,6 +42,22 @@ const MAX_WRITE_BATCH: usize = 256;
 const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
 /// Events asked of the store per read during catch-up and gap refill.
 const REFILL_PAGE: u64 = 1000;
+
+/// One unit of a gauge for as long as it lives.
+struct Counted(prometheus_client::metrics::gauge::Gauge);
+
+impl Counted {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// How a connection ends.
 enum Ending {
@@ -77,6 +94,7 @@ struct Sub {
     /// Last seq delivered, per channel.
     delivered: HashMap<String, u64>,
     _interest: Interest,
+    _counted: Counted,
     /// Channel subscriptions count in presence until they end.
     _presence: Option<eventbus_auth::presence::Membership>,
 }
@@ -126,6 +144,7 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
     };
     debug!(connection = %id, "connection opened");
+    let _open = Counted::new(&metrics().connections);
     let hello_deadline = Instant::now() + gw.hello_timeout;
     let shutdown = gw.shutdown.wait();
     tokio::pin!(shutdown);
@@ -193,6 +212,9 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         ending = step.err();
     }
     if let Some(Ending::Close(code, reason)) = ending {
+        if code == close::SLOW_CONSUMER {
+            metrics().slow_consumer_closes.inc();
+        }
         debug!(connection = %id, code, reason = %reason, "closing connection");
         let frame = Message::Close(Some(CloseFrame {
             code,
@@ -482,6 +504,12 @@ impl Conn {
             let answer = match store.append(vec![accepted]).await {
                 Ok(mut appended) if appended.len() == 1 => {
                     let a = appended.remove(0);
+                    let m = eventbus_runtime::metrics::metrics();
+                    if a.duplicate {
+                        m.duplicates.inc();
+                    } else {
+                        m.events_in.inc();
+                    }
                     json!({"op": "ack", "id": a.id, "channel": a.channel, "seq": a.seq, "duplicate": a.duplicate})
                 }
                 Ok(_) => {
@@ -557,6 +585,7 @@ impl Conn {
             kind,
             delivered: HashMap::new(),
             _interest: interest,
+            _counted: Counted::new(&metrics().subscriptions),
             _presence: None,
         };
         let mut head = None;
@@ -638,6 +667,7 @@ impl Conn {
             };
             for event in &page.events {
                 self.send(frame_of(&event.json)?).await?;
+                metrics().events_out.inc();
                 cursor = event.seq;
             }
             self.flush().await?;
@@ -683,6 +713,7 @@ impl Conn {
             for event in &page.events {
                 if event.seq == last + 1 && event.seq <= upto {
                     self.send(frame_of(&event.json)?).await?;
+                    metrics().events_out.inc();
                     last = event.seq;
                 }
             }
@@ -722,32 +753,40 @@ impl Conn {
         first: Live,
         queue: &mut mpsc::Receiver<Live>,
     ) -> Result<(), Ending> {
-        self.on_live(first).await?;
+        // Counted once per batch: a shared counter touched per frame would bounce between cores.
+        let mut sent = 0;
+        let mut outcome = self.on_live(first).await.map(|s| sent += u64::from(s));
         for _ in 1..MAX_WRITE_BATCH {
+            if outcome.is_err() {
+                break;
+            }
             match queue.try_recv() {
-                Ok(live) => self.on_live(live).await?,
+                Ok(live) => outcome = self.on_live(live).await.map(|s| sent += u64::from(s)),
                 Err(_) => break,
             }
         }
-        Ok(())
+        metrics().events_out.inc_by(sent);
+        outcome
     }
 
-    async fn on_live(&mut self, live: Live) -> Result<(), Ending> {
+    /// Delivers one live event; true when a frame was written (false: already delivered).
+    async fn on_live(&mut self, live: Live) -> Result<bool, Ending> {
         let Some(sub) = self.subs.get(&live.subscription) else {
             // A subscription that ended while its events were queued.
-            return Ok(());
+            return Ok(false);
         };
         let delivery = &live.delivery;
         let last = sub.delivered.get(&delivery.channel).copied();
         match (sub.kind, last) {
-            (_, Some(last)) if delivery.seq <= last => return Ok(()),
+            (_, Some(last)) if delivery.seq <= last => return Ok(false),
             (Kind::Channel | Kind::Pattern, Some(last)) if delivery.seq > last + 1 => {
                 debug!(connection = %self.id, channel = %delivery.channel, from = last, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
+                metrics().gap_refills.inc();
                 // Boxed, like request handling: the store read is rare here and its future large.
                 Box::pin(self.refill(live.subscription, &delivery.channel, delivery.seq - 1))
                     .await?;
                 if !self.subs.contains_key(&live.subscription) {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             _ => {}
@@ -761,7 +800,7 @@ impl Conn {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -118,6 +118,7 @@ impl Drop for Interest {
             && let Some(topic) = topics.remove(&self.key)
         {
             topic.task.abort();
+            eventbus_runtime::metrics::metrics().backbone_topics.dec();
             debug!(pattern = %self.key.pattern, "last local subscriber left, backbone interest dropped");
         }
     }
@@ -211,6 +212,7 @@ impl Hub {
                 group.is_some(),
                 last_seq.clone(),
             ));
+            eventbus_runtime::metrics::metrics().backbone_topics.inc();
             topics.insert(
                 key.clone(),
                 Topic {
@@ -338,6 +340,7 @@ async fn tail_check(hub: std::sync::Weak<Inner>, interval: std::time::Duration) 
                 };
                 for event in page.events {
                     if let Some(delivery) = delivery_of(event) {
+                        eventbus_runtime::metrics::metrics().tail_refills.inc();
                         offer_all(&members, &delivery);
                     }
                 }

@@ -198,11 +198,18 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     let ready_backbone = backbone.clone();
+    // Ready while NATS is connected and the store answers (catch-up and gap refill need it).
+    let probe_store = StoreClient::new(&config.upstream.store_url)
+        .map_err(|err| Error::Config(err.to_string()))?;
+    let store_up = eventbus_runtime::probe(Duration::from_secs(2), move || {
+        let store = probe_store.clone();
+        async move { store.head("readyz").await.is_ok() }
+    });
     let service = service(&config, backbone, shutdown.clone())?;
     let app = service
         .routes
         .merge(eventbus_runtime::health_routes(move || {
-            ready_backbone.is_connected()
+            ready_backbone.is_connected() && store_up.load(std::sync::atomic::Ordering::Relaxed)
         }));
     info!(addr = %listener.local_addr()?, "gateway listening");
     axum::serve(eventbus_runtime::nodelay(listener), app)

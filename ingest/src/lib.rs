@@ -79,8 +79,17 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
 
 /// Runs ingest on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    // Ready while the store answers: without it no publish can be made durable.
+    let store = eventbus_store::StoreClient::new(&config.upstream.store_url)
+        .map_err(|err| Error::Config(err.to_string()))?;
+    let store_up = eventbus_runtime::probe(std::time::Duration::from_secs(2), move || {
+        let store = store.clone();
+        async move { store.head("readyz").await.is_ok() }
+    });
     let app = routes(&config)?
-        .merge(eventbus_runtime::health_routes(|| true))
+        .merge(eventbus_runtime::health_routes(move || {
+            store_up.load(std::sync::atomic::Ordering::Relaxed)
+        }))
         .fallback(|| async { Problem::new(Kind::NotFound, "no such route") });
     info!(addr = %listener.local_addr()?, store = %config.upstream.store_url, "ingest listening");
     axum::serve(eventbus_runtime::nodelay(listener), app)

@@ -65,6 +65,15 @@ pub async fn publish(
     State(ingest): State<Arc<Ingest>>,
     request: Request,
 ) -> Result<Json<Value>, Problem> {
+    let started = std::time::Instant::now();
+    let answer = publish_durably(ingest, request).await;
+    eventbus_runtime::metrics::metrics()
+        .publish_seconds
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+async fn publish_durably(ingest: Arc<Ingest>, request: Request) -> Result<Json<Value>, Problem> {
     let verified = ingest.authenticate(request.headers()).await?;
     let binary = binary_mode::is_binary(request.headers());
     let media = media_type(&request);
@@ -130,6 +139,10 @@ pub async fn publish(
             })?;
     }
     let appended = ingest.store.append(events).await.map_err(store_problem)?;
+    let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
+    let m = eventbus_runtime::metrics::metrics();
+    m.events_in.inc_by(appended.len() as u64 - duplicates);
+    m.duplicates.inc_by(duplicates);
     Ok(Json(json!({
         "events": appended
             .into_iter()

@@ -145,14 +145,35 @@ pub struct NatsBackbone {
 impl NatsBackbone {
     /// Connects to NATS; keeps reconnecting in the background if the connection is lost later.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BackboneError> {
+        Self::connect_with(url, prefix, Arc::new(|| {})).await
+    }
+
+    /// As [`NatsBackbone::connect`], calling `on_reconnect` each time the connection comes back.
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        on_reconnect: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Self, BackboneError> {
+        let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
             .name("eventbus")
             .retry_on_initial_connect()
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => warn!("nats disconnected"),
-                    async_nats::Event::Connected => debug!("nats connected"),
-                    other => debug!(event = %other, "nats event"),
+            .event_callback(move |event| {
+                let (on_reconnect, connected_before) =
+                    (on_reconnect.clone(), connected_before.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => warn!("nats disconnected"),
+                        async_nats::Event::Connected => {
+                            if connected_before.swap(true, Ordering::Relaxed) {
+                                warn!("nats connected again");
+                                on_reconnect();
+                            } else {
+                                debug!("nats connected");
+                            }
+                        }
+                        other => debug!(event = %other, "nats event"),
+                    }
                 }
             })
             .connect(url)

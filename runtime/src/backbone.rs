@@ -21,7 +21,14 @@ pub struct Args {
 
 impl Args {
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn Backbone>> {
-        let nats = NatsBackbone::connect(&self.nats_url, &self.subject_prefix).await?;
+        let nats = NatsBackbone::connect_with(
+            &self.nats_url,
+            &self.subject_prefix,
+            std::sync::Arc::new(|| {
+                crate::metrics::metrics().backbone_reconnects.inc();
+            }),
+        )
+        .await?;
         Ok(Arc::new(nats))
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 pub mod backbone;
 pub mod cors;
+pub mod metrics;
 pub mod problem;
 pub mod telemetry;
 pub mod upstream;
@@ -90,7 +91,37 @@ async fn wait_for_signal() {
 /// Exit code for a bad configuration (EX_USAGE), so supervisors can tell it from a crash.
 pub const EXIT_CONFIG: i32 = 64;
 
-/// `GET /healthz` (alive) and `GET /readyz` (ready when `ready()` says so).
+/// A readiness flag that a background task keeps up to date by running `check` every `interval`
+/// (readiness endpoints must answer at once, and a dependency's answer can take seconds). The task
+/// ends when the flag is dropped.
+pub fn probe<F, Fut>(
+    interval: std::time::Duration,
+    check: F,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    let weak = std::sync::Arc::downgrade(&flag);
+    tokio::spawn(async move {
+        loop {
+            let ok = tokio::time::timeout(interval, check())
+                .await
+                .unwrap_or(false);
+            let Some(flag) = weak.upgrade() else { return };
+            if flag.swap(ok, Ordering::Relaxed) != ok {
+                tracing::info!(ready = ok, "readiness changed");
+            }
+            drop(flag);
+            tokio::time::sleep(interval).await;
+        }
+    });
+    flag
+}
+
+/// `GET /healthz` (alive), `GET /readyz` (ready when `ready()` says so) and `GET /metrics`.
 pub fn health_routes<S>(ready: impl Fn() -> bool + Clone + Send + Sync + 'static) -> axum::Router<S>
 where
     S: Clone + Send + Sync + 'static,
@@ -99,6 +130,15 @@ where
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                    metrics::metrics().encode(),
+                )
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -157,6 +157,11 @@ impl Writer {
             }
             return Err(err);
         }
+        if !pending.is_empty() {
+            let m = eventbus_runtime::metrics::metrics();
+            m.store_appended.inc_by(pending.len() as u64);
+            m.store_batch_events.observe(pending.len() as f64);
+        }
         let base = self.active_len;
         self.active_len += buf.len() as u64;
         self.since_checkpoint += buf.len() as u64;
@@ -226,9 +231,15 @@ impl Writer {
         self.file
             .write_all(buf)
             .map_err(|err| LogError::io(&path, err))?;
-        self.file
+        let started = std::time::Instant::now();
+        let synced = self
+            .file
             .sync_data()
-            .map_err(|err| LogError::io(&path, err))
+            .map_err(|err| LogError::io(&path, err));
+        eventbus_runtime::metrics::metrics()
+            .store_fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        synced
     }
 
     /// Seals the active segment (already durable) and begins the next one.
