@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. The integration tests start real nats-server processes, so
-# nats-server must be on PATH: installed here from Debian's package when it is missing.
+# Runs every test of the workspace, after validating the deployment files. The integration tests
+# start real nats-server processes, so nats-server must be on PATH: installed here from Debian's
+# package when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,9 @@ fi
 # Debian installs it under /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin"
 command -v nats-server >/dev/null || { echo "nats-server could not be installed" >&2; exit 1; }
+
+# The deployment files (compose, Kubernetes) against their schemas; tools from PyPI, cached.
+./deploy/validate.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -6,4 +6,5 @@
 //! public endpoint on one port. No service knows which way it runs.
 #![forbid(unsafe_code)]
 
+pub mod probe;
 pub mod serve;

@@ -34,6 +34,13 @@ enum Command {
         #[command(flatten)]
         config: eventbus_ingest::Config,
     },
+    /// Exits 0 when URL answers 2xx (for container healthchecks: `eventbus probe http://127.0.0.1:7003/readyz`).
+    Probe {
+        url: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_s: u64,
+    },
     /// The WebSocket gateway.
     Gateway {
         #[command(flatten)]
@@ -46,6 +53,15 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
+    if let Command::Probe { url, timeout_s } = &cli.command {
+        match eventbus::probe::probe(url, std::time::Duration::from_secs(*timeout_s)).await {
+            Ok(_) => std::process::exit(0),
+            Err(why) => {
+                eprintln!("probe failed: {why}");
+                std::process::exit(1);
+            }
+        }
+    }
     eventbus_runtime::serve_main("eventbus", |shutdown| async move {
         match cli.command {
             Command::Serve(config) => {
@@ -64,6 +80,7 @@ async fn main() {
                 let listener = eventbus_runtime::bind(config.listen).await?;
                 eventbus_ingest::run(config, listener, shutdown).await?;
             }
+            Command::Probe { .. } => {}
             Command::Gateway { config, backbone } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
                 eventbus_gateway::run(config, listener, backbone.connect().await?, shutdown)
