@@ -81,6 +81,11 @@ async fn metrics_follow_real_traffic() {
         "{after}"
     );
     assert!(delta("eventbus_publish_seconds_count") >= 2.0, "{after}");
+    // The commit time travelled in a NATS header to the gateway.
+    assert!(
+        delta("eventbus_delivery_lag_seconds_count") >= 3.0,
+        "{after}"
+    );
     assert!(
         sample(&after, "eventbus_gateway_connections") >= 1.0,
         "{after}"

@@ -271,6 +271,14 @@ async fn fan_out(
     let mut delivered = 0u64;
     while let Some(event) = feed.next().await {
         let seq = event.seq;
+        if event.committed_ms > 0 {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            eventbus_runtime::metrics::metrics()
+                .delivery_lag_seconds
+                .observe(now_ms.saturating_sub(event.committed_ms) as f64 / 1000.0);
+        }
         let Some(delivery) = delivery_of(event) else {
             continue;
         };
@@ -386,6 +394,7 @@ mod tests {
             channel: "orders".into(),
             seq: 1,
             json: eventbus_model::with_seq(br#"{"id":"x"}"#, 1),
+            committed_ms: 0,
         };
         backbone.publish(&event).await.unwrap();
         let (got_a, got_b) = (rx_a.recv().await.unwrap(), rx_b.recv().await.unwrap());

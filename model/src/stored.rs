@@ -12,6 +12,8 @@ pub struct StoredEvent {
     pub seq: u64,
     /// The event's JSON object, `{"seq":N,...}`.
     pub json: Bytes,
+    /// Unix ms at which the store committed it, on the live path (0 when read back from the log).
+    pub committed_ms: u64,
 }
 
 /// `{"seq":N,` followed by the body without its opening brace.

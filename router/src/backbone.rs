@@ -135,6 +135,17 @@ fn deliver(member: &Member, event: &StoredEvent) {
     }
 }
 
+/// NATS header with the store's commit time (Unix ms), so gateways can report delivery lag.
+const COMMITTED_HEADER: &str = "Eventbus-Committed-Ms";
+
+fn committed_header(committed_ms: u64) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if committed_ms > 0 {
+        headers.insert(COMMITTED_HEADER, committed_ms.to_string().as_str());
+    }
+    headers
+}
+
 /// The production backbone: NATS core subjects, one per channel.
 #[derive(Clone)]
 pub struct NatsBackbone {
@@ -193,8 +204,9 @@ impl NatsBackbone {
 impl Backbone for NatsBackbone {
     async fn publish(&self, event: &StoredEvent) -> Result<(), BackboneError> {
         self.client
-            .publish(
+            .publish_with_headers(
                 subject::for_channel(&self.prefix, &event.channel),
+                committed_header(event.committed_ms),
                 event.json.clone(),
             )
             .await
@@ -219,6 +231,12 @@ impl Backbone for NatsBackbone {
                     channel: channel.to_owned(),
                     seq,
                     json: message.payload.clone(),
+                    committed_ms: message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(COMMITTED_HEADER))
+                        .and_then(|v| v.as_str().parse().ok())
+                        .unwrap_or(0),
                 })
             });
             if decoded.is_none() {
@@ -245,6 +263,7 @@ mod tests {
             channel: channel.into(),
             seq,
             json: eventbus_model::with_seq(b"{}", seq),
+            committed_ms: 0,
         }
     }
 

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// `POST /v1/events` time to answer, seconds.
     pub publish_seconds: Histogram,
+    /// From the store's commit of an event to its hand-off to a gateway's connections, seconds.
+    pub delivery_lag_seconds: Histogram,
     /// Event frames written to WebSocket connections.
     pub events_out: Counter,
     pub connections: Gauge,
@@ -45,6 +47,7 @@ impl Metrics {
             events_in: Counter::default(),
             duplicates: Counter::default(),
             publish_seconds: seconds(),
+            delivery_lag_seconds: seconds(),
             events_out: Counter::default(),
             connections: Gauge::default(),
             subscriptions: Gauge::default(),
@@ -73,6 +76,11 @@ impl Metrics {
             "publish_seconds",
             "Time to answer POST /v1/events (fsync included)",
             m.publish_seconds.clone(),
+        );
+        r.register(
+            "delivery_lag_seconds",
+            "From the store's commit of an event to its hand-off to a gateway's connections (clocks of two hosts: NTP skew included)",
+            m.delivery_lag_seconds.clone(),
         );
         r.register(
             "events_out",

@@ -149,6 +149,7 @@ impl StoreClient {
                     channel: channel.to_owned(),
                     seq: e.seq,
                     json: e.json,
+                    committed_ms: 0,
                 })
                 .collect(),
         })

@@ -572,6 +572,7 @@ impl Shared {
                     channel: channel.to_owned(),
                     seq,
                     json: with_seq(record.body, seq),
+                    committed_ms: 0,
                 });
                 pos += len;
             }

@@ -193,6 +193,7 @@ impl Writer {
                     channel: entry.channel.clone(),
                     seq: p.seq,
                     json: with_seq(&entry.body, p.seq),
+                    committed_ms: time_ms,
                 }
             })
             .collect();
