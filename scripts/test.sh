@@ -24,7 +24,22 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+
+# The browser client: its logic under Node's test runner, then the demo in a real Chromium against
+# the eventbus binary the cargo tests just built.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "chromium is missing; installing Debian's chromium package" >&2
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+(cd web && npm ci --no-audit --no-fund --silent)
+node --test web/test/ 2>&1 | tee -a "$log" | grep -E "^# (pass|fail)" || status=1
+EVENTBUS_BIN="$PWD/target/debug/eventbus" node --test web/browser-test/ 2>&1 | tee -a "$log" \
+  | grep -E "^(not )?ok|^# (pass|fail)" || status=1
 # One closing line for the whole workspace, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     /^# pass / { p += $3 } /^# fail / { f += $3 }
      END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -32,11 +32,12 @@ pub struct Config {
     #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<eventbus_auth::config::ApiKey>,
     /// Channels (patterns, comma separated) whose joins and leaves become events on
-    /// `presence.<channel>`.
+    /// `presence.<channel>` (the demo page's channels by default).
     #[arg(
         long = "presence-events",
         env = "EVENTBUS_PRESENCE_EVENTS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        default_value = "demo.>"
     )]
     pub presence_events: Vec<String>,
     #[command(flatten)]
@@ -50,7 +51,7 @@ impl Config {
             data,
             dev: false,
             api_keys: Vec::new(),
-            presence_events: Vec::new(),
+            presence_events: vec!["demo.>".to_owned()],
             cors: Default::default(),
         }
     }
@@ -115,6 +116,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             "/",
             get(|| async { Html(include_str!("../demo/index.html")) }),
         )
+        .route(
+            "/eventbus.js",
+            get(|| async { javascript(include_str!("../../web/eventbus.js")) }),
+        )
+        .route(
+            "/eventbus-dom.js",
+            get(|| async { javascript(include_str!("../../web/eventbus-dom.js")) }),
+        )
         .fallback(|| async {
             eventbus_runtime::problem::Problem::new(
                 eventbus_runtime::problem::Kind::NotFound,
@@ -143,6 +152,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     store.await??;
     info!("eventbus stopped");
     Ok(())
+}
+
+fn javascript(source: &'static str) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        source,
+    )
 }
 
 /// The public port opens only once the store answers, so `/healthz` means the bus works.
