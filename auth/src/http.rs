@@ -226,6 +226,36 @@ pub async fn presence(
     })))
 }
 
+/// `GET /v1/admin/stats`: per-gateway figures from the presence reports, for service tokens.
+pub async fn admin_stats(
+    State(api): State<Arc<PresenceApi>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Problem> {
+    let token = bearer(&headers)
+        .ok_or_else(|| Problem::new(Kind::Unauthorized, "send a service token as Bearer"))?;
+    let verified = api
+        .verifier
+        .verify(token)
+        .await
+        .map_err(|err| Problem::new(Kind::Unauthorized, err.to_string()))?;
+    if verified.grant.role != Role::Service {
+        return Err(Problem::new(
+            Kind::Forbidden,
+            "the admin figures are for service tokens",
+        ));
+    }
+    let (gateways, channels) = api.registry.overview();
+    Ok(Json(json!({
+        "gateways": gateways
+            .iter()
+            .map(|(id, connections, subscriptions)| json!({
+                "id": id, "subscribed_connections": connections, "subscriptions": subscriptions,
+            }))
+            .collect::<Vec<_>>(),
+        "channels_with_subscribers": channels,
+    })))
+}
+
 pub async fn jwks(State(issuer): State<Arc<Issuer>>) -> Json<jsonwebtoken::jwk::JwkSet> {
     Json(issuer.ring.jwks())
 }

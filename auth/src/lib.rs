@@ -114,6 +114,7 @@ pub fn service(config: &Config) -> Result<Service, Error> {
         .merge(
             axum::Router::new()
                 .route("/v1/presence/{channel}", get(http::presence))
+                .route("/v1/admin/stats", get(http::admin_stats))
                 .with_state(presence_api),
         )
         .layer(origins.layer());

@@ -207,6 +207,23 @@ impl Registry {
         out
     }
 
+    /// Per gateway: its id, its connections with at least one channel subscription, and those
+    /// subscriptions; and how many channels have anyone in them.
+    pub fn overview(&self) -> (Vec<(String, usize, usize)>, usize) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gateways: Vec<(String, usize, usize)> = state
+            .gateways
+            .iter()
+            .map(|(id, g)| {
+                let connections: std::collections::HashSet<&String> =
+                    g.entries.keys().map(|(c, _)| c).collect();
+                (id.clone(), connections.len(), g.entries.len())
+            })
+            .collect();
+        gateways.sort();
+        (gateways, state.channels.len())
+    }
+
     /// Who is in `channel`: identity → connections, in identity order.
     pub fn members(&self, channel: &str) -> Vec<(String, u32)> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -117,6 +117,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             get(|| async { Html(include_str!("../demo/index.html")) }),
         )
         .route(
+            "/admin",
+            get(|| async { Html(include_str!("../demo/admin.html")) }),
+        )
+        .route(
             "/eventbus.js",
             get(|| async { javascript(include_str!("../../web/eventbus.js")) }),
         )

@@ -145,6 +145,30 @@ async fn presence_follows_joins_and_leaves_across_gateways() {
     assert_eq!(answer.status, 400, "{:?}", answer.body);
     let answer = presence(&bus.auth, &alice, "rooms..x").await;
     assert_eq!(answer.status, 400, "{:?}", answer.body);
+    // The admin figures, from the gateways' reports; for service tokens only.
+    // alice's first connection and the watcher, both on the first gateway (a2 unsubscribed, b left;
+    // reports arrive in their own time).
+    eventually("admin figures of 2 subscribed connections", || async {
+        let stats = bus
+            .auth
+            .send(bus.auth.get("/v1/admin/stats").bearer_auth(&service))
+            .await;
+        assert_eq!(stats.status, 200, "{:?}", stats.body);
+        let gateways = stats.body["gateways"].as_array().expect("gateways").clone();
+        let subscribed: u64 = gateways
+            .iter()
+            .map(|g| g["subscribed_connections"].as_u64().expect("count"))
+            .sum();
+        (subscribed == 2 && gateways.len() == 1).then_some(())
+    })
+    .await;
+    let denied = bus
+        .auth
+        .send(bus.auth.get("/v1/admin/stats").bearer_auth(&alice))
+        .await;
+    assert_eq!(denied.status, 403);
+    let anonymous = bus.auth.send(bus.auth.get("/v1/admin/stats")).await;
+    assert_eq!(anonymous.status, 401);
     a.close().await;
     watcher.close().await;
     cluster.stop().await;

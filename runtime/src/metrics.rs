@@ -37,6 +37,8 @@ pub struct Metrics {
     pub store_appended: Counter,
     pub store_batch_events: Histogram,
     pub store_fsync_seconds: Histogram,
+    /// Bytes of log segments on disk (updated at each retention pass).
+    pub store_log_bytes: Gauge,
 }
 
 impl Metrics {
@@ -59,6 +61,7 @@ impl Metrics {
             store_appended: Counter::default(),
             store_batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_fsync_seconds: seconds(),
+            store_log_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -136,6 +139,11 @@ impl Metrics {
             "store_fsync_seconds",
             "fdatasync time per group commit",
             m.store_fsync_seconds.clone(),
+        );
+        r.register(
+            "store_log_bytes",
+            "Bytes of log segments on disk (updated at each retention pass)",
+            m.store_log_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -28,6 +28,20 @@ pub enum Error {
     Serve(#[from] std::io::Error),
 }
 
+/// Bytes of log segments in `dir` (what retention bounds), for the metrics.
+fn log_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Runs the store on `listener` until `shutdown`; returns once in-flight appends are durable.
 pub async fn run(
     config: Config,
@@ -55,6 +69,7 @@ pub async fn run(
     });
 
     let retention_log = log.clone();
+    let data_dir = config.data.clone();
     let retention_interval = std::time::Duration::from_secs(config.retention_interval_s.max(1));
     let retention_shutdown = shutdown.clone();
     let retention = tokio::spawn(async move {
@@ -65,8 +80,15 @@ pub async fn run(
                 _ = ticks.tick() => {}
             }
             let log = retention_log.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || log.enforce_retention(log::now_ms())).await;
+            let dir = data_dir.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let outcome = log.enforce_retention(log::now_ms());
+                eventbus_runtime::metrics::metrics()
+                    .store_log_bytes
+                    .set(log_bytes(&dir) as i64);
+                outcome
+            })
+            .await;
             if let Ok(Err(err)) = outcome {
                 warn!(cause = %err, "retention pass failed");
             }

@@ -135,6 +135,16 @@ test("two pages share a board across a server crash, and a late page gets the co
   const lateSeqs = await activitySeqs(late);
   assert.ok(lateSeqs.length === 3, `compacted: one event per note on the board, got ${lateSeqs}`);
 
+  // The admin page: figures for a service token (development mode: minted without a key).
+  const admin = await context.newPage();
+  await admin.goto(`${bus.url}/admin`);
+  await admin.click("#login button");
+  await until("the admin figures", async () => {
+    const rows = await admin.$$eval("#process tr", (trs) => Object.fromEntries(trs.map((tr) => [tr.children[0].textContent, tr.children[1].textContent])));
+    return Number(rows["connections"]) >= 3 && Number(rows["events stored (since start)"]) >= 1;
+  });
+  assert.equal(await admin.$$eval("#gateways tbody tr", (trs) => trs.length), 1, "the all-in-one's one gateway");
+
   mkdirSync(join(root, "target"), { recursive: true });
   await a.screenshot({ path: process.env.SCREENSHOT ?? join(root, "target", "demo.png") });
 });
