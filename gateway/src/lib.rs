@@ -8,6 +8,7 @@ pub mod config;
 mod connection;
 mod frames;
 pub mod hub;
+mod sse;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -133,8 +134,14 @@ pub fn service(
         shutdown,
         connections: connections.clone(),
     });
+    let sse_cors = gateway.origins.layer();
     let routes = axum::Router::new()
         .route("/v1/ws", get(upgrade))
+        .merge(
+            axum::Router::new()
+                .route("/v1/sse", get(sse::stream))
+                .layer(sse_cors),
+        )
         .with_state(gateway);
     Ok(Service {
         routes,

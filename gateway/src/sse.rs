@@ -1,0 +1,398 @@
+//! `GET /v1/sse?channel=…&channel=…`: Server-Sent Events for passive browser updates.
+//!
+//! Every SSE message's `id` holds the position of every channel of the stream (`a:12,b:7`), so the
+//! browser's automatic reconnect (`Last-Event-ID`) resumes each channel exactly after what it
+//! delivered. The first message is an `id` alone with the starting positions, so even a stream
+//! that has delivered nothing resumes from where it began. The same rules as a WebSocket
+//! subscription: seq order, gaps refilled from the store, doubles dropped; a client that cannot
+//! keep up has its stream ended (the browser reconnects and resumes).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use eventbus_auth::claims::now_s;
+use eventbus_auth::{TokenError, Verified};
+use eventbus_runtime::problem::{Kind, Problem, bearer};
+use eventbus_store::StoreError;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::debug;
+
+use crate::Gateway;
+use crate::hub::{Interest, Live, Mailbox};
+
+/// Most channels in one stream.
+const MAX_CHANNELS: usize = 64;
+/// SSE messages buffered for a stream before it counts as not keeping up.
+const OUT_BUFFER: usize = 256;
+const REFILL_PAGE: u32 = 1000;
+
+/// The positions of a stream, as carried in SSE ids: `channel:seq` pairs joined by `,`.
+pub fn encode_positions(positions: &[(String, u64)]) -> String {
+    positions
+        .iter()
+        .map(|(c, s)| format!("{c}:{s}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads `Last-Event-ID`; channels it does not name (or a malformed id) are absent.
+pub fn decode_positions(id: &str) -> HashMap<String, u64> {
+    id.split(',')
+        .filter_map(|pair| {
+            let (channel, seq) = pair.rsplit_once(':')?;
+            Some((channel.to_owned(), seq.parse().ok()?))
+        })
+        .collect()
+}
+
+struct Query {
+    channels: Vec<String>,
+    token: Option<String>,
+    last_event_id: Option<String>,
+}
+
+fn parse_query(raw: Option<&str>) -> Result<Query, Problem> {
+    let mut query = Query {
+        channels: Vec::new(),
+        token: None,
+        last_event_id: None,
+    };
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match key {
+            "channel" => query.channels.push(value),
+            "token" => query.token = Some(value),
+            "last_event_id" => query.last_event_id = Some(value),
+            other => {
+                return Err(Problem::new(
+                    Kind::InvalidRequest,
+                    format!("unknown query parameter {other:?} (channel, token, last_event_id)"),
+                )
+                .with("field", other));
+            }
+        }
+    }
+    if query.channels.is_empty() {
+        return Err(
+            Problem::new(Kind::InvalidRequest, "name at least one channel=")
+                .with("field", "channel"),
+        );
+    }
+    if query.channels.len() > MAX_CHANNELS {
+        return Err(Problem::new(
+            Kind::InvalidRequest,
+            format!("at most {MAX_CHANNELS} channels per stream"),
+        )
+        .with("field", "channel"));
+    }
+    Ok(query)
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub(crate) async fn stream(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    match open(gateway, &headers, raw.as_deref()).await {
+        Ok(response) => response,
+        Err(problem) => problem.into_response(),
+    }
+}
+
+async fn open(
+    gw: Arc<Gateway>,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+) -> Result<Response, Problem> {
+    if gw.shutdown.is_triggered() {
+        return Err(Problem::new(
+            Kind::Unavailable,
+            "the gateway is shutting down",
+        ));
+    }
+    let query = parse_query(raw)?;
+    let token = bearer(headers)
+        .map(str::to_owned)
+        .or(query.token.clone())
+        .ok_or_else(|| {
+            Problem::new(
+                Kind::Unauthorized,
+                "send a token as Bearer or as the token query parameter",
+            )
+        })?;
+    let verified = match gw.verifier.verify(&token).await {
+        Ok(verified) => verified,
+        Err(TokenError::KeysUnavailable(cause)) => {
+            return Err(Problem::new(Kind::Unavailable, cause));
+        }
+        Err(err) => return Err(Problem::new(Kind::Unauthorized, err.to_string())),
+    };
+    for channel in &query.channels {
+        if eventbus_router::pattern::is_pattern(channel) {
+            return Err(Problem::new(
+                Kind::InvalidRequest,
+                "SSE streams name channels, not patterns (use the WebSocket for patterns)",
+            )
+            .with("channel", channel.as_str()));
+        }
+        verified.grant.check_subscribe(channel).map_err(|denied| {
+            let kind = match denied {
+                eventbus_router::Denied::InvalidChannel { .. } => Kind::InvalidRequest,
+                _ => Kind::Forbidden,
+            };
+            Problem::new(kind, denied.to_string()).with("channel", channel.as_str())
+        })?;
+    }
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(query.last_event_id.clone())
+        .map(|id| decode_positions(&id))
+        .unwrap_or_default();
+
+    // Interest first, then heads: anything committed after a head is queued live.
+    let (tx, live) = mpsc::channel(gw.queue_len);
+    let slow = Arc::new(Notify::new());
+    let mailbox = Mailbox {
+        tx,
+        slow: slow.clone(),
+    };
+    let mut interests = Vec::new();
+    let mut positions: Vec<(String, u64)> = Vec::new();
+    let mut heads = Vec::new();
+    for (i, channel) in query.channels.iter().enumerate() {
+        if positions.iter().any(|(c, _)| c == channel) {
+            continue;
+        }
+        let interest = gw
+            .hub
+            .join(channel, None, i as u64, mailbox.clone())
+            .await
+            .map_err(|err| {
+                Problem::new(Kind::Unavailable, format!("cannot subscribe now: {err}"))
+            })?;
+        interests.push(interest);
+        let (first, head) = gw.store.bounds(channel).await.map_err(store_problem)?;
+        let start = match resume.get(channel) {
+            Some(&after) if after > head => {
+                return Err(Problem::new(
+                    Kind::InvalidRequest,
+                    format!("Last-Event-ID says {channel}:{after}, beyond its head {head}"),
+                )
+                .with("channel", channel.as_str()));
+            }
+            Some(&after) if after + 1 < first => {
+                return Err(Problem::new(
+                    Kind::Truncated,
+                    format!("{channel} keeps events from {first} on; {after} is gone"),
+                )
+                .with("channel", channel.as_str())
+                .with("first_seq", first));
+            }
+            Some(&after) => after,
+            None => head,
+        };
+        positions.push((channel.clone(), start));
+        heads.push(head);
+    }
+    let (out, events) = mpsc::channel::<Result<Event, Infallible>>(OUT_BUFFER);
+    let feeder = Feeder {
+        gw: gw.clone(),
+        verified,
+        positions,
+        out,
+        slow,
+        _interests: interests,
+    };
+    gw.connections.spawn(feeder.run(heads, live));
+    let mut response = Sse::new(ReceiverStream::new(events))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Proxies such as nginx must pass each message on at once.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+fn store_problem(err: StoreError) -> Problem {
+    Problem::new(Kind::Unavailable, format!("cannot read the log: {err}"))
+}
+
+struct Feeder {
+    gw: Arc<Gateway>,
+    verified: Verified,
+    /// Last seq delivered per channel, in the order of the query.
+    positions: Vec<(String, u64)>,
+    out: mpsc::Sender<Result<Event, Infallible>>,
+    slow: Arc<Notify>,
+    _interests: Vec<Interest>,
+}
+
+enum End {
+    /// The client is gone, fell behind, or the stream must stop (token expiry, shutdown).
+    Stop,
+}
+
+impl Feeder {
+    async fn run(mut self, heads: Vec<u64>, mut live: mpsc::Receiver<Live>) {
+        let opened = eventbus_runtime::metrics::metrics();
+        opened.connections.inc();
+        let _ = self.serve(heads, &mut live).await;
+        opened.connections.dec();
+        debug!("sse stream ended");
+    }
+
+    async fn serve(&mut self, heads: Vec<u64>, live: &mut mpsc::Receiver<Live>) -> Result<(), End> {
+        // Where the stream starts, even before any event.
+        self.emit(
+            Event::default()
+                .id(encode_positions(&self.positions))
+                .comment("positions"),
+        )
+        .await?;
+        for (i, head) in heads.into_iter().enumerate() {
+            self.refill(i, head).await?;
+        }
+        let expires = tokio::time::Instant::now()
+            + Duration::from_secs(self.verified.expires_at.saturating_sub(now_s()));
+        let shutdown = self.gw.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return Err(End::Stop),
+                _ = self.slow.notified() => return Err(End::Stop),
+                _ = tokio::time::sleep_until(expires) => return Err(End::Stop),
+                item = live.recv() => {
+                    let Some(item) = item else { return Err(End::Stop) };
+                    let i = item.subscription as usize;
+                    let Some(&(_, last)) = self.positions.get(i) else { continue };
+                    let delivery = &item.delivery;
+                    if delivery.seq <= last {
+                        continue;
+                    }
+                    if delivery.seq > last + 1 {
+                        eventbus_runtime::metrics::metrics().gap_refills.inc();
+                        self.refill(i, delivery.seq - 1).await?;
+                    }
+                    let json = &delivery.frame.as_str()[EVENT_FRAME_PREFIX.len()..delivery.frame.len() - 1];
+                    self.deliver(i, delivery.seq, json.to_owned()).await?;
+                }
+            }
+        }
+    }
+
+    /// Delivers channel `i`'s events from the store up to `upto`.
+    async fn refill(&mut self, i: usize, upto: u64) -> Result<(), End> {
+        loop {
+            let (channel, after) = self.positions[i].clone();
+            if after >= upto {
+                return Ok(());
+            }
+            let want = (upto - after).min(u64::from(REFILL_PAGE)) as u32;
+            let page = self
+                .gw
+                .store
+                .read(&channel, after, want, false)
+                .await
+                .map_err(|_| End::Stop)?;
+            if page.events.is_empty() {
+                return Ok(());
+            }
+            for event in page.events {
+                if event.seq == self.positions[i].1 + 1 && event.seq <= upto {
+                    let json = String::from_utf8_lossy(&event.json).into_owned();
+                    self.deliver(i, event.seq, json).await?;
+                }
+            }
+        }
+    }
+
+    async fn deliver(&mut self, i: usize, seq: u64, json: String) -> Result<(), End> {
+        self.positions[i].1 = seq;
+        let event = Event::default()
+            .id(encode_positions(&self.positions))
+            .data(json);
+        self.emit(event).await?;
+        eventbus_runtime::metrics::metrics().events_out.inc();
+        Ok(())
+    }
+
+    async fn emit(&self, event: Event) -> Result<(), End> {
+        tokio::select! {
+            sent = self.out.send(Ok(event)) => sent.map_err(|_| End::Stop),
+            _ = self.slow.notified() => Err(End::Stop),
+        }
+    }
+}
+
+/// `{"op":"event","event":` in front of every shared frame (model::event_frame).
+const EVENT_FRAME_PREFIX: &str = "{\"op\":\"event\",\"event\":";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip() {
+        let positions = vec![("a.b".to_owned(), 12), ("c".to_owned(), 0)];
+        let id = encode_positions(&positions);
+        assert_eq!(id, "a.b:12,c:0");
+        let back = decode_positions(&id);
+        assert_eq!(back.get("a.b"), Some(&12));
+        assert_eq!(back.get("c"), Some(&0));
+        assert!(decode_positions("garbage").is_empty());
+    }
+
+    #[test]
+    fn queries_are_read_strictly() {
+        let q = parse_query(Some(
+            "channel=a&channel=b.c&token=x%2By&last_event_id=a%3A3",
+        ))
+        .unwrap();
+        assert_eq!(q.channels, ["a", "b.c"]);
+        assert_eq!(q.token.as_deref(), Some("x+y"));
+        assert_eq!(q.last_event_id.as_deref(), Some("a:3"));
+        assert!(parse_query(Some("")).is_err());
+        assert!(parse_query(Some("channel=a&colour=red")).is_err());
+    }
+}
