@@ -60,7 +60,13 @@ export interface EventBusOptions {
   /** Reconnect backoff (default 250 ms doubling to 10 s, with jitter). */
   backoff?: { initialMs?: number; maxMs?: number };
   /** The WebSocket class (default: globalThis.WebSocket). */
-  WebSocket?: typeof WebSocket;
+  WebSocket?: typeof WebSocket | null;
+  /** "auto" (default: WebSocket where available, else SSE), "websocket" or "sse". */
+  transport?: "auto" | "websocket" | "sse";
+  /** Base URL of the HTTP API for the SSE transport (default: derived from the WebSocket URL). */
+  httpUrl?: string;
+  EventSource?: typeof EventSource;
+  fetch?: typeof fetch;
 }
 
 /**

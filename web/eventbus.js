@@ -94,12 +94,20 @@ export class EventBus extends EventTarget {
    *   refreshBeforeS: seconds before expiry to send a fresh token (default 60)
    *   backoff: { initialMs, maxMs }
    *   WebSocket: the WebSocket class (default: globalThis.WebSocket)
+   *   transport: "auto" (WebSocket where there is one, else SSE), "websocket" or "sse"
+   *   EventSource, fetch: for the SSE transport (defaults: the globals)
    */
   constructor(url, options = {}) {
     super();
     this.url = url;
     this.options = options;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.EventSource = options.EventSource ?? globalThis.EventSource;
+    this.fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    const transport = options.transport ?? "auto";
+    this.sse = transport === "sse" || (transport === "auto" && !this.WebSocket);
+    // The HTTP side of the same bus: /v1/sse and /v1/events next to /v1/ws.
+    this.httpBase = options.httpUrl ?? url.replace(/^ws/, "http").replace(/\/v1\/ws$/, "");
     this.subscriptions = new Set();
     this.pending = new Map(); // ref -> { frame, resolve, reject }
     this.nextRef = 1;
@@ -131,7 +139,8 @@ export class EventBus extends EventTarget {
   subscribe(channel, handler, options = {}) {
     const sub = new Subscription(this, channel, handler, options);
     this.subscriptions.add(sub);
-    if (this.state === "open") this._send(sub.frame());
+    if (this.sse) this._reopenSse();
+    else if (this.state === "open") this._send(sub.frame());
     else this.connect();
     return sub;
   }
@@ -139,6 +148,7 @@ export class EventBus extends EventTarget {
   /** Publishes one event; resolves with the ack (`{id, channel, seq, duplicate}`) once durable. */
   publish(event) {
     const withId = { ...event, id: event.id ?? randomId() };
+    if (this.sse) return this._publishHttp(withId);
     const ref = `p${this.nextRef++}`;
     const frame = { op: "publish", event: withId, ref };
     return new Promise((resolve, reject) => {
@@ -154,6 +164,8 @@ export class EventBus extends EventTarget {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     if (this.socket) this.socket.close(1000, "client closed");
+    this.source?.close();
+    this.source = null;
     this._setState("closed");
     for (const [ref, p] of this.pending) {
       p.reject(new Error("closed before the publish was acknowledged"));
@@ -188,6 +200,7 @@ export class EventBus extends EventTarget {
   }
 
   async _open() {
+    if (this.sse) return this._openSse();
     this._setState("connecting");
     let token;
     try {
@@ -300,8 +313,119 @@ export class EventBus extends EventTarget {
 
   _unsubscribe(sub) {
     this.subscriptions.delete(sub);
+    if (this.sse) {
+      this._reopenSse();
+      return;
+    }
     const others = [...this.subscriptions].some((s) => s.channel === sub.channel);
     if (!others) this._send({ op: "unsubscribe", channel: sub.channel });
+  }
+
+  // The SSE transport: one EventSource for every subscription (channels only, no compaction). Its
+  // URL carries each channel's position, so our own reconnects (fresh token, new channel set)
+  // resume exactly like the browser's automatic ones with Last-Event-ID.
+
+  _reopenSse() {
+    if (this.closedByUser || this._reopenQueued) return;
+    // Subscriptions made together (a page setting up) share one stream.
+    this._reopenQueued = true;
+    queueMicrotask(() => {
+      this._reopenQueued = false;
+      if (this.state === "idle" || this.state === "closed") this.connect();
+      else if (this.state === "open" || this.state === "connecting") this._openSse();
+    });
+  }
+
+  async _openSse() {
+    this.source?.close();
+    this.source = null;
+    this._setState("connecting");
+    const channels = [...new Set([...this.subscriptions].map((s) => s.channel))];
+    if (channels.length === 0) {
+      this._setState("open");
+      this._resolveWelcome?.({ op: "welcome" });
+      return;
+    }
+    let token;
+    try {
+      token = await this._token();
+    } catch (error) {
+      this._report(error);
+      this._scheduleReconnect();
+      return;
+    }
+    if (this.closedByUser) return;
+    const positions = [];
+    for (const channel of channels) {
+      const known = [...this.subscriptions]
+        .map((s) => s.delivered.get(channel))
+        .filter((seq) => seq !== undefined);
+      if (known.length) positions.push(`${channel}:${Math.min(...known)}`);
+    }
+    const query = channels.map((c) => `channel=${encodeURIComponent(c)}`);
+    query.push(`token=${encodeURIComponent(token)}`);
+    if (positions.length) query.push(`last_event_id=${encodeURIComponent(positions.join(","))}`);
+    const source = new this.EventSource(`${this.httpBase}/v1/sse?${query.join("&")}`);
+    this.source = source;
+    source.onopen = () => {
+      if (source !== this.source) return;
+      this.attempt = 0;
+      this._setState("open");
+      this._resolveWelcome?.({ op: "welcome" });
+    };
+    source.addEventListener("positions", (message) => {
+      if (source !== this.source) return;
+      // Where the stream starts: channels we had no position for now have one.
+      const start = JSON.parse(message.data);
+      for (const sub of this.subscriptions) {
+        if (!sub.delivered.has(sub.channel) && typeof start[sub.channel] === "number") {
+          sub.delivered.set(sub.channel, start[sub.channel]);
+        }
+      }
+    });
+    source.onmessage = (message) => {
+      if (source !== this.source) return;
+      this._onFrame({ op: "event", event: JSON.parse(message.data) });
+    };
+    source.onerror = () => {
+      if (source !== this.source) return;
+      // CONNECTING: the browser retries by itself with Last-Event-ID. CLOSED: it gave up (an
+      // expired token answers 401): ours is a fresh token and the positions we hold.
+      if (source.readyState === 2) {
+        source.close();
+        this.source = null;
+        this._scheduleReconnect();
+      } else {
+        this._setState("reconnecting");
+      }
+    };
+  }
+
+  async _publishHttp(event) {
+    for (let attempt = 0; ; attempt++) {
+      let response;
+      try {
+        response = await this.fetch(`${this.httpBase}/v1/events`, {
+          method: "POST",
+          headers: { "Content-Type": "application/json", Authorization: `Bearer ${await this._token()}` },
+          body: JSON.stringify(event),
+        });
+      } catch {
+        response = null; // the network: the same id again, never stored twice
+      }
+      if (response?.ok) {
+        const ack = (await response.json()).events[0];
+        return { id: ack.id, channel: ack.channel, seq: ack.seq, duplicate: ack.duplicate };
+      }
+      if (response && response.status < 500) {
+        const problem = await response.json().catch(() => ({}));
+        throw Object.assign(new Error(problem.detail ?? response.statusText), {
+          code: (problem.type ?? "").replace("urn:eventbus:problem:", ""),
+        });
+      }
+      if (this.closedByUser) throw new Error("closed before the publish was acknowledged");
+      await new Promise((resolve) => setTimeout(resolve, backoffDelay(attempt, this.options.backoff)));
+    }
   }
 
   _planRefresh(expiresAt) {

@@ -2,7 +2,7 @@
 //!
 //! Every SSE message's `id` holds the position of every channel of the stream (`a:12,b:7`), so the
 //! browser's automatic reconnect (`Last-Event-ID`) resumes each channel exactly after what it
-//! delivered. The first message is an `id` alone with the starting positions, so even a stream
+//! delivered. The first message (`event: positions`) carries the starting positions, so even a stream
 //! that has delivered nothing resumes from where it began. The same rules as a WebSocket
 //! subscription: seq order, gaps refilled from the store, doubles dropped; a client that cannot
 //! keep up has its stream ended (the browser reconnects and resumes).
@@ -285,10 +285,16 @@ impl Feeder {
 
     async fn serve(&mut self, heads: Vec<u64>, live: &mut mpsc::Receiver<Live>) -> Result<(), End> {
         // Where the stream starts, even before any event.
+        let start: serde_json::Map<String, serde_json::Value> = self
+            .positions
+            .iter()
+            .map(|(c, s)| (c.clone(), (*s).into()))
+            .collect();
         self.emit(
             Event::default()
+                .event("positions")
                 .id(encode_positions(&self.positions))
-                .comment("positions"),
+                .data(serde_json::Value::Object(start).to_string()),
         )
         .await?;
         for (i, head) in heads.into_iter().enumerate() {

@@ -135,6 +135,21 @@ test("two pages share a board across a server crash, and a late page gets the co
   const lateSeqs = await activitySeqs(late);
   assert.ok(lateSeqs.length === 3, `compacted: one event per note on the board, got ${lateSeqs}`);
 
+  // The SSE fallback: the same board, live, without a WebSocket.
+  const sse = await context.newPage();
+  sse.on("pageerror", (err) => assert.fail(`page error: ${err}`));
+  await sse.goto(`${bus.url}/?transport=sse`);
+  await until("the SSE page to show the board", async () =>
+    JSON.stringify(await noteTexts(sse)) === JSON.stringify(["buy milk", "from a service", "written offline"]));
+  await a.fill("eb-composer input", "seen over SSE");
+  await a.click("eb-composer button");
+  await until("the SSE page to get it live", async () => (await noteTexts(sse)).includes("seen over SSE"));
+  await sse.fill("eb-composer input", "sent over HTTP");
+  await sse.click("eb-composer button");
+  await until("a to get the SSE page's note", async () => (await noteTexts(a)).includes("sent over HTTP"));
+  const sseSeqs = await activitySeqs(sse);
+  assert.deepEqual(sseSeqs, sseSeqs.map((_, i) => i + 1), `SSE seqs: ${sseSeqs}`);
+
   // The admin page: figures for a service token (development mode: minted without a key).
   const admin = await context.newPage();
   await admin.goto(`${bus.url}/admin`);

@@ -173,3 +173,79 @@ test("unsubscribe tells the server, and no more events reach the handler", async
   assert.deepEqual(s.sent.at(-1), { op: "unsubscribe", channel: "room" });
   bus.close();
 });
+
+class FakeEventSource {
+  static all = [];
+  constructor(url) {
+    this.url = new URL(url);
+    this.readyState = 0;
+    this.listeners = {};
+    FakeEventSource.all.push(this);
+  }
+  addEventListener(name, fn) { this.listeners[name] = fn; }
+  close() { this.readyState = 2; }
+  // The server's side.
+  open() { this.readyState = 1; this.onopen?.(); }
+  positions(map) { this.listeners.positions?.({ data: JSON.stringify(map) }); }
+  event(seq, channel) { this.onmessage?.({ data: JSON.stringify({ seq, channel, id: `e${seq}`, type: "t" }) }); }
+  fail() { this.readyState = 2; this.onerror?.(); }
+}
+
+test("without WebSocket, SSE carries subscriptions and resumes them from their positions", async () => {
+  FakeEventSource.all = [];
+  let tokens = 0;
+  const bus = new EventBus("wss://bus.example/v1/ws", {
+    transport: "auto",
+    WebSocket: null,
+    EventSource: FakeEventSource,
+    token: () => `t${++tokens}`,
+    backoff: { initialMs: 1, maxMs: 4 },
+  });
+  const seen = [];
+  bus.subscribe("news.a", (e) => seen.push(`a${e.seq}`));
+  bus.subscribe("news.b", (e) => seen.push(`b${e.seq}`), { after: 0 });
+  await until("an event source", () => FakeEventSource.all.length >= 1 && FakeEventSource.all.at(-1).url.searchParams.getAll("channel").length === 2);
+  const first = FakeEventSource.all.at(-1);
+  assert.equal(first.url.origin + first.url.pathname, "https://bus.example/v1/sse");
+  assert.equal(first.url.searchParams.get("last_event_id"), "news.b:0", "only b has a position yet");
+  first.open();
+  first.positions({ "news.a": 7, "news.b": 0 });
+  first.event(8, "news.a");
+  first.event(1, "news.b");
+  first.event(8, "news.a"); // a repeat changes nothing
+  first.fail(); // e.g. the token expired: the browser gave up
+  await until("a new event source", () => FakeEventSource.all.at(-1) !== first);
+  const second = FakeEventSource.all.at(-1);
+  assert.notEqual(second.url.searchParams.get("token"), first.url.searchParams.get("token"), "a fresh token");
+  assert.equal(FakeEventSource.all.length, 2, "subscriptions made together share one stream");
+  assert.equal(second.url.searchParams.get("last_event_id"), "news.a:8,news.b:1");
+  second.open();
+  second.event(9, "news.a");
+  assert.deepEqual(seen, ["a8", "b1", "a9"]);
+  bus.close();
+});
+
+test("over SSE, publishes go through POST /v1/events, retried with the same id", async () => {
+  const calls = [];
+  const fetch = async (url, init) => {
+    calls.push({ url, body: JSON.parse(init.body), auth: init.headers.Authorization });
+    if (calls.length === 1) throw new TypeError("network down");
+    if (calls.length === 2) return { ok: false, status: 503, json: async () => ({}) };
+    const e = calls.at(-1).body;
+    return { ok: true, status: 200, json: async () => ({ events: [{ id: e.id, channel: e.channel, seq: 3, duplicate: false }] }) };
+  };
+  const bus = new EventBus("ws://bus/v1/ws", { transport: "sse", EventSource: FakeEventSource, fetch, token: "tok", backoff: { initialMs: 1, maxMs: 2 } });
+  const ack = await bus.publish({ channel: "news.a", type: "t" });
+  assert.equal(calls.length, 3);
+  assert.equal(calls[0].url, "http://bus/v1/events");
+  assert.equal(calls[0].auth, "Bearer tok");
+  assert.ok(calls.every((c) => c.body.id === ack.id), "one id for every attempt");
+  assert.equal(ack.seq, 3);
+  const refusing = new EventBus("ws://bus/v1/ws", {
+    transport: "sse", EventSource: FakeEventSource, token: "tok",
+    fetch: async () => ({ ok: false, status: 403, statusText: "Forbidden", json: async () => ({ type: "urn:eventbus:problem:forbidden", detail: "no" }) }),
+  });
+  await assert.rejects(refusing.publish({ channel: "x", type: "t" }), (err) => err.code === "forbidden");
+  bus.close();
+  refusing.close();
+});
