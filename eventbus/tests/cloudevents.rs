@@ -96,3 +96,82 @@ async fn structured_batched_and_binary_mode_store_the_same_event() {
     assert_eq!(bad.status, 400);
     cluster.stop().await;
 }
+
+/// A WebSocket client that asks for the `cloudevents.json` subprotocol gets bare CloudEvents
+/// (`channel` and `seq` as extension attributes), from history and live alike.
+#[tokio::test]
+async fn the_cloudevents_subprotocol_delivers_plain_cloudevents() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let cluster = Cluster::start().await;
+    let bus = cluster.endpoints.clone();
+    let service = bus.service_token().await;
+    let publish = |text: &'static str| {
+        let (api, service) = (bus.api.clone(), service.clone());
+        async move {
+            let event =
+                json!({"channel": "ce.out", "type": "com.example.said", "data": {"text": text}});
+            assert_eq!(api.publish(&service, &event).await.status, 200);
+        }
+    };
+    publish("from history").await;
+
+    let mut request = bus.ws.as_str().into_client_request().expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "cloudevents.json".parse().expect("header"),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect");
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "cloudevents.json"
+    );
+    ws.send(Message::text(
+        json!({"op": "hello", "token": service}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let mut frames = Vec::new();
+    let read = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
+        loop {
+            let message = tokio::time::timeout(eventbus_testkit::WAIT, ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("open")
+                .expect("frame");
+            if let Message::Text(text) = message {
+                return serde_json::from_str::<Value>(text.as_str()).expect("JSON");
+            }
+        }
+    };
+    assert_eq!(
+        read(&mut ws).await["op"],
+        "welcome",
+        "control frames keep their op"
+    );
+    ws.send(Message::text(
+        json!({"op": "subscribe", "channel": "ce.out", "after": 0}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(read(&mut ws).await["op"], "subscribed");
+    frames.push(read(&mut ws).await);
+    publish("live").await;
+    frames.push(read(&mut ws).await);
+    for (frame, (seq, text)) in frames.iter().zip([(1, "from history"), (2, "live")]) {
+        assert!(frame.get("op").is_none(), "a bare CloudEvent: {frame}");
+        assert_eq!(frame["specversion"], "1.0");
+        assert_eq!(frame["type"], "com.example.said");
+        assert_eq!(frame["channel"], "ce.out");
+        assert_eq!(frame["seq"], seq);
+        assert_eq!(frame["data"]["text"], text);
+        for required in ["id", "source"] {
+            assert!(frame[required].is_string(), "{required} in {frame}");
+        }
+    }
+    cluster.stop().await;
+}

@@ -36,6 +36,10 @@ pub mod close {
     pub const TOO_LARGE: u16 = 4009;
 }
 
+/// The WebSocket subprotocol in which events arrive as bare CloudEvents (JSON format), `channel`
+/// and `seq` being extension attributes, instead of `{"op":"event","event":…}`.
+pub const CLOUDEVENTS_PROTOCOL: &str = "cloudevents.json";
+
 /// Most live events written before one flush.
 const MAX_WRITE_BATCH: usize = 256;
 /// Most publishes of one connection waiting for the store at once.
@@ -115,9 +119,16 @@ struct Conn {
     answers: Option<mpsc::UnboundedSender<String>>,
     answered: Option<mpsc::UnboundedReceiver<String>>,
     publishes: Arc<Semaphore>,
+    /// Events as bare CloudEvents (the `cloudevents.json` subprotocol).
+    cloudevents: bool,
 }
 
-pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Option<Verified>) {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    pre_authenticated: Option<Verified>,
+    cloudevents: bool,
+) {
     let id = format!(
         "{}-{}",
         gw.id,
@@ -142,6 +153,7 @@ pub async fn serve(gw: Arc<Gateway>, socket: WebSocket, pre_authenticated: Optio
         answers: None,
         answered: None,
         publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+        cloudevents,
     };
     debug!(connection = %id, "connection opened");
     let _open = Counted::new(&metrics().connections);
@@ -666,7 +678,7 @@ impl Conn {
                 Err(err) => return Err(self.store_failed(err).await),
             };
             for event in &page.events {
-                self.send(frame_of(&event.json)?).await?;
+                self.send(frame_of(&event.json, self.cloudevents)?).await?;
                 metrics().events_out.inc();
                 cursor = event.seq;
             }
@@ -712,7 +724,7 @@ impl Conn {
             let mut last = delivered;
             for event in &page.events {
                 if event.seq == last + 1 && event.seq <= upto {
-                    self.send(frame_of(&event.json)?).await?;
+                    self.send(frame_of(&event.json, self.cloudevents)?).await?;
                     metrics().events_out.inc();
                     last = event.seq;
                 }
@@ -791,7 +803,12 @@ impl Conn {
             }
             _ => {}
         }
-        self.send(delivery.frame.clone()).await?;
+        let frame = if self.cloudevents {
+            bare_event(&delivery.frame)
+        } else {
+            delivery.frame.clone()
+        };
+        self.send(frame).await?;
         if let Some(sub) = self.subs.get_mut(&live.subscription) {
             match sub.delivered.get_mut(&delivery.channel) {
                 Some(last) => *last = delivery.seq,
@@ -816,7 +833,22 @@ fn truncated(channel: &str, first: u64) -> FrameError {
     .with_first_seq(first)
 }
 
-fn frame_of(json: &[u8]) -> Result<Utf8Bytes, Ending> {
-    Utf8Bytes::try_from(event_frame(json))
-        .map_err(|_| closing(close::INTERNAL, "stored event is not UTF-8"))
+fn frame_of(json: &[u8], cloudevents: bool) -> Result<Utf8Bytes, Ending> {
+    let bytes = if cloudevents {
+        bytes::Bytes::copy_from_slice(json)
+    } else {
+        event_frame(json)
+    };
+    Utf8Bytes::try_from(bytes).map_err(|_| closing(close::INTERNAL, "stored event is not UTF-8"))
+}
+
+/// The stored event inside a shared `{"op":"event","event":…}` frame, without copying it.
+fn bare_event(frame: &Utf8Bytes) -> Utf8Bytes {
+    const PREFIX: usize = "{\"op\":\"event\",\"event\":".len();
+    let bytes = bytes::Bytes::from(frame.clone());
+    if bytes.len() <= PREFIX {
+        return frame.clone();
+    }
+    // The frame is ASCII-delimited around valid UTF-8, so the slice is valid UTF-8 too.
+    Utf8Bytes::try_from(bytes.slice(PREFIX..bytes.len() - 1)).unwrap_or_else(|_| frame.clone())
 }

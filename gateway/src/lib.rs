@@ -184,6 +184,8 @@ async fn upgrade(
         },
     };
     let tracker = gateway.connections.clone();
+    let upgrade = upgrade.protocols([connection::CLOUDEVENTS_PROTOCOL]);
+    let cloudevents = upgrade.selected_protocol().is_some();
     // tungstenite's defaults reserve 128 KiB to read into and let 128 KiB of writes pile up per
     // connection: 2 GB for 15k idle clients. Clients send small frames, and 16 KiB per write
     // still batches ~70 events when a connection is behind.
@@ -193,7 +195,7 @@ async fn upgrade(
         .max_message_size(gateway.max_frame_bytes)
         .max_frame_size(gateway.max_frame_bytes)
         .on_upgrade(move |socket| {
-            tracker.track_future(connection::serve(gateway, socket, verified))
+            tracker.track_future(connection::serve(gateway, socket, verified, cloudevents))
         })
 }
 
