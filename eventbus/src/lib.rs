@@ -6,5 +6,6 @@
 //! public endpoint on one port. No service knows which way it runs.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod probe;
 pub mod serve;

@@ -34,6 +34,12 @@ enum Command {
         #[command(flatten)]
         config: eventbus_ingest::Config,
     },
+    /// Prints a token: a service token for the API key, or with --sub a client token.
+    Token(eventbus::cli::TokenArgs),
+    /// Publishes an event (data as JSON, or one event per stdin line); prints each ack.
+    Pub(eventbus::cli::PubArgs),
+    /// Prints a channel's events as JSON lines and follows it live (--after N for history).
+    Tail(eventbus::cli::TailArgs),
     /// Exits 0 when URL answers 2xx (for container healthchecks: `eventbus probe http://127.0.0.1:7003/readyz`).
     Probe {
         url: String,
@@ -53,7 +59,28 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
-    if let Command::Probe { url, timeout_s } = &cli.command {
+    let client = match cli.command {
+        Command::Token(args) => Some(eventbus::cli::token(args).await),
+        Command::Pub(args) => Some(eventbus::cli::publish(args).await),
+        Command::Tail(args) => Some(eventbus::cli::tail(args).await),
+        command => {
+            run(command).await;
+            None
+        }
+    };
+    if let Some(outcome) = client {
+        match outcome {
+            Ok(()) => std::process::exit(0),
+            Err(failure) => {
+                eprintln!("eventbus: {}", failure.message);
+                std::process::exit(failure.code);
+            }
+        }
+    }
+}
+
+async fn run(command: Command) {
+    if let Command::Probe { url, timeout_s } = &command {
         match eventbus::probe::probe(url, std::time::Duration::from_secs(*timeout_s)).await {
             Ok(_) => std::process::exit(0),
             Err(why) => {
@@ -63,7 +90,8 @@ async fn main() {
         }
     }
     eventbus_runtime::serve_main("eventbus", |shutdown| async move {
-        match cli.command {
+        match command {
+            Command::Token(_) | Command::Pub(_) | Command::Tail(_) => {}
             Command::Serve(config) => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
                 eventbus::serve::run(config, listener, shutdown).await?;

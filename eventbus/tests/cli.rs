@@ -1,8 +1,19 @@
-//! Every subcommand of the eventbus binary parses its settings cleanly.
+//! Every subcommand of the eventbus binary parses its settings cleanly; the command-line client
+//! publishes and tails for real, with exit codes scripts can rely on.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use common::AllInOne;
+use eventbus_testkit::cluster::API_KEY_SECRET;
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["serve", "store", "auth", "ingest", "gateway"] {
+    for sub in [
+        "serve", "store", "auth", "ingest", "gateway", "token", "pub", "tail",
+    ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
             .args([sub, "--help"])
             .output()
@@ -22,7 +33,7 @@ fn every_subcommand_has_help() {
 /// `eventbus probe` is what container healthchecks run: 0 for a 2xx answer, 1 otherwise.
 #[test]
 fn probe_exits_by_the_answer() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = std::thread::spawn(move || {
@@ -47,4 +58,115 @@ fn probe_exits_by_the_answer() {
     server.join().expect("server");
     assert_eq!(probe(&url), Some(1), "nobody listening");
     assert_eq!(probe("https://example.com/"), Some(1), "only http");
+}
+
+fn cli(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eventbus"));
+    command
+        .args(args)
+        .env("EVENTBUS_URL", url)
+        .env("EVENTBUS_API_KEY", API_KEY_SECRET)
+        .env_remove("EVENTBUS_TOKEN");
+    command
+}
+
+// Multi-threaded: the test waits for the CLI processes synchronously while the bus it talks to
+// runs in this same runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pub_and_tail_round_trip_with_reliable_exit_codes() {
+    let bus = AllInOne::start(false).await;
+    let url = bus.endpoints.api.base.clone();
+
+    // One event from the argument; an ack line per event.
+    let out = cli(&url, &["pub", "cli.demo", "greeting", r#"{"n":1}"#])
+        .output()
+        .expect("run pub");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ack: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ack JSON");
+    assert_eq!(ack["seq"], 1);
+
+    // tail from the start, following live.
+    let mut tail = cli(&url, &["tail", "cli.demo", "--after", "0", "--count", "4"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run tail");
+    let stdout = tail.stdout.take().expect("stdout");
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    // Three more from stdin lines.
+    let mut publisher = cli(&url, &["pub", "cli.demo", "greeting", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run pub -");
+    publisher
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"{\"n\":2}\n\n{\"n\":3}\n\"four\"\n")
+        .expect("write");
+    assert!(publisher.wait().expect("pub -").success());
+
+    let lines = tokio::time::timeout(eventbus_testkit::WAIT, lines)
+        .await
+        .expect("tail printed 4 events in time")
+        .expect("reader");
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    assert_eq!(events[3]["data"], "four");
+    assert!(tail.wait().expect("tail").success());
+
+    // Exit codes: bad data 65, bad credentials 77, forbidden 77, unreachable 69.
+    let code = |mut c: Command| c.output().expect("run").status.code();
+    assert_eq!(
+        code(cli(&url, &["pub", "cli.demo", "t", "{not json"])),
+        Some(65)
+    );
+    let mut bad_key = cli(&url, &["pub", "cli.demo", "t", "1"]);
+    bad_key.env("EVENTBUS_API_KEY", "not-the-key-0123456789");
+    assert_eq!(code(bad_key), Some(77));
+    assert_eq!(code(cli(&url, &["pub", "presence.x", "t", "1"])), Some(77));
+    assert_eq!(
+        code(cli(&url, &["pub", "bad..channel", "t", "1"])),
+        Some(65)
+    );
+    assert_eq!(
+        code(cli("http://127.0.0.1:9", &["pub", "cli.demo", "t", "1"])),
+        Some(69)
+    );
+    assert_eq!(code(cli(&url, &["tail", "bad..channel"])), Some(65));
+    assert_eq!(code(cli(&url, &["pub"])), Some(64), "usage");
+
+    // token: a client token for an identity.
+    let out = cli(
+        &url,
+        &["token", "--sub", "alice", "--subscribe", "cli.demo"],
+    )
+    .output()
+    .expect("run token");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split('.')
+            .count(),
+        3
+    );
+    bus.stop().await;
 }

@@ -1,0 +1,335 @@
+//! The command-line client: `eventbus token`, `eventbus pub`, `eventbus tail`.
+//!
+//! Exit codes scripts can rely on (sysexits): 0 done, 64 bad usage, 65 bad input data (not JSON,
+//! an event the bus refuses as invalid), 69 the bus is unreachable or unavailable, 77 not allowed
+//! (no or bad credentials, forbidden channel), 1 anything else.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const EXIT_DATA: i32 = 65;
+pub const EXIT_UNAVAILABLE: i32 = 69;
+pub const EXIT_NOPERM: i32 = 77;
+
+/// Where the bus is and who we are; flags or environment.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// Base URL of the bus (ingest and auth; the gateway for tail).
+    #[arg(long, env = "EVENTBUS_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// A token to use as is.
+    #[arg(long, env = "EVENTBUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// An API key secret to get a service token with (none: development mode).
+    #[arg(long, env = "EVENTBUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// A client token for this identity (default: a service token for the API key).
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// Channels (patterns) the token may subscribe to, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub subscribe: Option<Vec<String>>,
+    /// Channels (patterns) the token may publish to, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Option<Vec<String>>,
+    #[arg(long)]
+    pub ttl_s: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PubArgs {
+    #[command(flatten)]
+    pub target: Target,
+    pub channel: String,
+    #[arg(name = "type")]
+    pub event_type: String,
+    /// The event's data as JSON; `-` (or nothing) reads stdin, one event per line.
+    pub data: Option<String>,
+    /// Key of the event (compaction).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub target: Target,
+    pub channel: String,
+    /// Print the history after this seq first (0: from the start).
+    #[arg(long)]
+    pub after: Option<u64>,
+    /// With --after: only the latest event per key.
+    #[arg(long)]
+    pub compact: bool,
+    /// Stop after this many events (default: follow for ever).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+/// A failure with the exit code it maps to.
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap_or_default()
+}
+
+/// The exit code and message for an HTTP problem answer.
+async fn problem(response: reqwest::Response, what: &str) -> Failure {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let detail = body["detail"].as_str().unwrap_or("").to_owned();
+    let code = match status.as_u16() {
+        400 | 413 | 415 => EXIT_DATA,
+        401 | 403 => EXIT_NOPERM,
+        s if s >= 500 => EXIT_UNAVAILABLE,
+        _ => 1,
+    };
+    fail(code, format!("{what}: {status}: {detail}"))
+}
+
+fn unreachable(url: &str, err: reqwest::Error) -> Failure {
+    fail(
+        EXIT_UNAVAILABLE,
+        format!("cannot reach the bus at {url}: {err}"),
+    )
+}
+
+async fn mint(target: &Target, body: Value) -> Result<String, Failure> {
+    let mut request = http().post(format!("{}/v1/tokens", target.url)).json(&body);
+    if let Some(key) = &target.api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| unreachable(&target.url, err))?;
+    if !response.status().is_success() {
+        return Err(problem(response, "cannot get a token").await);
+    }
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|err| fail(1, format!("token answer: {err}")))?;
+    body["token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| fail(1, "the token answer holds no token"))
+}
+
+async fn token_for(target: &Target) -> Result<String, Failure> {
+    match &target.token {
+        Some(token) => Ok(token.clone()),
+        None => mint(target, json!({})).await,
+    }
+}
+
+pub async fn token(args: TokenArgs) -> Result<(), Failure> {
+    let mut body = serde_json::Map::new();
+    if let Some(sub) = args.sub {
+        body.insert("sub".into(), sub.into());
+    }
+    if let Some(list) = args.subscribe {
+        body.insert("subscribe".into(), list.into());
+    }
+    if let Some(list) = args.publish {
+        body.insert("publish".into(), list.into());
+    }
+    if let Some(ttl) = args.ttl_s {
+        body.insert("ttl_s".into(), ttl.into());
+    }
+    println!("{}", mint(&args.target, Value::Object(body)).await?);
+    Ok(())
+}
+
+pub async fn publish(args: PubArgs) -> Result<(), Failure> {
+    let token = token_for(&args.target).await?;
+    let client = http();
+    let send = async |data: Value| -> Result<(), Failure> {
+        let mut event = json!({"channel": args.channel, "type": args.event_type, "data": data});
+        if let Some(key) = &args.key {
+            event["key"] = key.clone().into();
+        }
+        let response = client
+            .post(format!("{}/v1/events", args.target.url))
+            .bearer_auth(&token)
+            .json(&event)
+            .send()
+            .await
+            .map_err(|err| unreachable(&args.target.url, err))?;
+        if !response.status().is_success() {
+            return Err(problem(response, "not published").await);
+        }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        println!("{}", body["events"][0]);
+        Ok(())
+    };
+    let parse = |text: &str| -> Result<Value, Failure> {
+        serde_json::from_str(text)
+            .map_err(|err| fail(EXIT_DATA, format!("data is not JSON ({err}): {text}")))
+    };
+    match args.data.as_deref() {
+        Some(text) if text != "-" => send(parse(text)?).await,
+        _ => {
+            for line in std::io::stdin().lock().lines() {
+                let line = line.map_err(|err| fail(1, format!("stdin: {err}")))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                send(parse(&line)?).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prints the channel's events as JSON lines, following live; reconnects and resumes after the
+/// last printed seq if the connection drops.
+pub async fn tail(args: TailArgs) -> Result<(), Failure> {
+    let ws_url = format!("{}/v1/ws", args.target.url.replacen("http", "ws", 1));
+    let mut after = args.after;
+    let mut printed = 0u64;
+    let mut compact = args.compact;
+    let mut failures = 0u32;
+    loop {
+        let token = token_for(&args.target).await?;
+        match follow(
+            &ws_url,
+            &token,
+            &args.channel,
+            &mut after,
+            compact,
+            &mut printed,
+            args.count,
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err(Some(failure)) => return Err(failure),
+            Err(None) => {
+                // The connection dropped: resume after what was printed, no longer compacted.
+                compact = false;
+                failures += 1;
+                if failures > 30 {
+                    return Err(fail(EXIT_UNAVAILABLE, "the connection keeps dropping"));
+                }
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(failures.min(8)))).await;
+            }
+        }
+    }
+}
+
+/// `Err(None)`: dropped, try again; `Err(Some(_))`: give up with that failure.
+async fn follow(
+    ws_url: &str,
+    token: &str,
+    channel: &str,
+    after: &mut Option<u64>,
+    compact: bool,
+    printed: &mut u64,
+    count: Option<u64>,
+) -> Result<(), Option<Failure>> {
+    let (mut ws, _) = match tokio_tungstenite::connect_async(ws_url).await {
+        Ok(connected) => connected,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let code = if matches!(response.status().as_u16(), 401 | 403) {
+                EXIT_NOPERM
+            } else {
+                EXIT_UNAVAILABLE
+            };
+            return Err(Some(fail(
+                code,
+                format!("WebSocket refused: {}", response.status()),
+            )));
+        }
+        Err(_) if *printed > 0 => return Err(None),
+        Err(err) => {
+            return Err(Some(fail(
+                EXIT_UNAVAILABLE,
+                format!("cannot reach the bus at {ws_url}: {err}"),
+            )));
+        }
+    };
+    let mut subscribe = json!({"op": "subscribe", "channel": channel});
+    if let Some(after) = *after {
+        subscribe["after"] = after.into();
+        if compact {
+            subscribe["compact"] = true.into();
+        }
+    }
+    for frame in [json!({"op": "hello", "token": token}), subscribe] {
+        ws.send(Message::text(frame.to_string()))
+            .await
+            .map_err(|_| None)?;
+    }
+    while let Some(message) = ws.next().await {
+        let text = match message {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Close(frame)) => {
+                let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
+                return match code {
+                    4001 => Err(Some(fail(EXIT_NOPERM, "the token was refused or expired"))),
+                    _ => Err(None),
+                };
+            }
+            Ok(_) => continue,
+            Err(_) => return Err(None),
+        };
+        let frame: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+        match frame["op"].as_str() {
+            Some("subscribed") if after.is_none() => *after = frame["head"].as_u64(),
+            Some("event") => {
+                let seq = frame["event"]["seq"].as_u64().unwrap_or(0);
+                if after.is_some_and(|a| seq <= a) {
+                    continue;
+                }
+                println!("{}", frame["event"]);
+                *after = Some(seq);
+                *printed += 1;
+                if count.is_some_and(|c| *printed >= c) {
+                    return Ok(());
+                }
+            }
+            Some("error") => {
+                let code = match frame["code"].as_str() {
+                    Some("forbidden" | "unauthorized" | "token_expired") => EXIT_NOPERM,
+                    Some("invalid_channel" | "after_beyond_head" | "invalid_frame") => EXIT_DATA,
+                    Some("unavailable") => return Err(None),
+                    _ => 1,
+                };
+                return Err(Some(fail(
+                    code,
+                    format!(
+                        "{}: {}",
+                        frame["code"],
+                        frame["message"].as_str().unwrap_or("")
+                    ),
+                )));
+            }
+            _ => {}
+        }
+    }
+    Err(None)
+}
