@@ -111,3 +111,71 @@ pub fn page_json(
     body.extend_from_slice(format!("],\"next_after\":{next_after},\"head\":{head}}}").as_bytes());
     body
 }
+
+/// `GET /v1/channels?prefix=&after=&limit=`: the channels the caller may read whose names start
+/// with `prefix`, in name order, with their heads; `next_after` pages on.
+pub async fn channels(
+    State(ingest): State<Arc<Ingest>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, Problem> {
+    let verified = ingest.authenticate(&headers).await?;
+    let mut prefix = String::new();
+    let mut after = String::new();
+    let mut limit = DEFAULT_LIMIT;
+    for (name, value) in &query {
+        match name.as_str() {
+            "prefix" => prefix = value.clone(),
+            "after" => after = value.clone(),
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| invalid("limit", "limit must be 1-1000"))?
+            }
+            other => {
+                return Err(invalid(
+                    other,
+                    &format!("unknown query parameter {other:?} (prefix, after, limit)"),
+                ));
+            }
+        }
+    }
+    // Scan in store pages until `limit` readable channels are found or the names run out: what
+    // the caller may not read is skipped, not counted.
+    let mut visible: Vec<serde_json::Value> = Vec::new();
+    let mut cursor = after;
+    let mut full = false;
+    'scan: loop {
+        let page = ingest
+            .store
+            .channels(&prefix, &cursor, MAX_LIMIT)
+            .await
+            .map_err(store_problem)?;
+        let last_page = page.len() < MAX_LIMIT as usize;
+        for (channel, head) in page {
+            cursor = channel.clone();
+            if verified.grant.check_subscribe(&channel).is_ok() {
+                visible.push(serde_json::json!({"channel": channel, "head": head}));
+                if visible.len() == limit as usize {
+                    full = true;
+                    break 'scan;
+                }
+            }
+        }
+        if last_page {
+            break;
+        }
+    }
+    // More may follow only when the page filled up.
+    let next_after = if full {
+        serde_json::Value::String(cursor)
+    } else {
+        serde_json::Value::Null
+    };
+    Ok(
+        axum::Json(serde_json::json!({"channels": visible, "next_after": next_after}))
+            .into_response(),
+    )
+}

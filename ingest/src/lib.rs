@@ -69,6 +69,7 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
     Ok(axum::Router::new()
         .route("/v1/events", post(publish::publish))
         .route("/v1/channels/{channel}/events", get(history::history))
+        .route("/v1/channels", get(history::channels))
         .route(
             "/v1/channels/{channel}/snapshot",
             get(snapshots::get).put(snapshots::put),

@@ -155,6 +155,30 @@ impl StoreClient {
         })
     }
 
+    /// Up to `limit` channels starting with `prefix` after `after` (name order), with heads.
+    pub async fn channels(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let response = self
+            .inner
+            .clone()
+            .list_channels(pb::ListChannelsRequest {
+                prefix: prefix.to_owned(),
+                after: after.to_owned(),
+                limit,
+            })
+            .await?
+            .into_inner();
+        Ok(response
+            .channels
+            .into_iter()
+            .map(|c| (c.channel, c.head))
+            .collect())
+    }
+
     pub async fn head(&self, channel: &str) -> Result<u64, StoreError> {
         Ok(self.bounds(channel).await?.1)
     }

@@ -164,6 +164,21 @@ impl Store for Service {
         }))
     }
 
+    async fn list_channels(
+        &self,
+        request: Request<pb::ListChannelsRequest>,
+    ) -> Result<Response<pb::ListChannelsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = (request.limit as usize).clamp(1, 10_000);
+        let channels = self
+            .log
+            .channels(&request.prefix, &request.after, limit)
+            .into_iter()
+            .map(|(channel, head)| pb::ChannelHead { channel, head })
+            .collect();
+        Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+
     async fn head(
         &self,
         request: Request<pb::HeadRequest>,
