@@ -202,15 +202,8 @@ export class EventBus extends EventTarget {
   async _open() {
     if (this.sse) return this._openSse();
     this._setState("connecting");
-    let token;
-    try {
-      token = await this._token();
-    } catch (error) {
-      this._report(error);
-      this._scheduleReconnect();
-      return;
-    }
-    if (this.closedByUser) return;
+    const token = await this._tokenOrRetry();
+    if (token === null || this.closedByUser) return;
     const socket = new this.WebSocket(this.url);
     this.socket = socket;
     socket.onopen = () => socket.send(JSON.stringify({ op: "hello", token }));
@@ -235,6 +228,17 @@ export class EventBus extends EventTarget {
       this._scheduleReconnect();
     };
     socket.onerror = () => {}; // onclose follows and handles it
+  }
+
+  /** A token for a new connection, or null after scheduling a retry (the token source failed). */
+  async _tokenOrRetry() {
+    try {
+      return await this._token();
+    } catch (error) {
+      this._report(error);
+      this._scheduleReconnect();
+      return null;
+    }
   }
 
   _scheduleReconnect() {
@@ -346,15 +350,8 @@ export class EventBus extends EventTarget {
       this._resolveWelcome?.({ op: "welcome" });
       return;
     }
-    let token;
-    try {
-      token = await this._token();
-    } catch (error) {
-      this._report(error);
-      this._scheduleReconnect();
-      return;
-    }
-    if (this.closedByUser) return;
+    const token = await this._tokenOrRetry();
+    if (token === null || this.closedByUser) return;
     const positions = [];
     for (const channel of channels) {
       const known = [...this.subscriptions]

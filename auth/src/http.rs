@@ -187,19 +187,25 @@ pub struct PresenceApi {
     pub verifier: Verifier,
 }
 
+impl PresenceApi {
+    /// The verified bearer token of a request.
+    async fn caller(&self, headers: &HeaderMap) -> Result<crate::Verified, Problem> {
+        let token = bearer(headers)
+            .ok_or_else(|| Problem::new(Kind::Unauthorized, "send a token as Bearer"))?;
+        self.verifier
+            .verify(token)
+            .await
+            .map_err(|err| Problem::new(Kind::Unauthorized, err.to_string()))
+    }
+}
+
 /// `GET /v1/presence/{channel}`: who is subscribed to a channel now, for whoever may read it.
 pub async fn presence(
     State(api): State<Arc<PresenceApi>>,
     Path(channel): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    let token = bearer(&headers)
-        .ok_or_else(|| Problem::new(Kind::Unauthorized, "send a token as Bearer"))?;
-    let verified = api
-        .verifier
-        .verify(token)
-        .await
-        .map_err(|err| Problem::new(Kind::Unauthorized, err.to_string()))?;
+    let verified = api.caller(&headers).await?;
     if eventbus_router::pattern::is_pattern(&channel) {
         return Err(invalid(
             "channel",
@@ -231,13 +237,7 @@ pub async fn admin_stats(
     State(api): State<Arc<PresenceApi>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    let token = bearer(&headers)
-        .ok_or_else(|| Problem::new(Kind::Unauthorized, "send a service token as Bearer"))?;
-    let verified = api
-        .verifier
-        .verify(token)
-        .await
-        .map_err(|err| Problem::new(Kind::Unauthorized, err.to_string()))?;
+    let verified = api.caller(&headers).await?;
     if verified.grant.role != Role::Service {
         return Err(Problem::new(
             Kind::Forbidden,

@@ -35,13 +35,7 @@ pub async fn history(
                     .parse()
                     .map_err(|_| invalid("after", "after must be a seq (a whole number)"))?
             }
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| invalid("limit", "limit must be 1-1000"))?
-            }
+            "limit" => limit = parse_limit(value)?,
             "compact" => {
                 compact = value
                     .parse()
@@ -66,6 +60,14 @@ pub async fn history(
         })?;
     let body = page_json("", &page.events, after, page.head);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn parse_limit(value: &str) -> Result<u32, Problem> {
+    value
+        .parse()
+        .ok()
+        .filter(|l| (1..=MAX_LIMIT).contains(l))
+        .ok_or_else(|| invalid("limit", "limit must be 1-1000"))
 }
 
 /// May this grant read `channel`'s history (a single channel, subscribe permission)?
@@ -127,13 +129,7 @@ pub async fn channels(
         match name.as_str() {
             "prefix" => prefix = value.clone(),
             "after" => after = value.clone(),
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| invalid("limit", "limit must be 1-1000"))?
-            }
+            "limit" => limit = parse_limit(value)?,
             other => {
                 return Err(invalid(
                     other,
