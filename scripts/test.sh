@@ -27,12 +27,15 @@ cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
 
 # The browser client: its logic under Node's test runner, then the demo in a real Chromium against
 # the eventbus binary the cargo tests just built.
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "chromium is missing; installing Debian's chromium package" >&2
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian's ${missing[*]} for the browser tests" >&2
   sudo_cmd=""
   if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
   $sudo_cmd apt-get update -qq
-  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 (cd web && npm ci --no-audit --no-fund --silent)
 node --test web/test/ 2>&1 | tee -a "$log" | grep -E "^# (pass|fail)" || status=1
