@@ -49,6 +49,7 @@ run() {
       *_LISTEN=*) line="${line%%=*}=127.0.0.1:$port" ;;
       EVENTBUS_STORE_DATA=*) line="EVENTBUS_STORE_DATA=$data/store" ;;
       EVENTBUS_AUTH_KEYS_DIR=*) line="EVENTBUS_AUTH_KEYS_DIR=$data/auth" ;;
+      EVENTBUS_WEBHOOKS_DIR=*) line="EVENTBUS_WEBHOOKS_DIR=$data/webhooks" ;;
     esac
     vars+=("$line")
   done < <(compose_env "$service")

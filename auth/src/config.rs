@@ -82,9 +82,30 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub presence_events: Vec<String>,
-    /// gRPC address of the store, where presence events are written.
+    /// gRPC address of the store, where presence events are written and webhooks read from.
     #[arg(long = "store-url", env = "EVENTBUS_STORE_URL")]
     pub store_url: Option<String>,
+    /// Directory of the webhook registrations and their delivery positions.
+    #[arg(
+        long = "webhooks-dir",
+        env = "EVENTBUS_WEBHOOKS_DIR",
+        default_value = "./data/webhooks"
+    )]
+    pub webhooks_dir: PathBuf,
+    /// Failed attempts in a row after which a webhook is marked dead.
+    #[arg(
+        long = "webhook-max-attempts",
+        env = "EVENTBUS_WEBHOOK_MAX_ATTEMPTS",
+        default_value_t = 10
+    )]
+    pub webhook_max_attempts: u32,
+    /// How often a webhook looks for new events, in milliseconds.
+    #[arg(
+        long = "webhook-poll-ms",
+        env = "EVENTBUS_WEBHOOK_POLL_MS",
+        default_value_t = 250
+    )]
+    pub webhook_poll_ms: u64,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -92,6 +113,8 @@ pub struct Config {
 impl Config {
     /// Defaults with keys in `keys_dir`, for tests and the all-in-one mode.
     pub fn with_keys_dir(keys_dir: PathBuf) -> Self {
+        // `<data>/auth` keeps its webhooks in `<data>/webhooks`.
+        let webhooks_dir = keys_dir.with_file_name("webhooks");
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             keys_dir,
@@ -101,6 +124,9 @@ impl Config {
             max_ttl_s: 86_400,
             presence_events: Vec::new(),
             store_url: None,
+            webhooks_dir,
+            webhook_max_attempts: 10,
+            webhook_poll_ms: 250,
             cors: Default::default(),
         }
     }

@@ -10,6 +10,7 @@ mod http;
 pub mod keys;
 pub mod presence;
 pub mod verifier;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -90,21 +91,32 @@ pub fn service(config: &Config) -> Result<Service, Error> {
             Error::Config(format!("EVENTBUS_PRESENCE_EVENTS: {pattern:?}: {err}"))
         })?;
     }
-    let store = match (&config.store_url, config.presence_events.is_empty()) {
-        (Some(url), false) => Some(
+    let store = match &config.store_url {
+        Some(url) => Some(
             eventbus_store::StoreClient::new(url).map_err(|err| Error::Config(err.to_string()))?,
         ),
-        (None, false) => {
+        None if !config.presence_events.is_empty() => {
             return Err(Error::Config(
                 "EVENTBUS_PRESENCE_EVENTS needs the store: set EVENTBUS_STORE_URL".into(),
             ));
         }
-        (_, true) => None,
+        None => None,
     };
-    let registry = presence::Registry::new(store, config.presence_events.clone());
+    let registry = presence::Registry::new(store.clone(), config.presence_events.clone());
+    let webhooks = webhooks::Webhooks::start(
+        webhooks::Settings {
+            dir: config.webhooks_dir.clone(),
+            max_attempts: config.webhook_max_attempts.max(1),
+            poll: std::time::Duration::from_millis(config.webhook_poll_ms.max(10)),
+            timeout: std::time::Duration::from_secs(10),
+        },
+        store,
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
     let presence_api = Arc::new(http::PresenceApi {
         registry: registry.clone(),
         verifier: Verifier::new(StaticKeys(ring.jwks())),
+        webhooks,
     });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
     let public = axum::Router::new()
@@ -115,6 +127,14 @@ pub fn service(config: &Config) -> Result<Service, Error> {
             axum::Router::new()
                 .route("/v1/presence/{channel}", get(http::presence))
                 .route("/v1/admin/stats", get(http::admin_stats))
+                .route(
+                    "/v1/webhooks",
+                    post(http::register_webhook).get(http::list_webhooks),
+                )
+                .route(
+                    "/v1/webhooks/{id}",
+                    get(http::get_webhook).delete(http::delete_webhook),
+                )
                 .with_state(presence_api),
         )
         .layer(origins.layer());

@@ -76,6 +76,35 @@ pub struct TailArgs {
     pub count: Option<u64>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct WebhooksArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub action: WebhookAction,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum WebhookAction {
+    /// Your webhooks, one JSON line each.
+    List,
+    /// Registers a webhook; prints it (with its id).
+    Add {
+        /// Where to POST events.
+        url: String,
+        /// Channels or patterns, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        channels: Vec<String>,
+        /// The signing secret (16 characters or more).
+        #[arg(long, env = "EVENTBUS_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+    },
+    /// One webhook: state, last error, positions.
+    Show { id: String },
+    /// Deletes a webhook.
+    Delete { id: String },
+}
+
 /// A failure with the exit code it maps to.
 pub struct Failure {
     pub code: i32,
@@ -200,6 +229,46 @@ pub async fn publish(args: PubArgs) -> Result<(), Failure> {
                 }
                 send(parse(&line)?).await?;
             }
+            Ok(())
+        }
+    }
+}
+
+pub async fn webhooks(args: WebhooksArgs) -> Result<(), Failure> {
+    let token = token_for(&args.target).await?;
+    let base = format!("{}/v1/webhooks", args.target.url);
+    let client = http();
+    let request = match &args.action {
+        WebhookAction::List => client.get(&base),
+        WebhookAction::Add {
+            url,
+            channels,
+            secret,
+        } => client
+            .post(&base)
+            .json(&json!({"url": url, "channels": channels, "secret": secret})),
+        WebhookAction::Show { id } => client.get(format!("{base}/{id}")),
+        WebhookAction::Delete { id } => client.delete(format!("{base}/{id}")),
+    };
+    let response = request
+        .bearer_auth(&token)
+        .send()
+        .await
+        .map_err(|err| unreachable(&args.target.url, err))?;
+    if !response.status().is_success() {
+        return Err(problem(response, "webhooks").await);
+    }
+    match args.action {
+        WebhookAction::Delete { .. } => Ok(()),
+        WebhookAction::List => {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            for hook in body["webhooks"].as_array().into_iter().flatten() {
+                println!("{hook}");
+            }
+            Ok(())
+        }
+        _ => {
+            println!("{}", response.json::<Value>().await.unwrap_or(Value::Null));
             Ok(())
         }
     }

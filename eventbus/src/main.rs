@@ -40,6 +40,8 @@ enum Command {
     Pub(eventbus::cli::PubArgs),
     /// Prints a channel's events as JSON lines and follows it live (--after N for history).
     Tail(eventbus::cli::TailArgs),
+    /// Registers, lists, shows and deletes webhooks.
+    Webhooks(eventbus::cli::WebhooksArgs),
     /// Exits 0 when URL answers 2xx (for container healthchecks: `eventbus probe http://127.0.0.1:7003/readyz`).
     Probe {
         url: String,
@@ -63,6 +65,7 @@ async fn main() {
         Command::Token(args) => Some(eventbus::cli::token(args).await),
         Command::Pub(args) => Some(eventbus::cli::publish(args).await),
         Command::Tail(args) => Some(eventbus::cli::tail(args).await),
+        Command::Webhooks(args) => Some(eventbus::cli::webhooks(args).await),
         command => {
             run(command).await;
             None
@@ -91,7 +94,7 @@ async fn run(command: Command) {
     }
     eventbus_runtime::serve_main("eventbus", |shutdown| async move {
         match command {
-            Command::Token(_) | Command::Pub(_) | Command::Tail(_) => {}
+            Command::Token(_) | Command::Pub(_) | Command::Tail(_) | Command::Webhooks(_) => {}
             Command::Serve(config) => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
                 eventbus::serve::run(config, listener, shutdown).await?;

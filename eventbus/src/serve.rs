@@ -40,6 +40,13 @@ pub struct Config {
         default_value = "demo.>"
     )]
     pub presence_events: Vec<String>,
+    /// Failed attempts in a row after which a webhook is marked dead.
+    #[arg(
+        long = "webhook-max-attempts",
+        env = "EVENTBUS_WEBHOOK_MAX_ATTEMPTS",
+        default_value_t = 10
+    )]
+    pub webhook_max_attempts: u32,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -52,6 +59,7 @@ impl Config {
             dev: false,
             api_keys: Vec::new(),
             presence_events: vec!["demo.>".to_owned()],
+            webhook_max_attempts: 10,
             cors: Default::default(),
         }
     }
@@ -80,6 +88,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth_config.api_keys = config.api_keys.clone();
     auth_config.presence_events = config.presence_events.clone();
     auth_config.store_url = Some(store_url.clone());
+    auth_config.webhook_max_attempts = config.webhook_max_attempts;
     auth_config.cors = config.cors.clone();
     let auth = eventbus_auth::service(&auth_config)?;
     let auth_listener = loopback().await?;

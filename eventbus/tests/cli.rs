@@ -12,7 +12,7 @@ use eventbus_testkit::cluster::API_KEY_SECRET;
 #[test]
 fn every_subcommand_has_help() {
     for sub in [
-        "serve", "store", "auth", "ingest", "gateway", "token", "pub", "tail",
+        "serve", "store", "auth", "ingest", "gateway", "token", "pub", "tail", "webhooks",
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
             .args([sub, "--help"])
@@ -152,6 +152,65 @@ async fn pub_and_tail_round_trip_with_reliable_exit_codes() {
     );
     assert_eq!(code(cli(&url, &["tail", "bad..channel"])), Some(65));
     assert_eq!(code(cli(&url, &["pub"])), Some(64), "usage");
+
+    // webhooks: add, list, show, delete; a bad one is bad data.
+    let out = cli(
+        &url,
+        &[
+            "webhooks",
+            "add",
+            "http://127.0.0.1:9/h",
+            "--channels",
+            "cli.*",
+            "--secret",
+            "0123456789abcdef",
+        ],
+    )
+    .output()
+    .expect("run webhooks add");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hook: serde_json::Value = serde_json::from_slice(&out.stdout).expect("webhook JSON");
+    let id = hook["id"].as_str().expect("id").to_owned();
+    let out = cli(&url, &["webhooks", "list"]).output().expect("run list");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    assert!(
+        cli(&url, &["webhooks", "show", &id])
+            .output()
+            .expect("show")
+            .status
+            .success()
+    );
+    assert!(
+        cli(&url, &["webhooks", "delete", &id])
+            .output()
+            .expect("delete")
+            .status
+            .success()
+    );
+    assert_eq!(
+        code(cli(&url, &["webhooks", "show", &id])),
+        Some(1),
+        "gone: 404"
+    );
+    assert_eq!(
+        code(cli(
+            &url,
+            &[
+                "webhooks",
+                "add",
+                "ftp://x",
+                "--channels",
+                "a",
+                "--secret",
+                "0123456789abcdef"
+            ]
+        )),
+        Some(65)
+    );
 
     // token: a client token for an identity.
     let out = cli(

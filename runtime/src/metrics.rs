@@ -39,6 +39,10 @@ pub struct Metrics {
     pub store_fsync_seconds: Histogram,
     /// Bytes of log segments on disk (updated at each retention pass).
     pub store_log_bytes: Gauge,
+    /// Events waiting to be delivered to webhooks, all webhooks together.
+    pub webhook_backlog: Gauge,
+    /// Webhook POSTs that failed (each retry counts).
+    pub webhook_failures: Counter,
 }
 
 impl Metrics {
@@ -62,6 +66,8 @@ impl Metrics {
             store_batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_fsync_seconds: seconds(),
             store_log_bytes: Gauge::default(),
+            webhook_backlog: Gauge::default(),
+            webhook_failures: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -144,6 +150,16 @@ impl Metrics {
             "store_log_bytes",
             "Bytes of log segments on disk (updated at each retention pass)",
             m.store_log_bytes.clone(),
+        );
+        r.register(
+            "webhook_backlog",
+            "Events waiting to be delivered to webhooks",
+            m.webhook_backlog.clone(),
+        );
+        r.register(
+            "webhook_failures",
+            "Webhook deliveries that failed (each attempt)",
+            m.webhook_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -21,6 +21,15 @@ impl AllInOne {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, dev: bool) -> AllInOne {
+        Self::start_with(dir, dev, |_| {}).await
+    }
+
+    /// As [`AllInOne::start_in`], with the settings changed by `tune`.
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        dev: bool,
+        tune: impl FnOnce(&mut eventbus::serve::Config),
+    ) -> AllInOne {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -32,6 +41,7 @@ impl AllInOne {
                 .parse()
                 .expect("api key"),
         ];
+        tune(&mut config);
         let shutdown = Shutdown::new();
         let task = tokio::spawn(eventbus::serve::run(config, listener, shutdown.clone()));
         let base = format!("http://{addr}");

@@ -1,0 +1,252 @@
+//! Webhooks against a real HTTP receiver: every event once, in order per channel, signed; a
+//! receiver that fails its first attempts still gets everything; positions survive a restart;
+//! a receiver that never answers makes the webhook dead with its last error visible; bad
+//! registrations get problem documents.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use common::AllInOne;
+use eventbus_testkit::eventually;
+use serde_json::{Value, json};
+
+const SECRET: &str = "webhook-secret-0123456789";
+
+#[derive(Default)]
+struct Receiver {
+    /// Requests to refuse (503) before accepting.
+    refuse: AtomicU32,
+    attempts: AtomicU32,
+    /// Accepted deliveries, in arrival order.
+    accepted: Mutex<Vec<Value>>,
+}
+
+async fn start_receiver(receiver: Arc<Receiver>) -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let receiver = receiver.clone();
+            async move {
+                receiver.attempts.fetch_add(1, Ordering::SeqCst);
+                if receiver
+                    .refuse
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                // The signature: t=<unix s>,v1=HMAC-SHA256(secret, "<t>.<body>").
+                let header = headers["x-eventbus-signature"].to_str().expect("ascii");
+                let t: u64 = header
+                    .strip_prefix("t=")
+                    .and_then(|r| r.split(',').next())
+                    .and_then(|t| t.parse().ok())
+                    .expect("t=");
+                assert_eq!(header, eventbus_auth::webhooks::signature(SECRET, t, &body));
+                assert_eq!(headers["content-type"], "application/cloudevents+json");
+                let event: Value = serde_json::from_slice(&body).expect("JSON");
+                receiver.accepted.lock().expect("lock").push(event);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn seqs(receiver: &Receiver, channel: &str) -> Vec<u64> {
+    receiver
+        .accepted
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| e["channel"] == channel)
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+#[tokio::test]
+async fn webhooks_deliver_every_event_once_in_order_signed_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_in(dir, false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    api.publish(
+        &service,
+        &json!({"channel": "hooks.a", "type": "before", "data": 0}),
+    )
+    .await;
+
+    let receiver = Arc::new(Receiver::default());
+    receiver.refuse.store(3, Ordering::SeqCst);
+    let url = start_receiver(receiver.clone()).await;
+    let registered = api
+        .send(
+            api.post("/v1/webhooks")
+                .bearer_auth(&service)
+                .json(&json!({"url": url, "channels": ["hooks.*"], "secret": SECRET})),
+        )
+        .await;
+    assert_eq!(registered.status, 201, "{:?}", registered.body);
+    assert!(
+        registered.body.get("secret").is_none(),
+        "the secret is never shown"
+    );
+    let id = registered.body["id"].as_str().expect("id").to_owned();
+
+    for (channel, n) in [("hooks.a", 3), ("hooks.b", 2)] {
+        for i in 0..n {
+            let answer = api
+                .publish(
+                    &service,
+                    &json!({"channel": channel, "type": "t", "data": i}),
+                )
+                .await;
+            assert_eq!(answer.status, 200);
+        }
+    }
+    eventually("5 deliveries", || async {
+        (receiver.accepted.lock().expect("lock").len() >= 5).then_some(())
+    })
+    .await;
+    // Registered after hooks.a#1: that one is not delivered; the rest once each, in order.
+    assert_eq!(seqs(&receiver, "hooks.a"), [2, 3, 4]);
+    assert_eq!(seqs(&receiver, "hooks.b"), [1, 2]);
+    assert!(
+        receiver.attempts.load(Ordering::SeqCst) >= 8,
+        "3 refused, 5 accepted"
+    );
+
+    // A restart keeps the positions: nothing is delivered twice, new events follow.
+    let dir = bus.stop().await;
+    let bus = AllInOne::start_in(dir, false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    api.publish(
+        &service,
+        &json!({"channel": "hooks.b", "type": "t", "data": "after"}),
+    )
+    .await;
+    eventually("the delivery after the restart", || async {
+        (seqs(&receiver, "hooks.b") == [1, 2, 3]).then_some(())
+    })
+    .await;
+    assert_eq!(seqs(&receiver, "hooks.a"), [2, 3, 4]);
+    let shown = api
+        .send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(&service))
+        .await;
+    assert_eq!(shown.status, 200);
+    assert_eq!(shown.body["state"], "active");
+    assert_eq!(shown.body["positions"]["hooks.b"], 3);
+    bus.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |c| c.webhook_max_attempts = 2).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    let registered = api
+        .send(api.post("/v1/webhooks").bearer_auth(&service).json(
+            &json!({"url": "http://127.0.0.1:9/nobody", "channels": ["dead.>"], "secret": SECRET}),
+        ))
+        .await;
+    assert_eq!(registered.status, 201);
+    let id = registered.body["id"].as_str().expect("id").to_owned();
+    api.publish(&service, &json!({"channel": "dead.x", "type": "t"}))
+        .await;
+    let shown = eventually("the webhook to be dead", || async {
+        let shown = api
+            .send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(&service))
+            .await;
+        (shown.body["state"] == "dead").then_some(shown)
+    })
+    .await;
+    assert!(
+        shown.body["last_error"]
+            .as_str()
+            .expect("error")
+            .contains("cannot reach")
+    );
+    assert_eq!(shown.body["failures"], 2);
+
+    // Listing and deleting.
+    let listed = api
+        .send(api.get("/v1/webhooks").bearer_auth(&service))
+        .await;
+    assert_eq!(listed.body["webhooks"].as_array().expect("list").len(), 1);
+    let deleted = api
+        .send(
+            api.delete(&format!("/v1/webhooks/{id}"))
+                .bearer_auth(&service),
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    let again = api
+        .send(
+            api.delete(&format!("/v1/webhooks/{id}"))
+                .bearer_auth(&service),
+        )
+        .await;
+    assert_eq!(again.status, 404);
+    bus.stop().await;
+}
+
+#[tokio::test]
+async fn bad_webhook_registrations_get_problems() {
+    let bus = AllInOne::start(false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    let client = bus
+        .endpoints
+        .auth
+        .client_token(&service, "alice", &["x"], &[])
+        .await;
+    let good = json!({"url": "http://127.0.0.1:9/h", "channels": ["a.*"], "secret": SECRET});
+    let post = |token: Option<String>, body: Value| {
+        let api = api.clone();
+        async move {
+            let mut request = api.post("/v1/webhooks").json(&body);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            api.send(request).await
+        }
+    };
+    assert_eq!(post(None, good.clone()).await.status, 401);
+    assert_eq!(post(Some(client), good.clone()).await.status, 403);
+    let mut cases = Vec::new();
+    for (field, value) in [
+        ("url", json!("ftp://example.com")),
+        ("channels", json!([])),
+        ("channels", json!(["a..b"])),
+        ("secret", json!("short")),
+    ] {
+        let mut body = good.clone();
+        body[field] = value;
+        cases.push((field, body));
+    }
+    let mut unknown = good.clone();
+    unknown["colour"] = json!("red");
+    cases.push(("colour", unknown));
+    cases.push(("body", json!("not an object")));
+    for (what, body) in cases {
+        let answer = post(Some(service.clone()), body).await;
+        assert_eq!(answer.status, 400, "{what}: {:?}", answer.body);
+    }
+    let missing = api
+        .send(api.get("/v1/webhooks/nope").bearer_auth(&service))
+        .await;
+    assert_eq!(missing.status, 404);
+    bus.stop().await;
+}
