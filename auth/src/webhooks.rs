@@ -342,8 +342,26 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
         let mut progressed = false;
         for (channel, _) in behind {
             let after = hook.positions.get(&channel).copied().unwrap_or(0);
-            let Ok(page) = store.read(&channel, after, 100, false).await else {
-                continue;
+            let page = match store.read(&channel, after, 100, false).await {
+                Ok(page) => page,
+                Err(eventbus_store::StoreError::Truncated { first, .. }) => {
+                    // Retention removed events before they were delivered: say so, go on.
+                    {
+                        let mut hooks = webhooks.lock();
+                        if let Some(h) = hooks.get_mut(&id) {
+                            h.positions.insert(channel.clone(), first.saturating_sub(1));
+                            h.last_error = Some(format!(
+                                "{channel}: events {}..{} were removed by retention before delivery",
+                                after + 1,
+                                first.saturating_sub(1)
+                            ));
+                        }
+                    }
+                    let _ = webhooks.save();
+                    progressed = true;
+                    continue;
+                }
+                Err(_) => continue,
             };
             for event in page.events {
                 match deliver(&webhooks, &hook, &event.json, &settings).await {
