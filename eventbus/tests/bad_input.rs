@@ -322,84 +322,69 @@ async fn websocket_bad_input_gets_error_frames_and_close_codes() {
         .await;
     let (mut ws, _) = Ws::hello(&bus.ws, &alice).await;
 
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "inbox.bob"}),
-        "forbidden",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "chat.*"}),
-        "pattern_not_allowed",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "payments"}),
-        "forbidden",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "a..b"}),
-        "invalid_channel",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "orders", "group": "g"}),
-        "group_not_allowed",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "orders", "after": 1_000_000}),
-        "after_beyond_head",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "subscribe", "channel": "orders", "colour": "red"}),
-        "invalid_frame",
-    )
-    .await;
-    expect_error(&mut ws, json!({"op": "dance"}), "unknown_op").await;
-    expect_error(
-        &mut ws,
-        json!({"op": "unsubscribe", "channel": "never"}),
-        "not_subscribed",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "hello", "token": alice}),
-        "already_authenticated",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "publish", "event": {"channel": "orders", "type": "t"}}),
-        "forbidden",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "publish", "event": {"channel": "chat.x"}}),
-        "invalid_event",
-    )
-    .await;
-    expect_error(&mut ws, json!({"op": "publish", "event": {"channel": "chat.x", "type": "t", "data": "x".repeat(70_000)}}), "too_large").await;
     let other = bus
         .auth
         .client_token(&service, "mallory", &["orders"], &[])
         .await;
-    expect_error(
-        &mut ws,
-        json!({"op": "refresh", "token": other}),
-        "identity_mismatch",
-    )
-    .await;
+    // Each refused frame and the code it must get; the connection stays open throughout.
+    let refused = [
+        (
+            json!({"op": "subscribe", "channel": "inbox.bob"}),
+            "forbidden",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "chat.*"}),
+            "pattern_not_allowed",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "payments"}),
+            "forbidden",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "a..b"}),
+            "invalid_channel",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "orders", "group": "g"}),
+            "group_not_allowed",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "orders", "after": 1_000_000}),
+            "after_beyond_head",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "orders", "colour": "red"}),
+            "invalid_frame",
+        ),
+        (json!({"op": "dance"}), "unknown_op"),
+        (
+            json!({"op": "unsubscribe", "channel": "never"}),
+            "not_subscribed",
+        ),
+        (
+            json!({"op": "hello", "token": alice}),
+            "already_authenticated",
+        ),
+        (
+            json!({"op": "publish", "event": {"channel": "orders", "type": "t"}}),
+            "forbidden",
+        ),
+        (
+            json!({"op": "publish", "event": {"channel": "chat.x"}}),
+            "invalid_event",
+        ),
+        (
+            json!({"op": "publish", "event": {"channel": "chat.x", "type": "t", "data": "x".repeat(70_000)}}),
+            "too_large",
+        ),
+        (
+            json!({"op": "refresh", "token": other}),
+            "identity_mismatch",
+        ),
+    ];
+    for (frame, code) in refused {
+        expect_error(&mut ws, frame, code).await;
+    }
     ws.send_raw(Message::text("not json")).await;
     assert_eq!(ws.recv().await["code"], "bad_frame");
     ws.send_raw(Message::binary(vec![1, 2, 3])).await;
