@@ -47,6 +47,14 @@ pub struct Config {
         default_value_t = 10
     )]
     pub webhook_max_attempts: u32,
+    /// Seconds an event `id` is remembered per channel, so that a retry is answered with the first
+    /// result instead of stored again.
+    #[arg(
+        long = "dedupe-window-s",
+        env = "EVENTBUS_STORE_DEDUPE_WINDOW_S",
+        default_value_t = 86_400
+    )]
+    pub dedupe_window_s: u64,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -60,6 +68,7 @@ impl Config {
             api_keys: Vec::new(),
             presence_events: vec!["demo.>".to_owned()],
             webhook_max_attempts: 10,
+            dedupe_window_s: 86_400,
             cors: Default::default(),
         }
     }
@@ -75,7 +84,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let store_listener = loopback().await?;
     let store_url = format!("http://{}", store_listener.local_addr()?);
-    let store_config = eventbus_store::Config::with_data(config.data.join("store"));
+    let mut store_config = eventbus_store::Config::with_data(config.data.join("store"));
+    store_config.dedupe_window_s = config.dedupe_window_s;
     let store = tokio::spawn(eventbus_store::run(
         store_config,
         store_listener,

@@ -67,6 +67,7 @@ impl Config {
             dedupe_max_ids: self.dedupe_max_ids,
             retention: self.retention.clone(),
             checkpoint_bytes: self.checkpoint_bytes,
+            clock: crate::log::Clock::system(),
         }
     }
 

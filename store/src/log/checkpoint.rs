@@ -7,17 +7,21 @@
 //! everything before it. Written to a temporary file, fsync'd, renamed over the old one.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::codec::{Input, Output};
 use super::dedupe::Dedupe;
 use super::index::{ChannelIndex, Index, Location, SegmentInfo};
 use super::{LogError, segments};
 
+/// The last two characters are the format version: a reader ignores a checkpoint of any other
+/// version (and rebuilds from the segments) rather than misreading it.
 const MAGIC: &[u8; 8] = b"EBCKPT01";
 
+const NAME: &str = "index.ckpt";
+
 pub fn path_of(dir: &Path) -> PathBuf {
-    dir.join("index.ckpt")
+    dir.join(NAME)
 }
 
 /// Where the checkpoint's knowledge ends: every record before this position is in it.
@@ -27,24 +31,6 @@ pub struct Position {
     pub offset: u64,
 }
 
-struct Out(Vec<u8>);
-
-impl Out {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn str(&mut self, v: &str) {
-        self.u32(v.len() as u32);
-        self.0.extend_from_slice(v.as_bytes());
-    }
-}
-
 /// Writes the checkpoint durably.
 pub fn write(
     dir: &Path,
@@ -52,14 +38,14 @@ pub fn write(
     dedupe: &Dedupe,
     covered: Position,
 ) -> Result<(), LogError> {
-    let mut out = Out(Vec::with_capacity(
+    let mut out = Output::with_capacity(
         64 + index
             .channels
             .values()
             .map(|c| c.locations.len() * 16)
             .sum::<usize>(),
-    ));
-    out.0.extend_from_slice(MAGIC);
+    );
+    out.bytes(MAGIC);
     out.u32(covered.segment);
     out.u64(covered.offset);
 
@@ -113,49 +99,9 @@ pub fn write(
         out.str(&key);
         out.u64(seq);
     }
-    let crc = crc32c::crc32c(&out.0);
-    out.u32(crc);
+    let bytes = out.finish();
 
-    let path = path_of(dir);
-    let tmp = dir.join(".index.ckpt.tmp");
-    let io = |err| LogError::io(&tmp, err);
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(&out.0).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(|err| LogError::io(&path, err))?;
-    segments::sync_dir(dir)
-}
-
-struct In<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> In<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let out = self.buf.get(self.pos..self.pos.checked_add(n)?)?;
-        self.pos += n;
-        Some(out)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<&'a str> {
-        let len = self.u32()? as usize;
-        std::str::from_utf8(self.take(len)?).ok()
-    }
-    /// A count of items each at least `min_size` bytes: refused if the rest cannot hold them, so
-    /// a damaged count cannot make us allocate wildly.
-    fn count(&mut self, min_size: usize) -> Option<usize> {
-        let n = usize::try_from(self.u64()?).ok()?;
-        (n.checked_mul(min_size)? <= self.buf.len() - self.pos).then_some(n)
-    }
+    segments::replace_durably(dir, NAME, &bytes)
 }
 
 pub struct Loaded {
@@ -167,16 +113,12 @@ pub struct Loaded {
 /// Reads the checkpoint; `None` when there is none or it is damaged (the caller then rebuilds
 /// from the segments).
 pub fn read(dir: &Path) -> Option<Loaded> {
-    let bytes = std::fs::read(path_of(dir)).ok()?;
-    let body_len = bytes.len().checked_sub(4)?;
-    let crc = u32::from_le_bytes(bytes[body_len..].try_into().ok()?);
-    if crc32c::crc32c(&bytes[..body_len]) != crc {
-        return None;
-    }
-    let mut input = In {
-        buf: &bytes[..body_len],
-        pos: 0,
-    };
+    decode(&std::fs::read(path_of(dir)).ok()?)
+}
+
+/// Decodes a checkpoint's bytes; `None` when they are damaged in any way.
+pub fn decode(bytes: &[u8]) -> Option<Loaded> {
+    let mut input = Input::checked(bytes)?;
     if input.take(8)? != MAGIC {
         return None;
     }
@@ -209,6 +151,11 @@ pub fn read(dir: &Path) -> Option<Loaded> {
         channel.keys = map;
         for _ in 0..input.count(16)? {
             let (start, end) = (input.u64()?, input.u64()?);
+            // Keyless seqs are retained seqs: never more of them than locations.
+            let run = end.checked_sub(start)?.checked_add(1)?;
+            if channel.keyless.len() as u64 + run > n as u64 {
+                return None;
+            }
             channel.keyless.extend(start..=end);
         }
         index.channels.insert(name, channel);
@@ -232,7 +179,7 @@ pub fn read(dir: &Path) -> Option<Loaded> {
         let key: std::sync::Arc<str> = std::sync::Arc::from(input.str()?);
         window.push((time, key, input.u64()?));
     }
-    (input.pos == input.buf.len()).then_some(Loaded {
+    input.is_empty().then_some(Loaded {
         index,
         window,
         covered,

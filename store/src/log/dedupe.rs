@@ -48,6 +48,10 @@ impl Dedupe {
     }
 
     pub fn insert_key(&mut self, key: String, seq: u64, time_ms: u64) {
+        // Recovery reads records the checkpoint or the manifest may already have restored.
+        if self.seen.get(key.as_str()) == Some(&seq) {
+            return;
+        }
         let key: Arc<str> = Arc::from(key);
         self.seen.insert(key.clone(), seq);
         self.order.push_back((time_ms, key, seq));
@@ -92,8 +96,27 @@ impl Dedupe {
         self.order.reserve(n);
     }
 
-    /// Remembers an entry read back from a checkpoint.
+    /// The entries of events below their channel's first retained seq (`firsts`; absent: 1),
+    /// oldest first: what the retention manifest keeps of the events it lets go.
+    pub fn entries_below(&self, firsts: &HashMap<String, u64>) -> Vec<(u64, Arc<str>, u64)> {
+        self.order
+            .iter()
+            .filter(|(_, key, seq)| {
+                self.seen.get(key) == Some(seq)
+                    && key
+                        .split_once('\n')
+                        .and_then(|(channel, _)| firsts.get(channel))
+                        .is_some_and(|first| seq < first)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Remembers an entry read back from a checkpoint or the retention manifest.
     pub fn restore(&mut self, time_ms: u64, key: Arc<str>, seq: u64) {
+        if self.seen.get(&key) == Some(&seq) {
+            return;
+        }
         self.seen.insert(key.clone(), seq);
         self.order.push_back((time_ms, key, seq));
         while self.order.len() > self.max_ids {

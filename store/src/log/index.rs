@@ -158,6 +158,14 @@ impl Index {
         }
     }
 
+    /// Forgets everything known of `channel`, whose next record has seq `seq`: recovery found
+    /// the seqs in between gone with segments retention deleted.
+    pub fn restart_channel(&mut self, channel: &str, seq: u64) {
+        if let Some(index) = self.channels.get_mut(channel) {
+            *index = ChannelIndex::starting_at(seq);
+        }
+    }
+
     /// Sealed segments none of whose records is retained any more.
     pub fn dead_segments(&self, active: u32) -> Vec<u32> {
         self.segments

@@ -4,15 +4,22 @@
 //! Readers only ever see committed records: the index is updated after the data is durable.
 
 mod checkpoint;
+mod codec;
 mod dedupe;
+#[cfg(test)]
+mod fault_model;
+#[cfg(test)]
+mod faults;
+mod format;
 mod index;
 mod record;
 pub mod retention;
+mod retired;
 mod segments;
 pub mod snapshots;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -44,6 +51,38 @@ pub struct Options {
     /// The index is checkpointed after this many bytes of log (and at every clean close), which
     /// bounds how much a restart after a crash scans.
     pub checkpoint_bytes: u64,
+    /// Where commit times and retention ages come from: the system clock but in tests.
+    pub clock: Clock,
+}
+
+/// A source of "now" in Unix milliseconds.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock(Arc::new(now_ms))
+    }
+
+    pub fn new(now: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+
+    pub fn now(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
 }
 
 impl Options {
@@ -56,6 +95,7 @@ impl Options {
             dedupe_max_ids: 2_000_000,
             retention: Vec::new(),
             checkpoint_bytes: 1024 * 1024 * 1024,
+            clock: Clock::system(),
         }
     }
 }
@@ -131,11 +171,19 @@ pub type Committed = mpsc::UnboundedReceiver<Vec<StoredEvent>>;
 struct Shared {
     dir: PathBuf,
     index: RwLock<Index>,
+    /// The idempotency window. The writer holds it while it assigns seqs; retention reads it to
+    /// keep the entries of the events it lets go.
+    dedupe: Mutex<Dedupe>,
     files: RwLock<HashMap<u32, Arc<File>>>,
     failed: AtomicBool,
     /// The segment being written: never deleted by retention.
     active: AtomicU32,
     retention: Vec<Rule>,
+    /// One retention pass at a time: each writes the manifest its deletions rely on.
+    retention_pass: Mutex<()>,
+    clock: Clock,
+    #[cfg(test)]
+    faults: faults::Faults,
 }
 
 /// What a start had to do to recover.
@@ -145,6 +193,8 @@ pub struct Recovery {
     pub from_checkpoint: bool,
     /// Records read from the segments (those the checkpoint did not cover).
     pub scanned_events: u64,
+    /// Channels whose seqs jumped over segments retention had deleted.
+    pub retired_jumps: u64,
 }
 
 pub struct Log {
@@ -160,6 +210,7 @@ impl Log {
     pub fn open(options: Options) -> Result<(Log, Committed), LogError> {
         let dir = options.dir.clone();
         std::fs::create_dir_all(&dir).map_err(|err| LogError::io(&dir, err))?;
+        format::check_and_mark(&dir)?;
         let started = std::time::Instant::now();
         let mut list = segments::list(&dir)?;
         if list.is_empty() {
@@ -167,12 +218,23 @@ impl Log {
             list.push(0);
         }
         let mut dedupe = Dedupe::new(options.dedupe_window_ms, options.dedupe_max_ids);
+        // What retention let go: written before it deleted anything, so it explains every gap a
+        // deletion left, crash or not.
+        let retired = retired::read(&dir).unwrap_or_else(|err| {
+            warn!(cause = %err, "the retention manifest cannot be read; gaps in channels will be taken as retention's");
+            Default::default()
+        }).unwrap_or_default();
+        dedupe.reserve(retired.window.len());
+        for (time, key, seq) in retired.window {
+            dedupe.restore(time, key, seq);
+        }
+        let present: HashSet<u32> = list.iter().copied().collect();
         // A checkpoint spares scanning what it covers; anything odd about it and we rebuild.
         let loaded = checkpoint::read(&dir).filter(|loaded| {
             let covered = loaded.covered;
             // The newest covered segment is where damage happens in practice (recent writes, a
             // disk that lied about a flush): its covered part is checked record by record.
-            let usable = list.contains(&covered.segment)
+            let usable = present.contains(&covered.segment)
                 && std::fs::metadata(segments::path_of(&dir, covered.segment)).is_ok_and(|m| m.len() >= covered.offset)
                 && segments::verify_prefix(&dir, covered.segment, covered.offset).unwrap_or(false);
             if !usable {
@@ -193,17 +255,17 @@ impl Log {
                     dedupe.restore(time, key, seq);
                 }
                 let mut index = loaded.index;
-                // Segments that retention deleted after the checkpoint was written are gone.
-                index.segments.retain(|number, _| list.contains(number));
+                // Segments that retention deleted after the checkpoint was written are gone, and
+                // with them every seq up to the newest one they held.
+                index.segments.retain(|number, _| present.contains(number));
                 for channel in index.channels.values_mut() {
-                    let mut first = channel.first;
-                    while channel
-                        .location(first)
-                        .is_some_and(|l| !list.contains(&l.segment))
+                    if let Some(gone) = channel
+                        .locations
+                        .iter()
+                        .rposition(|l| !present.contains(&l.segment))
                     {
-                        first += 1;
+                        channel.truncate_below(channel.first + gone as u64 + 1);
                     }
-                    channel.truncate_below(first);
                 }
                 (index, loaded.covered)
             }
@@ -218,6 +280,7 @@ impl Log {
         let mut files = HashMap::new();
         let mut active_len = 0;
         let mut events = 0u64;
+        let mut retired_jumps = 0u64;
         for (i, &segment) in list.iter().enumerate() {
             let is_last = i + 1 == list.len();
             files.insert(segment, Arc::new(segments::open_read(&dir, segment)?));
@@ -230,14 +293,32 @@ impl Log {
                 0
             };
             let len = segments::scan(&dir, segment, from, is_last, |record, offset, len| {
-                let head = index.channels.get(record.channel).map(|c| c.head());
-                if head.is_some_and(|head| record.seq != head + 1) {
-                    return Err(LogError::Invalid(format!(
-                        "channel {} jumps from seq {} to {}",
-                        record.channel,
-                        head.unwrap_or_default(),
-                        record.seq
-                    )));
+                if let Some(head) = index.channels.get(record.channel).map(|c| c.head()) {
+                    if record.seq <= head {
+                        return Err(LogError::Invalid(format!(
+                            "channel {} goes back from seq {head} to {}",
+                            record.channel, record.seq
+                        )));
+                    }
+                    if record.seq > head + 1 {
+                        // Only retention removes records, and only whole segments of records it
+                        // let go: everything before this seq is history no longer kept.
+                        let explained = retired
+                            .firsts
+                            .get(record.channel)
+                            .is_some_and(|first| record.seq <= *first);
+                        if !explained {
+                            warn!(
+                                channel = record.channel,
+                                from = head,
+                                to = record.seq,
+                                segment,
+                                "a channel jumps over seqs the retention manifest does not account for; the history before it is treated as let go"
+                            );
+                        }
+                        retired_jumps += 1;
+                        index.restart_channel(record.channel, record.seq);
+                    }
                 }
                 let location = Location {
                     segment,
@@ -260,7 +341,12 @@ impl Log {
                 active_len = len;
             }
         }
-        dedupe.expire(now_ms());
+        for (channel, first) in &retired.firsts {
+            if let Some(index) = index.channels.get_mut(channel) {
+                index.truncate_below(*first);
+            }
+        }
+        dedupe.expire(options.clock.now());
         let active = *list.last().unwrap_or(&0);
         info!(
             dir = %dir.display(),
@@ -268,6 +354,7 @@ impl Log {
             channels = index.channels.len(),
             scanned_events = events,
             from_checkpoint,
+            retired_jumps,
             remembered_ids = dedupe.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "log recovered"
@@ -280,10 +367,15 @@ impl Log {
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             index: RwLock::new(index),
+            dedupe: Mutex::new(dedupe),
             files: RwLock::new(files),
             failed: AtomicBool::new(false),
             active: AtomicU32::new(active),
             retention: options.retention.clone(),
+            retention_pass: Mutex::new(()),
+            clock: options.clock.clone(),
+            #[cfg(test)]
+            faults: Default::default(),
         });
         let (jobs_tx, jobs_rx) = mpsc::channel(4096);
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
@@ -297,7 +389,6 @@ impl Log {
             active_len,
             file,
             heads,
-            dedupe,
             committed: committed_tx,
         };
         let handle = std::thread::Builder::new()
@@ -308,6 +399,7 @@ impl Log {
             recovery: Recovery {
                 from_checkpoint,
                 scanned_events: events,
+                retired_jumps,
             },
             shared,
             snapshot_lock: tokio::sync::Mutex::new(()),
@@ -315,7 +407,7 @@ impl Log {
             writer: Mutex::new(Some(handle)),
         };
         // What retention let go before the restart stays gone, before anyone reads.
-        log.enforce_retention(now_ms())?;
+        log.enforce_retention(options.clock.now())?;
         Ok((log, committed_rx))
     }
 
@@ -435,34 +527,76 @@ impl Log {
 
     /// Applies the retention rules as of `now_ms`, and deletes the segments nothing retained lives
     /// in any more. Returns (events let go, segments deleted).
+    ///
+    /// Before the first deletion, the retention manifest (every channel's first retained seq, and
+    /// the idempotency entries of the events let go) is made durable: a crash at any point after
+    /// it leaves gaps that the next start can explain, and ids it still recognises.
     pub fn enforce_retention(&self, now_ms: u64) -> Result<(u64, usize), LogError> {
-        let (dropped, dead) = {
+        let _one_pass = self
+            .shared
+            .retention_pass
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (dropped, dead, firsts) = {
             let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
-            let dropped = retention::apply(&mut index, &self.shared.retention, now_ms);
-            let dead = index.dead_segments(self.shared.active.load(Ordering::Acquire));
+            let active = self.shared.active.load(Ordering::Acquire);
+            let dropped = retention::apply(&mut index, &self.shared.retention, now_ms, active);
+            let dead = index.dead_segments(active);
+            let firsts: HashMap<String, u64> = if dead.is_empty() {
+                HashMap::new()
+            } else {
+                index
+                    .channels
+                    .iter()
+                    .filter(|(_, channel)| channel.first > 1)
+                    .map(|(name, channel)| (name.clone(), channel.first))
+                    .collect()
+            };
+            (dropped, dead, firsts)
+        };
+        if dead.is_empty() {
+            return Ok((dropped, 0));
+        }
+        let window = self
+            .shared
+            .dedupe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries_below(&firsts);
+        retired::write(&self.shared.dir, &retired::Retired { firsts, window })?;
+        {
+            let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
             for segment in &dead {
                 index.segments.remove(segment);
             }
-            (dropped, dead)
-        };
+        }
         {
             let mut files = self.shared.files.write().unwrap_or_else(|p| p.into_inner());
             for segment in &dead {
                 files.remove(segment);
             }
         }
-        for segment in &dead {
+        // A test may crash this pass with only some deletions done (or made durable).
+        #[cfg(test)]
+        let crash_after = self.shared.faults.take_delete_mask();
+        #[cfg(not(test))]
+        let crash_after: Option<u64> = None;
+        for (i, segment) in dead.iter().enumerate() {
+            if crash_after.is_some_and(|mask| mask & (1 << (i % 64)) == 0) {
+                continue;
+            }
             let path = segments::path_of(&self.shared.dir, *segment);
             std::fs::remove_file(&path).map_err(|err| LogError::io(&path, err))?;
         }
-        if !dead.is_empty() {
-            segments::sync_dir(&self.shared.dir)?;
-            info!(
-                segments = dead.len(),
-                events = dropped,
-                "retention deleted old segments"
-            );
+        if crash_after.is_some() {
+            return Err(LogError::Failed);
         }
+        segments::sync_dir(&self.shared.dir)?;
+        info!(
+            segments = dead.len(),
+            events = dropped,
+            "retention deleted old segments"
+        );
         Ok((dropped, dead.len()))
     }
 
@@ -521,6 +655,17 @@ impl Log {
 
     /// Waits for the writer to finish what it was given, then stops it.
     pub fn close(self) {
+        let Log { jobs, writer, .. } = self;
+        drop(jobs);
+        if let Some(handle) = writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// Stops as a crash would: no checkpoint, nothing tidied; what reached the files stays.
+    #[cfg(test)]
+    pub(crate) fn crash(self) {
+        self.shared.faults.crashed.store(true, Ordering::Release);
         let Log { jobs, writer, .. } = self;
         drop(jobs);
         if let Some(handle) = writer.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -53,7 +53,11 @@ impl FromStr for Rule {
 
 /// Moves every channel's first retained seq forward as its rule says; returns how many events were
 /// let go. Keeps at least the newest event of a channel, so its head stays known.
-pub fn apply(index: &mut Index, rules: &[Rule], now_ms: u64) -> u64 {
+///
+/// Age goes by whole sealed segments (a segment's newest record), as the deletion does: the
+/// segment being written (`active`) still grows, so nothing in it is let go by age. That keeps the
+/// first retained seq a function of what is on disk, so a restart recomputes no earlier one.
+pub fn apply(index: &mut Index, rules: &[Rule], now_ms: u64, active: u32) -> u64 {
     if rules.is_empty() {
         return 0;
     }
@@ -85,6 +89,7 @@ pub fn apply(index: &mut Index, rules: &[Rule], now_ms: u64) -> u64 {
             while first < head {
                 let old = channel
                     .location(first)
+                    .filter(|l| l.segment != active)
                     .and_then(|l| segments.get(&l.segment))
                     .is_some_and(|segment| segment.newest_ms < horizon);
                 if !old {

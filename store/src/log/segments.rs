@@ -1,5 +1,5 @@
 //! Segment files: the log is a directory of `<number>.seg` files, each append-only, the newest one
-//! open for writing. Recovery scans them in order and cuts a torn or corrupt tail off the newest.
+//! open for writing. Recovery scans them in order and cuts a torn tail off the newest.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -50,6 +50,20 @@ pub fn open_append(dir: &Path, segment: u32) -> Result<File, LogError> {
     Ok(file)
 }
 
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old file or the new one, never a
+/// mix: a temporary file written and fsync'd, renamed over the old one, the directory fsync'd.
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |err| LogError::io(&tmp, err);
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(|err| LogError::io(&path, err))?;
+    sync_dir(dir)
+}
+
 pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -58,8 +72,13 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
 
 /// Reads every valid record of one segment from byte `start`, calling `visit` with each record and
 /// its offset.
-/// Returns the length of the valid prefix. When `is_last`, an invalid tail is cut off the file;
-/// elsewhere it is an error, since a sealed segment was fully durable before the next one began.
+/// Returns the length of the valid prefix. When `is_last`, a torn tail (what a crash leaves of a
+/// write that was never synced, so never acknowledged) is cut off the file; elsewhere an invalid
+/// record is an error, since a sealed segment was fully durable before the next one began.
+///
+/// A record that decodes and passes its checksum is never cut: an error from `visit`, or a valid
+/// record anywhere after the invalid bytes (damage in the middle of the log, not a torn tail),
+/// refuses to start instead.
 pub fn scan(
     dir: &Path,
     segment: u32,
@@ -87,10 +106,11 @@ pub fn scan(
     while offset < data.len() {
         match record::decode(&data[offset..]) {
             Ok((record, len)) => {
-                if let Err(err) = visit(&record, offset as u64, len as u32) {
-                    failure = Some(err.to_string());
-                    break;
-                }
+                visit(&record, offset as u64, len as u32).map_err(|err| LogError::Corrupt {
+                    path: path.clone(),
+                    offset: offset as u64,
+                    cause: err.to_string(),
+                })?;
                 offset += len;
             }
             Err(err) => {
@@ -107,12 +127,21 @@ pub fn scan(
                 cause,
             });
         }
+        if let Some(valid) = next_valid_record(&data, offset + 1) {
+            return Err(LogError::Corrupt {
+                path,
+                offset: offset as u64,
+                cause: format!(
+                    "{cause}, yet a valid record follows at byte {valid}: the log is damaged in the middle, not torn at its end; refusing to cut acknowledged records"
+                ),
+            });
+        }
         warn!(
             segment = %path.display(),
             offset,
             cut_bytes = data.len() - offset,
             cause,
-            "cutting a torn or corrupt tail off the log"
+            "cutting a torn tail off the log"
         );
         let file = OpenOptions::new()
             .write(true)
@@ -123,6 +152,11 @@ pub fn scan(
         file.sync_all().map_err(|err| LogError::io(&path, err))?;
     }
     Ok(offset as u64)
+}
+
+/// The offset of the first whole, checksummed record at or after `from`, trying every byte.
+fn next_valid_record(data: &[u8], from: usize) -> Option<usize> {
+    (from..data.len()).find(|&at| record::decode(&data[at..]).is_ok())
 }
 
 /// Whether the first `end` bytes of a segment are whole, valid records: how a checkpoint's claim

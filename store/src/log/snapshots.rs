@@ -2,8 +2,6 @@
 //! latest snapshot plus the events after it instead of replaying from seq 1. One file per channel
 //! holds the latest snapshot: `[seq u64][crc32c u32][len u32][data]`, replaced atomically.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -60,17 +58,10 @@ pub fn read(dir: &Path, channel: &str) -> Result<Option<Snapshot>, LogError> {
 /// Replaces the snapshot of `channel`; durable when this returns.
 pub fn write(dir: &Path, channel: &str, snapshot: &Snapshot) -> Result<(), LogError> {
     std::fs::create_dir_all(dir).map_err(|err| LogError::io(dir, err))?;
-    let path = path_of(dir, channel);
-    let tmp = dir.join(format!(".{channel}.snap.tmp"));
-    let io = |err| LogError::io(&tmp, err);
-    let mut file = File::create(&tmp).map_err(io)?;
-    file.write_all(&snapshot.seq.to_le_bytes()).map_err(io)?;
-    file.write_all(&crc32c::crc32c(&snapshot.data).to_le_bytes())
-        .map_err(io)?;
-    file.write_all(&(snapshot.data.len() as u32).to_le_bytes())
-        .map_err(io)?;
-    file.write_all(&snapshot.data).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(|err| LogError::io(&path, err))?;
-    segments::sync_dir(dir)
+    let mut bytes = Vec::with_capacity(16 + snapshot.data.len());
+    bytes.extend_from_slice(&snapshot.seq.to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&snapshot.data).to_le_bytes());
+    bytes.extend_from_slice(&(snapshot.data.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&snapshot.data);
+    segments::replace_durably(dir, &format!("{channel}.snap"), &bytes)
 }

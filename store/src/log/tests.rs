@@ -301,7 +301,8 @@ async fn a_clean_restart_loads_the_checkpoint_and_a_damaged_one_is_rebuilt() {
         log.recovery(),
         Recovery {
             from_checkpoint: true,
-            scanned_events: 0
+            scanned_events: 0,
+            retired_jumps: 0,
         }
     );
     let after = (
@@ -335,7 +336,8 @@ async fn a_clean_restart_loads_the_checkpoint_and_a_damaged_one_is_rebuilt() {
         log.recovery(),
         Recovery {
             from_checkpoint: false,
-            scanned_events: 41
+            scanned_events: 41,
+            retired_jumps: 0,
         }
     );
     assert_eq!(log.head("a"), 41);

@@ -12,10 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::checkpoint;
-use super::dedupe::{self, Dedupe};
+use super::dedupe;
 use super::index::Location;
 use super::record::{self, Record};
-use super::{Appended, Entry, LogError, Shared, now_ms, segments};
+use super::{Appended, Entry, LogError, Shared, segments};
 
 /// A group commit stops taking more work past this many bytes, to bound latency and memory.
 const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
@@ -35,7 +35,6 @@ pub struct Writer {
     pub active_len: u64,
     pub file: File,
     pub heads: HashMap<String, u64>,
-    pub dedupe: Dedupe,
     pub committed: mpsc::UnboundedSender<Vec<StoredEvent>>,
 }
 
@@ -72,6 +71,10 @@ impl Writer {
                 return;
             }
         }
+        #[cfg(test)]
+        if self.shared.faults.crashed.load(Ordering::Acquire) {
+            return;
+        }
         // A clean stop leaves a checkpoint, so the next start scans nothing.
         if let Err(err) = self.checkpoint() {
             warn!(cause = %err, "cannot write the index checkpoint; the next start rebuilds the index");
@@ -87,7 +90,8 @@ impl Writer {
         };
         {
             let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-            checkpoint::write(&self.shared.dir, &index, &self.dedupe, covered)?;
+            let dedupe = self.shared.dedupe.lock().unwrap_or_else(|p| p.into_inner());
+            checkpoint::write(&self.shared.dir, &index, &dedupe, covered)?;
         }
         self.since_checkpoint = 0;
         debug!(
@@ -99,8 +103,9 @@ impl Writer {
 
     fn commit(&mut self, group: Vec<Job>, buf: &mut Vec<u8>) -> Result<(), LogError> {
         buf.clear();
-        let time_ms = now_ms();
-        self.dedupe.expire(time_ms);
+        let time_ms = self.shared.clock.now();
+        let mut dedupe = self.shared.dedupe.lock().unwrap_or_else(|p| p.into_inner());
+        dedupe.expire(time_ms);
         // Per job, per entry: its seq and whether it was a duplicate. Strings stay in the entries
         // and move into the answers at the end: nothing per event is cloned for bookkeeping.
         let mut outcomes: Vec<Vec<(u64, bool)>> = Vec::with_capacity(group.len());
@@ -109,7 +114,7 @@ impl Writer {
             let mut outcome = Vec::with_capacity(job.entries.len());
             for (entry_index, entry) in job.entries.iter().enumerate() {
                 let dedupe_key = dedupe::key(&entry.channel, &entry.id);
-                if let Some(seq) = self.dedupe.get_key(&dedupe_key) {
+                if let Some(seq) = dedupe.get_key(&dedupe_key) {
                     outcome.push((seq, true));
                     continue;
                 }
@@ -136,7 +141,7 @@ impl Writer {
                     },
                     buf,
                 );
-                self.dedupe.insert_key(dedupe_key, seq, time_ms);
+                dedupe.insert_key(dedupe_key, seq, time_ms);
                 pending.push(Pending {
                     job: job_index,
                     entry: entry_index,
@@ -148,6 +153,7 @@ impl Writer {
             }
             outcomes.push(outcome);
         }
+        drop(dedupe);
 
         if !buf.is_empty()
             && let Err(err) = self.write_durably(buf)
@@ -229,6 +235,14 @@ impl Writer {
             self.roll()?;
         }
         let path = segments::path_of(&self.shared.dir, self.active);
+        #[cfg(test)]
+        if let Some(torn) = self.shared.faults.take_torn_write() {
+            // A crash in the middle of the write: a prefix reached the file, nothing was synced.
+            self.file
+                .write_all(&buf[..torn.min(buf.len())])
+                .map_err(|err| LogError::io(&path, err))?;
+            return Err(LogError::io(&path, std::io::Error::other("injected crash")));
+        }
         self.file
             .write_all(buf)
             .map_err(|err| LogError::io(&path, err))?;

@@ -1,0 +1,361 @@
+//! The store as its own process, killed with SIGKILL: under concurrent publishers (with and
+//! without retention deleting segments between the kills), and at the exact point where retention
+//! has deleted the middle of the log. Nothing acknowledged is lost, nothing is stored twice, and
+//! the store always starts again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_testkit::cluster::Endpoints;
+use eventbus_testkit::http::Http;
+use eventbus_testkit::process::Process;
+use eventbus_testkit::{Cluster, NatsServer, eventually, free_port};
+use serde_json::{Value, json};
+
+const EVENTBUS: &str = env!("CARGO_BIN_EXE_eventbus");
+
+async fn store(port: u16, nats: &NatsServer, data: &Path, envs: &[(&str, &str)]) -> Process {
+    let listen = format!("127.0.0.1:{port}");
+    let nats_url = nats.url();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("EVENTBUS_STORE_LISTEN", &listen),
+        ("EVENTBUS_NATS_URL", &nats_url),
+        ("EVENTBUS_STORE_DATA", data.to_str().expect("path")),
+    ];
+    all.extend_from_slice(envs);
+    Process::start(EVENTBUS, &["store"], &all, port).await
+}
+
+/// Publishes `count` events with ids `<name>-<i>`, retrying each until it is acknowledged; returns
+/// the acknowledged (id, seq) pairs.
+async fn publisher(
+    api: Http,
+    token: String,
+    name: String,
+    channel: String,
+    count: usize,
+    acked: Arc<Mutex<usize>>,
+) -> Vec<(String, u64)> {
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = format!("{name}-{i}");
+        let event = json!({"id": id, "channel": channel, "type": "tick", "data": i});
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = api
+                .post("/v1/events")
+                .bearer_auth(&token)
+                .json(&event)
+                .timeout(Duration::from_secs(10))
+                .await_ok()
+                .await;
+            if let Some(answer) = answer.filter(|a| a.0 == 200) {
+                out.push((
+                    id.clone(),
+                    answer.1["events"][0]["seq"].as_u64().expect("seq"),
+                ));
+                *acked.lock().expect("lock") += 1;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} was never acknowledged"
+            );
+            // Any non-200 means "not stored, retry": back off briefly while the store restarts.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    out
+}
+
+trait AwaitOk {
+    async fn await_ok(self) -> Option<(u16, Value)>;
+}
+
+impl AwaitOk for reqwest::RequestBuilder {
+    async fn await_ok(self) -> Option<(u16, Value)> {
+        let response = self.send().await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Some((status, body))
+    }
+}
+
+/// Every event of `channel` from its first retained seq: (first, seq → id).
+async fn retained(bus: &Endpoints, token: &str, channel: &str) -> (u64, BTreeMap<u64, String>) {
+    let bounds = bus.api.history(token, channel, "after=0&limit=1").await;
+    let first = match bounds.status.as_u16() {
+        200 => 1,
+        410 => bounds.body["first_seq"].as_u64().expect("first_seq"),
+        other => panic!("{channel}: {other} {}", bounds.body),
+    };
+    let mut after = first - 1;
+    let mut events = BTreeMap::new();
+    loop {
+        let page = bus
+            .api
+            .history(token, channel, &format!("after={after}&limit=1000"))
+            .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let list = page.body["events"].as_array().expect("events").clone();
+        for event in &list {
+            let seq = event["seq"].as_u64().expect("seq");
+            assert_eq!(seq, after + 1, "{channel}: retained seqs have no gaps");
+            after = seq;
+            events.insert(seq, event["id"].as_str().expect("id").to_owned());
+        }
+        if list.is_empty() {
+            assert_eq!(
+                page.body["head"], after,
+                "{channel}: history ends at the head"
+            );
+            return (first, events);
+        }
+    }
+}
+
+/// Four publishers on two channels (a retry loop each), the store killed `cycles` times.
+async fn kill_the_store_under_load(channel_prefix: &str, tuning: &[(&str, &str)]) {
+    let cycles: usize = std::env::var("EVENTBUS_CRASH_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(20);
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_port = free_port();
+    let data = dir.path().join("store");
+    let mut store = store(store_port, &nats, &data, tuning).await;
+    let cluster = Cluster::start_with_store(Some(format!("http://127.0.0.1:{store_port}"))).await;
+    let bus = cluster.endpoints.clone();
+    let token = bus.service_token().await;
+    // A channel without retention in the first segment: that segment outlives the ones after it.
+    let keep = bus
+        .api
+        .publish(
+            &token,
+            &json!({"id": "keep-1", "channel": "keep", "type": "kept"}),
+        )
+        .await;
+    assert_eq!(keep.status, 200, "{}", keep.body);
+
+    let acked = Arc::new(Mutex::new(0usize));
+    let per_publisher = 40 * cycles.max(1);
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        publishers.push(tokio::spawn(publisher(
+            bus.api.clone(),
+            token.clone(),
+            format!("p{p}"),
+            format!("{channel_prefix}.c{}", p % 2),
+            per_publisher,
+            acked.clone(),
+        )));
+    }
+    for cycle in 0..cycles {
+        let target = (cycle + 1) * per_publisher * 4 / (cycles + 1);
+        let progress = acked.clone();
+        eventually("publishers to make progress", || {
+            let count = *progress.lock().expect("lock");
+            async move { (count >= target).then_some(()) }
+        })
+        .await;
+        store.restart().await;
+    }
+    let mut acknowledged: BTreeMap<String, u64> = BTreeMap::new();
+    for publisher in publishers {
+        for (id, seq) in publisher.await.expect("publisher") {
+            assert!(acknowledged.insert(id, seq).is_none());
+        }
+    }
+    assert_eq!(acknowledged.len(), 4 * per_publisher);
+    let channel_of = |id: &str| {
+        let publisher: usize = id[1..2].parse().expect("publisher number");
+        format!("{channel_prefix}.c{}", publisher % 2)
+    };
+
+    // A retry of an acknowledged id, after the store restarted, is the same event: same seq,
+    // nothing new stored, whether or not retention has let the event go since.
+    for (i, (id, seq)) in acknowledged.iter().enumerate().filter(|(i, _)| i % 5 == 0) {
+        let answer = bus
+            .api
+            .publish(
+                &token,
+                &json!({"id": id, "channel": channel_of(id), "type": "tick", "data": i}),
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body["events"][0]["seq"], *seq, "retry of {id}");
+        assert_eq!(answer.body["events"][0]["duplicate"], true, "retry of {id}");
+    }
+
+    // Every acknowledged event that retention still keeps is stored once, at the seq it was
+    // acknowledged with; every seq up to the head was handed out once, to an acknowledged event.
+    let mut stored: HashMap<String, u64> = HashMap::new();
+    let mut firsts = Vec::new();
+    for c in 0..2 {
+        let channel = format!("{channel_prefix}.c{c}");
+        let (first, events) = retained(&bus, &token, &channel).await;
+        let in_channel = acknowledged
+            .keys()
+            .filter(|id| channel_of(id) == channel)
+            .count() as u64;
+        let head = events.keys().last().copied().unwrap_or(0);
+        assert_eq!(
+            head, in_channel,
+            "{channel}: one seq per acknowledged event"
+        );
+        firsts.push(first);
+        for (seq, id) in events {
+            assert!(
+                stored.insert(id.clone(), seq).is_none(),
+                "{id} is stored twice"
+            );
+        }
+    }
+    for (id, seq) in &acknowledged {
+        let first = firsts[if channel_of(id).ends_with("c0") { 0 } else { 1 }];
+        if *seq >= first {
+            assert_eq!(
+                stored.get(id),
+                Some(seq),
+                "acknowledged event {id} is missing or moved"
+            );
+        }
+    }
+    let (_, keep) = retained(&bus, &token, "keep").await;
+    assert_eq!(keep.into_values().collect::<Vec<_>>(), ["keep-1"]);
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_killed_under_load_loses_nothing_acknowledged() {
+    kill_the_store_under_load(
+        "durable",
+        // Checkpoint the index every few KiB and roll segments often, so restarts load
+        // checkpoints that a kill left behind the log and scan the tail after them.
+        &[
+            ("EVENTBUS_STORE_CHECKPOINT_BYTES", "8192"),
+            ("EVENTBUS_STORE_SEGMENT_BYTES", "65536"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_killed_while_retention_deletes_segments_loses_nothing_it_keeps() {
+    kill_the_store_under_load(
+        "tmp",
+        // Small segments, a pass every second keeping 60 events a channel: segments die between
+        // most kills, while the first one stays for `keep`'s event. No checkpoint (kills leave
+        // none), so every start scans the whole log across the holes retention left.
+        &[
+            ("EVENTBUS_STORE_SEGMENT_BYTES", "8192"),
+            ("EVENTBUS_STORE_RETENTION", "tmp.>:max_events=60"),
+            ("EVENTBUS_STORE_RETENTION_INTERVAL_S", "1"),
+        ],
+    )
+    .await;
+}
+
+fn segments(data: &Path) -> Vec<u32> {
+    let mut found: Vec<u32> = std::fs::read_dir(data)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_unstable();
+    found
+}
+
+/// Issue 11's reproduction: one event to `keep` and five to `tmp.x` share the first segment;
+/// `tmp.x` then fills several segments alone, retention deletes them (the first stays for `keep`),
+/// and the store is killed. It used to refuse to start ("channel tmp.x jumps from seq 5 to …"),
+/// or to cut every acknowledged record after the jump when it fell in the newest segment.
+#[tokio::test]
+async fn a_store_killed_after_retention_deleted_the_middle_of_the_log_starts_with_everything() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let data = dir.path().join("store");
+    let mut store = store(
+        port,
+        &nats,
+        &data,
+        &[
+            ("EVENTBUS_STORE_SEGMENT_BYTES", "65536"),
+            ("EVENTBUS_STORE_RETENTION", "tmp.>:max_events=1"),
+            ("EVENTBUS_STORE_RETENTION_INTERVAL_S", "1"),
+        ],
+    )
+    .await;
+    let cluster = Cluster::start_with_store(Some(format!("http://127.0.0.1:{port}"))).await;
+    let bus = cluster.endpoints.clone();
+    let token = bus.service_token().await;
+    let publish = |body: Value| {
+        let bus = bus.clone();
+        let token = token.clone();
+        async move {
+            let answer = bus.api.publish(&token, &body).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            answer.body
+        }
+    };
+    publish(json!({"id": "keep-0", "channel": "keep", "type": "t"})).await;
+    for i in 0..5 {
+        publish(json!({"id": format!("x-{i}"), "channel": "tmp.x", "type": "t"})).await;
+    }
+    let big = "x".repeat(2000);
+    for batch in 0..15 {
+        let events: Vec<Value> = (0..20)
+            .map(|i| {
+                let n = 5 + batch * 20 + i;
+                json!({"id": format!("x-{n}"), "channel": "tmp.x", "type": "t", "data": big})
+            })
+            .collect();
+        publish(Value::Array(events)).await;
+    }
+    for i in 1..=20 {
+        publish(json!({"id": format!("keep-{i}"), "channel": "keep", "type": "t"})).await;
+    }
+    let before = segments(&data);
+    assert!(
+        before.len() >= 8,
+        "tmp.x filled several segments: {before:?}"
+    );
+    eventually("retention to delete the middle segments", || {
+        let now = segments(&data);
+        async move { (now.first() == Some(&0) && !now.contains(&1)).then_some(()) }
+    })
+    .await;
+
+    // kill -9, and the store must come back: Process::restart waits for /healthz.
+    store.restart().await;
+    let (first, events) = retained(&bus, &token, "tmp.x").await;
+    assert_eq!(events.keys().last(), Some(&305), "tmp.x keeps its head");
+    assert!(
+        first > 5,
+        "tmp.x's let-go history stays let go (first {first})"
+    );
+    let (keep_first, keep) = retained(&bus, &token, "keep").await;
+    assert_eq!(keep_first, 1);
+    assert_eq!(
+        keep.values().cloned().collect::<Vec<_>>(),
+        (0..=20).map(|i| format!("keep-{i}")).collect::<Vec<_>>(),
+        "every event of keep is there, in order"
+    );
+    // Nothing is handed out twice: new events continue both channels, and a retry of an event
+    // that retention let go is still a duplicate.
+    let next = publish(json!({"id": "x-new", "channel": "tmp.x", "type": "t"})).await;
+    assert_eq!(next["events"][0]["seq"], 306);
+    let next = publish(json!({"id": "keep-new", "channel": "keep", "type": "t"})).await;
+    assert_eq!(next["events"][0]["seq"], 22);
+    let retry = publish(json!({"id": "x-7", "channel": "tmp.x", "type": "t"})).await;
+    assert_eq!(retry["events"][0]["seq"], 8);
+    assert_eq!(retry["events"][0]["duplicate"], true);
+    cluster.stop().await;
+}
