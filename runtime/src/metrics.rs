@@ -39,6 +39,8 @@ pub struct Metrics {
     pub store_fsync_seconds: Histogram,
     /// Bytes of log segments on disk (updated at each retention pass).
     pub store_log_bytes: Gauge,
+    /// Committed events not handed to the backbone because its queue was full.
+    pub store_backbone_dropped: Counter,
     /// Events waiting to be delivered to webhooks, all webhooks together.
     pub webhook_backlog: Gauge,
     /// Webhook POSTs that failed (each retry counts).
@@ -66,6 +68,7 @@ impl Metrics {
             store_batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_fsync_seconds: seconds(),
             store_log_bytes: Gauge::default(),
+            store_backbone_dropped: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_failures: Counter::default(),
             registry: Registry::default(),
@@ -150,6 +153,11 @@ impl Metrics {
             "store_log_bytes",
             "Bytes of log segments on disk (updated at each retention pass)",
             m.store_log_bytes.clone(),
+        );
+        r.register(
+            "store_backbone_dropped_events",
+            "Committed events not handed to the backbone because its queue was full (gateways refill them from the log)",
+            m.store_backbone_dropped.clone(),
         );
         r.register(
             "webhook_backlog",

@@ -68,6 +68,7 @@ impl Config {
             retention: self.retention.clone(),
             checkpoint_bytes: self.checkpoint_bytes,
             clock: crate::log::Clock::system(),
+            backbone_queue: 4096,
         }
     }
 

@@ -65,6 +65,21 @@ async fn bad_requests_get_clear_errors() {
         Err(StoreError::Invalid(_))
     ));
 
+    // Fields the record codec could not read back are refused, never acknowledged: a direct gRPC
+    // caller skips ingest's validation.
+    let mut long_key = event("orders", 5);
+    long_key.key = Some("k".repeat(70_000));
+    let mut long_id = event("orders", 6);
+    long_id.id = "i".repeat(129);
+    let mut huge = event("orders", 7);
+    huge.body = format!(r#"{{"data":"{}"}}"#, "x".repeat(33 * 1024 * 1024)).into_bytes();
+    for (what, bad) in [("key", long_key), ("id", long_id), ("event", huge)] {
+        match store.append(vec![bad]).await {
+            Err(StoreError::Invalid(message)) => assert!(message.contains(what), "{message}"),
+            other => panic!("expected a refusal of the {what}, got {other:?}"),
+        }
+    }
+
     match store.read("orders", 3, 10, false).await {
         Err(StoreError::OutOfRange(message)) => {
             assert!(message.contains("beyond the head"), "{message}")

@@ -53,6 +53,8 @@ pub struct Options {
     pub checkpoint_bytes: u64,
     /// Where commit times and retention ages come from: the system clock but in tests.
     pub clock: Clock,
+    /// Committed batches waiting for the backbone, at most; past it new ones are dropped.
+    pub backbone_queue: usize,
 }
 
 /// A source of "now" in Unix milliseconds.
@@ -96,6 +98,7 @@ impl Options {
             retention: Vec::new(),
             checkpoint_bytes: 1024 * 1024 * 1024,
             clock: Clock::system(),
+            backbone_queue: 4096,
         }
     }
 }
@@ -165,8 +168,10 @@ pub struct ReadResult {
     pub first: u64,
 }
 
-/// Events committed by the writer, in commit order, for the backbone.
-pub type Committed = mpsc::UnboundedReceiver<Vec<StoredEvent>>;
+/// Events committed by the writer, in commit order, for the backbone. Bounded: when whoever
+/// publishes them falls behind, the writer drops batches (and counts them) rather than wait or grow;
+/// gateways repair what the backbone never carried from the log.
+pub type Committed = mpsc::Receiver<Vec<StoredEvent>>;
 
 struct Shared {
     dir: PathBuf,
@@ -378,7 +383,7 @@ impl Log {
             faults: Default::default(),
         });
         let (jobs_tx, jobs_rx) = mpsc::channel(4096);
-        let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+        let (committed_tx, committed_rx) = mpsc::channel(options.backbone_queue.max(1));
         let file = segments::open_append(&dir, active)?;
         let state = writer::Writer {
             shared: shared.clone(),
@@ -415,6 +420,10 @@ impl Log {
     pub async fn append(&self, entries: Vec<Entry>) -> Result<Vec<Appended>, LogError> {
         if self.shared.failed.load(Ordering::Acquire) {
             return Err(LogError::Failed);
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            record::check(&entry.channel, &entry.id, entry.key.as_deref(), &entry.body)
+                .map_err(|cause| LogError::Invalid(format!("event {i}: {cause}")))?;
         }
         let (reply, answer) = oneshot::channel();
         self.jobs

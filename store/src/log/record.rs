@@ -61,8 +61,34 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> usize {
     out.len() - start
 }
 
+/// Whether a record of these fields can be encoded and read back: what every append is checked
+/// against before it is written, so that nothing acknowledged is unreadable.
+pub fn check(channel: &str, id: &str, key: Option<&str>, body: &[u8]) -> Result<(), String> {
+    for (name, value) in [("channel", Some(channel)), ("id", Some(id)), ("key", key)] {
+        if let Some(value) = value
+            && value.len() > u16::MAX as usize
+        {
+            return Err(format!(
+                "{name} is {} bytes; a record holds at most {}",
+                value.len(),
+                u16::MAX
+            ));
+        }
+    }
+    let fixed = 8 + 8 + 2 + 2 + 1 + 4 + key.map_or(0, |_| 2);
+    let payload = fixed + channel.len() + id.len() + key.map_or(0, str::len) + body.len();
+    if payload > MAX_PAYLOAD_LEN {
+        return Err(format!(
+            "the event is {} bytes; a record holds at most {}",
+            body.len(),
+            MAX_PAYLOAD_LEN - (payload - body.len())
+        ));
+    }
+    Ok(())
+}
+
 fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Channel, id and key are bounded far below 64 KiB by the model's validation.
+    // Every append passed `check`, so the length fits.
     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
     out.extend_from_slice(bytes);
 }
@@ -178,6 +204,40 @@ mod tests {
         let (decoded, used) = decode(&buf).unwrap();
         assert_eq!(decoded, sample());
         assert_eq!(used, len);
+    }
+
+    #[test]
+    fn check_admits_exactly_what_decodes() {
+        let body = vec![b'x'; 100];
+        assert!(check("c", "i", Some("k"), &body).is_ok());
+        let long = "k".repeat(u16::MAX as usize + 1);
+        assert!(
+            check("c", "i", Some(&long), &body)
+                .unwrap_err()
+                .contains("key")
+        );
+        assert!(check("c", &long, None, &body).unwrap_err().contains("id"));
+        let fixed = 8 + 8 + 2 + 1 + 2 + 1 + 1 + 4;
+        let largest = vec![0u8; MAX_PAYLOAD_LEN - fixed];
+        assert!(check("c", "i", None, &largest).is_ok());
+        let mut buf = Vec::new();
+        let record = Record {
+            body: &largest,
+            key: None,
+            ..sample()
+        };
+        let record = Record {
+            channel: "c",
+            id: "i",
+            ..record
+        };
+        encode(&record, &mut buf);
+        assert!(
+            decode(&buf).is_ok(),
+            "the largest record checked in reads back"
+        );
+        let over = vec![0u8; MAX_PAYLOAD_LEN - fixed + 1];
+        assert!(check("c", "i", None, &over).is_err());
     }
 
     #[test]

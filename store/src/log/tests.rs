@@ -347,3 +347,37 @@ async fn a_clean_restart_loads_the_checkpoint_and_a_damaged_one_is_rebuilt() {
     );
     log.close();
 }
+
+#[tokio::test]
+async fn a_full_backbone_queue_drops_and_counts_but_never_holds_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, mut committed) = Log::open(Options {
+        backbone_queue: 2,
+        ..Options::new(dir.path().to_owned())
+    })
+    .unwrap();
+    let dropped = || {
+        eventbus_runtime::metrics::metrics()
+            .store_backbone_dropped
+            .get()
+    };
+    let before = dropped();
+    // Nobody drains the queue: the first two batches wait in it, the other three are dropped.
+    for i in 0..5 {
+        let appended = log
+            .append(vec![entry("a", &format!("e{i}"), None, false)])
+            .await
+            .unwrap();
+        assert_eq!(appended[0].seq, i + 1);
+    }
+    assert!(dropped() >= before + 3, "drops are counted");
+    assert_eq!(committed.recv().await.unwrap()[0].seq, 1);
+    assert_eq!(committed.recv().await.unwrap()[0].seq, 2);
+    assert!(committed.try_recv().is_err(), "the queue holds at most two");
+    // What the backbone never carried is in the log.
+    assert_eq!(
+        seqs(&log.read("a", 0, 10, false).await.unwrap()),
+        vec![1, 2, 3, 4, 5]
+    );
+    log.close();
+}

@@ -35,7 +35,7 @@ pub struct Writer {
     pub active_len: u64,
     pub file: File,
     pub heads: HashMap<String, u64>,
-    pub committed: mpsc::UnboundedSender<Vec<StoredEvent>>,
+    pub committed: mpsc::Sender<Vec<StoredEvent>>,
 }
 
 struct Pending {
@@ -218,7 +218,13 @@ impl Writer {
             let _ = job.reply.send(Ok(results));
         }
         if !committed.is_empty() {
-            let _ = self.committed.send(committed);
+            let events = committed.len() as u64;
+            if let Err(mpsc::error::TrySendError::Full(_)) = self.committed.try_send(committed) {
+                // Never wait for the backbone: the log is the truth, and the gateways refill.
+                eventbus_runtime::metrics::metrics()
+                    .store_backbone_dropped
+                    .inc_by(events);
+            }
         }
         if self.since_checkpoint >= self.checkpoint_bytes
             && let Err(err) = self.checkpoint()
