@@ -88,6 +88,9 @@ struct Inner {
     settings: Settings,
     store: Option<StoreClient>,
     hooks: Mutex<BTreeMap<String, Webhook>>,
+    /// Held across serialise, write, fsync and rename: one writer of the file at a time, and the
+    /// state written last is the newest.
+    saving: Mutex<()>,
     tasks: Mutex<BTreeMap<String, JoinHandle<()>>>,
     http: reqwest::Client,
 }
@@ -145,6 +148,7 @@ impl Webhooks {
                 settings,
                 store,
                 hooks: Mutex::new(hooks),
+                saving: Mutex::new(()),
                 tasks: Mutex::default(),
                 http,
             }),
@@ -166,6 +170,7 @@ impl Webhooks {
     }
 
     fn save(&self) -> Result<(), WebhookError> {
+        let _one_writer = self.inner.saving.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = serde_json::to_vec_pretty(&*self.lock())
             .map_err(|e| WebhookError::Io(e.to_string()))?;
         let dir = &self.inner.settings.dir;

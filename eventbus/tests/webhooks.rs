@@ -250,3 +250,89 @@ async fn bad_webhook_registrations_get_problems() {
     assert_eq!(missing.status, 404);
     bus.stop().await;
 }
+
+/// Registrations and deliveries all save the webhook file at once: it must stay whole (auth
+/// refused to start on a torn one), hold every registration, and every position saved after a
+/// delivery. Several worker threads, as in production, so that saves really overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_and_deliveries_keep_the_webhook_file_whole() {
+    const HOOKS: usize = 12;
+    const EVENTS: usize = 10;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_in(dir, false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    let receiver = Arc::new(Receiver::default());
+    let url = start_receiver(receiver.clone()).await;
+    for i in 0..HOOKS {
+        let answer = api
+            .publish(
+                &service,
+                &json!({"channel": format!("race.{i}"), "type": "t"}),
+            )
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..HOOKS {
+        let (api, service, url) = (api.clone(), service.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let registered = api
+                .send(api.post("/v1/webhooks").bearer_auth(&service).json(
+                    &json!({"url": url, "channels": [format!("race.{i}")], "secret": SECRET}),
+                ))
+                .await;
+            assert_eq!(registered.status, 201, "{:?}", registered.body);
+            for n in 0..EVENTS {
+                let answer = api
+                    .publish(
+                        &service,
+                        &json!({"channel": format!("race.{i}"), "type": "t", "data": n}),
+                    )
+                    .await;
+                assert_eq!(answer.status, 200);
+            }
+            registered.body["id"].as_str().expect("id").to_owned()
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.expect("task"));
+    }
+    let head = 1 + EVENTS as u64;
+    let all_delivered = |api: eventbus_testkit::http::Http, service: String| async move {
+        let listed = api
+            .send(api.get("/v1/webhooks").bearer_auth(&service))
+            .await;
+        let hooks = listed.body["webhooks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        (hooks.len() == HOOKS
+            && hooks.iter().all(|h| {
+                let channel = h["channels"][0].as_str().unwrap_or_default();
+                h["positions"][channel] == head
+            }))
+        .then_some(hooks)
+    };
+    eventually("every event delivered to every webhook", || {
+        all_delivered(api.clone(), service.clone())
+    })
+    .await;
+
+    let dir = bus.stop().await;
+    let bus = AllInOne::start_in(dir, false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    let hooks = all_delivered(api, service)
+        .await
+        .expect("after a restart: every registration, every position as delivered");
+    let mut found: Vec<String> = hooks
+        .iter()
+        .map(|h| h["id"].as_str().expect("id").to_owned())
+        .collect();
+    found.sort();
+    ids.sort();
+    assert_eq!(found, ids);
+    bus.stop().await;
+}
