@@ -58,6 +58,14 @@ pub struct PubArgs {
     /// Key of the event (compaction).
     #[arg(long)]
     pub key: Option<String>,
+    /// The event's id (with stdin, each line gets this id plus `-<line number>`). By default a new
+    /// UUID v7: every event is sent with an id, so a retry can never store it twice.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Attempts after the first when the bus is unreachable or answers 429/503 (whose outcome
+    /// may be unknown): the same event, same id, after 0.25 s, 0.5 s, 1 s, ...
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -196,38 +204,62 @@ pub async fn token(args: TokenArgs) -> Result<(), Failure> {
 pub async fn publish(args: PubArgs) -> Result<(), Failure> {
     let token = token_for(&args.target).await?;
     let client = http();
-    let send = async |data: Value| -> Result<(), Failure> {
-        let mut event = json!({"channel": args.channel, "type": args.event_type, "data": data});
+    let send = async |data: Value, id: String| -> Result<(), Failure> {
+        let mut event =
+            json!({"id": id, "channel": args.channel, "type": args.event_type, "data": data});
         if let Some(key) = &args.key {
             event["key"] = key.clone().into();
         }
-        let response = client
-            .post(format!("{}/v1/events", args.target.url))
-            .bearer_auth(&token)
-            .json(&event)
-            .send()
-            .await
-            .map_err(|err| unreachable(&args.target.url, err))?;
-        if !response.status().is_success() {
-            return Err(problem(response, "not published").await);
+        let mut attempt = 0;
+        loop {
+            let outcome = client
+                .post(format!("{}/v1/events", args.target.url))
+                .bearer_auth(&token)
+                .json(&event)
+                .send()
+                .await;
+            let failure = match outcome {
+                Ok(response) if response.status().is_success() => {
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    println!("{}", body["events"][0]);
+                    return Ok(());
+                }
+                Ok(response) => {
+                    let retry = matches!(response.status().as_u16(), 429 | 503);
+                    let failure = problem(response, "not published").await;
+                    if !retry {
+                        return Err(failure);
+                    }
+                    failure
+                }
+                Err(err) => unreachable(&args.target.url, err),
+            };
+            if attempt >= args.retries {
+                return Err(failure);
+            }
+            eprintln!("{}; retrying with the same id {id}", failure.message);
+            tokio::time::sleep(Duration::from_millis(250 << attempt.min(6))).await;
+            attempt += 1;
         }
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        println!("{}", body["events"][0]);
-        Ok(())
+    };
+    let id_for = |line: Option<usize>| match (&args.id, line) {
+        (Some(id), None) => id.clone(),
+        (Some(id), Some(n)) => format!("{id}-{n}"),
+        (None, _) => uuid::Uuid::now_v7().to_string(),
     };
     let parse = |text: &str| -> Result<Value, Failure> {
         serde_json::from_str(text)
             .map_err(|err| fail(EXIT_DATA, format!("data is not JSON ({err}): {text}")))
     };
     match args.data.as_deref() {
-        Some(text) if text != "-" => send(parse(text)?).await,
+        Some(text) if text != "-" => send(parse(text)?, id_for(None)).await,
         _ => {
-            for line in std::io::stdin().lock().lines() {
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
                 let line = line.map_err(|err| fail(1, format!("stdin: {err}")))?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                send(parse(&line)?).await?;
+                send(parse(&line)?, id_for(Some(n + 1))).await?;
             }
             Ok(())
         }

@@ -131,6 +131,24 @@ async fn pub_and_tail_round_trip_with_reliable_exit_codes() {
     assert_eq!(seqs, [1, 2, 3, 4]);
     assert_eq!(events[3]["data"], "four");
     assert!(tail.wait().expect("tail").success());
+    // Every event is sent with an id, so a retry is never stored twice.
+    assert!(
+        events
+            .iter()
+            .all(|e| e["id"].as_str().is_some_and(|id| !id.is_empty()))
+    );
+    let again = |id: &str| {
+        let out = cli(&url, &["pub", "--id", id, "cli.demo", "greeting", "5"])
+            .output()
+            .expect("run pub --id");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("ack JSON")
+    };
+    assert_eq!(again("five")["duplicate"], false);
+    let retried = again("five");
+    assert_eq!(
+        (&retried["seq"], &retried["duplicate"]),
+        (&5.into(), &true.into())
+    );
 
     // Exit codes: bad data 65, bad credentials 77, forbidden 77, unreachable 69.
     let code = |mut c: Command| c.output().expect("run").status.code();

@@ -359,3 +359,88 @@ async fn a_store_killed_after_retention_deleted_the_middle_of_the_log_starts_wit
     assert_eq!(retry["events"][0]["duplicate"], true);
     cluster.stop().await;
 }
+
+/// A store that stops answering after it received an append (SIGSTOP: a stalled machine, its
+/// sockets open): ingest answers 503 saying the outcome is unknown, and once the store goes on
+/// (SIGCONT) a retry with the same id is answered as a duplicate. The event is stored once.
+#[tokio::test]
+async fn a_store_paused_past_the_timeout_makes_the_outcome_unknown_and_a_retry_safe() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store_port, auth_port, ingest_port) = (free_port(), free_port(), free_port());
+    let store_url = format!("http://127.0.0.1:{store_port}");
+    let auth_url = format!("http://127.0.0.1:{auth_port}");
+    let store = store(store_port, &nats, &dir.path().join("store"), &[]).await;
+    let api_keys = format!(
+        "{}:{}",
+        eventbus_testkit::cluster::API_KEY_NAME,
+        eventbus_testkit::cluster::API_KEY_SECRET
+    );
+    let auth_listen = format!("127.0.0.1:{auth_port}");
+    let _auth = Process::start(
+        EVENTBUS,
+        &["auth"],
+        &[
+            ("EVENTBUS_AUTH_LISTEN", &auth_listen),
+            (
+                "EVENTBUS_AUTH_KEYS_DIR",
+                dir.path().join("auth").to_str().expect("path"),
+            ),
+            ("EVENTBUS_API_KEYS", &api_keys),
+        ],
+        auth_port,
+    )
+    .await;
+    let ingest_listen = format!("127.0.0.1:{ingest_port}");
+    let _ingest = Process::start(
+        EVENTBUS,
+        &["ingest"],
+        &[
+            ("EVENTBUS_INGEST_LISTEN", &ingest_listen),
+            ("EVENTBUS_STORE_URL", &store_url),
+            ("EVENTBUS_AUTH_URL", &auth_url),
+            ("EVENTBUS_STORE_TIMEOUT_MS", "1000"),
+        ],
+        ingest_port,
+    )
+    .await;
+    let api = Http::new(&format!("http://127.0.0.1:{ingest_port}"));
+    let token = Http::new(&auth_url)
+        .token(Some(eventbus_testkit::cluster::API_KEY_SECRET), json!({}))
+        .await;
+    let event = |id: &str| json!({"id": id, "channel": "paused", "type": "t"});
+    assert_eq!(api.publish(&token, &event("before")).await.status, 200);
+
+    store.signal("STOP");
+    let answer = api.publish(&token, &event("in-doubt")).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.body["outcome"], "unknown", "{}", answer.body);
+    let detail = answer.body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("same ids"),
+        "the problem says to retry with the same id: {detail}"
+    );
+    store.signal("CONT");
+
+    // The append the store received before it froze goes through once it runs again.
+    eventually("the paused append to land", || {
+        let (api, token) = (api.clone(), token.clone());
+        async move {
+            let page = api.history(&token, "paused", "after=0").await;
+            (page.body["head"] == 2).then_some(())
+        }
+    })
+    .await;
+    let retry = api.publish(&token, &event("in-doubt")).await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(retry.body["events"][0]["seq"], 2);
+    assert_eq!(retry.body["events"][0]["duplicate"], true);
+    let page = api.history(&token, "paused", "after=0").await;
+    let ids: Vec<&str> = page.body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["before", "in-doubt"], "stored once");
+}

@@ -77,10 +77,7 @@ impl Config {
     pub fn new(store_url: String, auth_url: String) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            upstream: eventbus_runtime::upstream::Args {
-                store_url,
-                auth_url,
-            },
+            upstream: eventbus_runtime::upstream::Args::new(store_url, auth_url),
             id: None,
             queue_len: 2048,
             max_frame_bytes: 128 * 1024,

@@ -528,7 +528,7 @@ impl Conn {
                     json!({"op": "error", "code": "unavailable", "message": "the store gave no answer; not stored, retry"})
                 }
                 Err(err) => {
-                    json!({"op": "error", "code": "unavailable", "message": format!("not stored, retry: {err}")})
+                    json!({"op": "error", "code": "unavailable", "message": err.to_string()})
                 }
             };
             let _ = answers.send(frames::with_ref(answer, reference.as_deref()));

@@ -98,8 +98,9 @@ pub fn service(
     shutdown: Shutdown,
 ) -> Result<Service, Error> {
     let connections = TaskTracker::new();
-    let store = StoreClient::new(&config.upstream.store_url)
-        .map_err(|err| Error::Config(err.to_string()))?;
+    let store =
+        StoreClient::with_timeout(&config.upstream.store_url, config.upstream.store_timeout())
+            .map_err(|err| Error::Config(err.to_string()))?;
     let id = config
         .id
         .clone()

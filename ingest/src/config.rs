@@ -37,10 +37,7 @@ impl Config {
     pub fn new(store_url: String, auth_url: String) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            upstream: eventbus_runtime::upstream::Args {
-                store_url,
-                auth_url,
-            },
+            upstream: eventbus_runtime::upstream::Args::new(store_url, auth_url),
             max_event_bytes: 64 * 1024,
             max_batch_events: 1000,
             max_body_bytes: 4 * 1024 * 1024,

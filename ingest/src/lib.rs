@@ -57,8 +57,11 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         verifier: Verifier::new(
             GrpcKeySource::new(&config.upstream.auth_url).map_err(Error::Config)?,
         ),
-        store: StoreClient::new(&config.upstream.store_url)
-            .map_err(|err| Error::Config(err.to_string()))?,
+        store: StoreClient::with_timeout(
+            &config.upstream.store_url,
+            config.upstream.store_timeout(),
+        )
+        .map_err(|err| Error::Config(err.to_string()))?,
         limits: Limits {
             max_event_bytes: config.max_event_bytes,
         },

@@ -39,6 +39,10 @@ pub fn store_problem(err: StoreError) -> Problem {
             warn!(cause = %err, "store call failed");
             Problem::new(Kind::Unavailable, format!("not stored, retry: {err}"))
         }
+        StoreError::Unknown(_) => {
+            warn!(cause = %err, "append outcome unknown");
+            Problem::new(Kind::Unavailable, err.to_string()).with("outcome", "unknown")
+        }
         StoreError::OutOfRange(message) => Problem::new(Kind::InvalidRequest, message),
         StoreError::Truncated { first, message } => {
             Problem::new(Kind::Truncated, message).with("first_seq", first)

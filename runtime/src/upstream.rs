@@ -17,4 +17,26 @@ pub struct Args {
         default_value = "http://127.0.0.1:7002"
     )]
     pub auth_url: String,
+    /// Milliseconds to wait for the store's answer to one call. An append that times out has an
+    /// unknown outcome: the publisher is told so, and retries with the same id.
+    #[arg(
+        long = "store-timeout-ms",
+        env = "EVENTBUS_STORE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub store_timeout_ms: u64,
+}
+
+impl Args {
+    pub fn new(store_url: String, auth_url: String) -> Self {
+        Args {
+            store_url,
+            auth_url,
+            store_timeout_ms: 10_000,
+        }
+    }
+
+    pub fn store_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.store_timeout_ms.max(1))
+    }
 }

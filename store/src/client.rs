@@ -24,6 +24,12 @@ pub enum StoreError {
     Invalid(String),
     #[error("store error: {0}")]
     Internal(String),
+    /// An append whose answer never came (timeout, lost connection, a writer that failed mid-write):
+    /// the events may or may not be stored. Retrying with the same ids is safe and tells which.
+    #[error(
+        "the outcome is unknown ({0}): the events may or may not be stored; retry with the same ids (a stored event is answered as a duplicate)"
+    )]
+    Unknown(String),
 }
 
 impl From<tonic::Status> for StoreError {
@@ -82,10 +88,15 @@ impl StoreClient {
     /// A client of the store at `url` (e.g. `http://127.0.0.1:7001`); it dials lazily and redials
     /// after failures, so callers start even while the store is down.
     pub fn new(url: &str) -> Result<Self, StoreError> {
+        Self::with_timeout(url, Duration::from_secs(10))
+    }
+
+    /// As [`StoreClient::new`], waiting at most `timeout` for each answer.
+    pub fn with_timeout(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|err| StoreError::Invalid(format!("invalid store url {url:?}: {err}")))?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .tcp_nodelay(true);
         Ok(Self {
             inner: GrpcClient::new(endpoint.connect_lazy())
@@ -108,7 +119,18 @@ impl StoreClient {
                 })
                 .collect(),
         };
-        let response = self.inner.clone().append(request).await?.into_inner();
+        let response = self
+            .inner
+            .clone()
+            .append(request)
+            .await
+            .map_err(|status| match StoreError::from(status) {
+                StoreError::Unavailable(cause) | StoreError::Internal(cause) => {
+                    StoreError::Unknown(cause)
+                }
+                known => known,
+            })?
+            .into_inner();
         Ok(response
             .results
             .into_iter()

@@ -63,6 +63,17 @@ impl Process {
         }
     }
 
+    /// Sends `signal` (a name such as `STOP` or `CONT`) to the process: `STOP` freezes it with its
+    /// sockets open, as a stalled machine would, until `CONT`.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the process is running").id();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -s {signal} {pid} failed");
+    }
+
     /// Kills the process and starts it again with the same arguments.
     pub async fn restart(&mut self) {
         self.kill();
