@@ -55,6 +55,14 @@ pub struct Config {
         default_value_t = 86_400
     )]
     pub dedupe_window_s: u64,
+    /// Publishing is refused (503, resumed by itself) while the disk holding the data has less
+    /// free than this many bytes; 0 turns the watermark off.
+    #[arg(
+        long = "min-free-bytes",
+        env = "EVENTBUS_STORE_MIN_FREE_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub min_free_bytes: u64,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -69,6 +77,7 @@ impl Config {
             presence_events: vec!["demo.>".to_owned()],
             webhook_max_attempts: 10,
             dedupe_window_s: 86_400,
+            min_free_bytes: 64 * 1024 * 1024,
             cors: Default::default(),
         }
     }
@@ -86,6 +95,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let store_url = format!("http://{}", store_listener.local_addr()?);
     let mut store_config = eventbus_store::Config::with_data(config.data.join("store"));
     store_config.dedupe_window_s = config.dedupe_window_s;
+    store_config.min_free_bytes = config.min_free_bytes;
     let store = tokio::spawn(eventbus_store::run(
         store_config,
         store_listener,
@@ -126,11 +136,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         return Err(err);
     }
 
+    // Ready while the store is (it is not while its disk is below the watermark).
+    let store_ready = {
+        let url = format!("{store_url}/readyz");
+        let client = reqwest::Client::new();
+        eventbus_runtime::probe(Duration::from_secs(1), move || {
+            let request = client.get(&url).send();
+            async move { request.await.is_ok_and(|r| r.status().is_success()) }
+        })
+    };
     let app = auth
         .public
         .merge(ingest)
         .merge(gateway.routes)
-        .merge(eventbus_runtime::health_routes(|| true))
+        .merge(eventbus_runtime::health_routes(move || {
+            store_ready.load(std::sync::atomic::Ordering::Relaxed)
+        }))
         .route(
             "/",
             get(|| async { Html(include_str!("../demo/index.html")) }),
@@ -167,12 +188,30 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
              -d '{{\"channel\":\"demo\",\"type\":\"greeting\",\"data\":{{\"text\":\"hello\"}}}}' http://{addr}/v1/events\n"
         );
     }
-    axum::serve(eventbus_runtime::nodelay(listener), app)
+    let server = axum::serve(eventbus_runtime::nodelay(listener), app)
         .with_graceful_shutdown(shutdown.wait())
-        .await?;
+        .into_future();
+    tokio::pin!(server);
+    let mut store = store;
+    // The store ends early only when its log failed: then the whole bus stops, with its error, so
+    // that a supervisor restarts it and the log recovers.
+    let store_result = tokio::select! {
+        served = &mut server => {
+            served?;
+            None
+        }
+        stopped = &mut store => {
+            shutdown.trigger();
+            server.await?;
+            Some(stopped)
+        }
+    };
     gateway.drain.wait().await;
     auth_internal.await??;
-    store.await??;
+    match store_result {
+        Some(stopped) => stopped??,
+        None => store.await??,
+    }
     info!("eventbus stopped");
     Ok(())
 }

@@ -39,6 +39,10 @@ pub fn store_problem(err: StoreError) -> Problem {
             warn!(cause = %err, "store call failed");
             Problem::new(Kind::Unavailable, format!("not stored, retry: {err}"))
         }
+        StoreError::Refused(message) => {
+            warn!(cause = %message, "store refused the append");
+            Problem::new(Kind::Unavailable, message).with("outcome", "not-stored")
+        }
         StoreError::Unknown(_) => {
             warn!(cause = %err, "append outcome unknown");
             Problem::new(Kind::Unavailable, err.to_string()).with("outcome", "unknown")

@@ -126,10 +126,34 @@ pub fn health_routes<S>(ready: impl Fn() -> bool + Clone + Send + Sync + 'static
 where
     S: Clone + Send + Sync + 'static,
 {
+    health_routes_with(|| true, ready)
+}
+
+/// As [`health_routes`], with `/healthz` answering 503 once `live()` says the process can no longer
+/// do its work and must be restarted.
+pub fn health_routes_with<S>(
+    live: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     use axum::http::StatusCode;
     use axum::routing::get;
     axum::Router::new()
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok\n") }))
+        .route(
+            "/healthz",
+            get(move || {
+                let live = live.clone();
+                async move {
+                    if live() {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "failed: restart\n")
+                    }
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(|| async {

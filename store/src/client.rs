@@ -24,6 +24,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("store error: {0}")]
     Internal(String),
+    /// Not stored: the store refused it for now (its disk is nearly full); retrying later is safe.
+    #[error("{0}")]
+    Refused(String),
     /// An append whose answer never came (timeout, lost connection, a writer that failed mid-write):
     /// the events may or may not be stored. Retrying with the same ids is safe and tells which.
     #[error(
@@ -54,10 +57,10 @@ impl StoreError {
         match code {
             tonic::Code::OutOfRange => StoreError::OutOfRange(message),
             tonic::Code::InvalidArgument => StoreError::Invalid(message),
-            tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::ResourceExhausted => StoreError::Unavailable(message),
+            tonic::Code::ResourceExhausted => StoreError::Refused(message),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                StoreError::Unavailable(message)
+            }
             _ => StoreError::Internal(message),
         }
     }

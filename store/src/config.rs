@@ -49,6 +49,14 @@ pub struct Config {
     /// bounds what a restart after a crash has to scan.
     #[arg(long = "checkpoint-bytes", env = "EVENTBUS_STORE_CHECKPOINT_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub checkpoint_bytes: u64,
+    /// Appends are refused (503, resumed by themselves) while the disk holding the log has less
+    /// free than this many bytes; 0 turns the watermark off.
+    #[arg(
+        long = "min-free-bytes",
+        env = "EVENTBUS_STORE_MIN_FREE_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub min_free_bytes: u64,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -69,6 +77,7 @@ impl Config {
             checkpoint_bytes: self.checkpoint_bytes,
             clock: crate::log::Clock::system(),
             backbone_queue: 4096,
+            min_free_bytes: self.min_free_bytes,
         }
     }
 
@@ -84,6 +93,7 @@ impl Config {
             retention: Vec::new(),
             checkpoint_bytes: 1024 * 1024 * 1024,
             retention_interval_s: 10,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use eventbus_router::Backbone;
 use eventbus_runtime::Shutdown;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use client::{StoreClient, StoreError};
 pub use config::Config;
@@ -95,16 +95,35 @@ pub async fn run(
         }
     });
 
-    let ready_log = log.clone();
+    let (live_log, ready_log) = (log.clone(), log.clone());
     let app = tonic::service::Routes::new(service::server(log.clone()))
         .into_axum_router()
-        .merge(eventbus_runtime::health_routes(move || {
-            ready_log.is_healthy()
-        }));
+        .merge(eventbus_runtime::health_routes_with(
+            move || live_log.is_healthy(),
+            move || ready_log.is_healthy() && !ready_log.is_low_on_space(),
+        ));
     info!(addr = %listener.local_addr()?, data = %config.data.display(), "store listening");
+    // A write or fsync the log cannot continue from ends the process (non-zero), so that its
+    // supervisor restarts it and recovery runs: serving on would only refuse every append.
+    let failed_log = log.clone();
+    let failed = async move {
+        while failed_log.is_healthy() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let stop = shutdown.clone();
     axum::serve(eventbus_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(shutdown.wait())
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = stop.wait() => {}
+                _ = failed => error!("the log failed; stopping the store so that it is restarted and recovers"),
+            }
+        })
         .await?;
+    let failed = !log.is_healthy();
+    if failed {
+        shutdown.trigger();
+    }
 
     let _ = retention.await;
     match Arc::try_unwrap(log) {
@@ -114,6 +133,9 @@ pub async fn run(
         Err(_) => warn!("store stopped with requests still holding the log"),
     }
     let _ = publisher.await;
+    if failed {
+        return Err(Error::Log(LogError::Failed));
+    }
     info!("store stopped");
     Ok(())
 }

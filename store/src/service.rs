@@ -39,6 +39,7 @@ fn status(err: LogError) -> Status {
         }
         LogError::Invalid(_) => Status::invalid_argument(err.to_string()),
         LogError::Failed => Status::unavailable(err.to_string()),
+        LogError::LowSpace { .. } => Status::resource_exhausted(err.to_string()),
         LogError::Io { .. } | LogError::Corrupt { .. } => Status::internal(err.to_string()),
     }
 }

@@ -17,12 +17,22 @@ pub use nats::NatsServer;
 /// The bound on every wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A free TCP port on loopback (the OS's choice; bound and released).
+/// A free TCP port on loopback (the OS's choice; bound and released), never one this process was
+/// handed before: a test that takes several ports before starting anything on them would
+/// otherwise now and then get the same one twice (seen: a WebSocket client reaching the store).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port on loopback");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `check` until it returns `Some`, or fails after [`WAIT`].

@@ -74,6 +74,19 @@ impl Process {
         assert!(status.success(), "kill -s {signal} {pid} failed");
     }
 
+    /// How the process ended, if it has (it is then forgotten: `start_again` runs a new one).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Starts the process again (after it exited or was killed) with the same arguments.
+    pub async fn start_again(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
     /// Kills the process and starts it again with the same arguments.
     pub async fn restart(&mut self) {
         self.kill();

@@ -262,6 +262,7 @@ impl Harness {
             checkpoint_bytes,
             retention: rules(),
             clock: Clock::new(move || clock_now.load(Ordering::Relaxed)),
+            min_free_bytes: 0,
             ..Options::new(dir.path().to_owned())
         };
         let mut harness = Harness {

@@ -17,6 +17,7 @@ pub mod retention;
 mod retired;
 mod segments;
 pub mod snapshots;
+mod space;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -55,6 +56,8 @@ pub struct Options {
     pub clock: Clock,
     /// Committed batches waiting for the backbone, at most; past it new ones are dropped.
     pub backbone_queue: usize,
+    /// Appends are refused while the log's file system has less free than this (0: never).
+    pub min_free_bytes: u64,
 }
 
 /// A source of "now" in Unix milliseconds.
@@ -99,6 +102,7 @@ impl Options {
             checkpoint_bytes: 1024 * 1024 * 1024,
             clock: Clock::system(),
             backbone_queue: 4096,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -125,6 +129,10 @@ pub enum LogError {
     },
     #[error("the log writer has stopped after a write failure; restart the store")]
     Failed,
+    #[error(
+        "not stored: the disk holding the log has {free} bytes free, and the store keeps {min} free (EVENTBUS_STORE_MIN_FREE_BYTES); appends resume by themselves once space is freed"
+    )]
+    LowSpace { free: u64, min: u64 },
     #[error("after={after} is beyond the head of the channel ({head})")]
     AfterBeyondHead { after: u64, head: u64 },
     #[error("truncated: events before seq {first} are no longer retained (resume from after={})", first - 1)]
@@ -186,6 +194,7 @@ struct Shared {
     retention: Vec<Rule>,
     /// One retention pass at a time: each writes the manifest its deletions rely on.
     retention_pass: Mutex<()>,
+    space: space::Watch,
     clock: Clock,
     #[cfg(test)]
     faults: faults::Faults,
@@ -378,6 +387,7 @@ impl Log {
             active: AtomicU32::new(active),
             retention: options.retention.clone(),
             retention_pass: Mutex::new(()),
+            space: space::Watch::new(dir.clone(), options.min_free_bytes),
             clock: options.clock.clone(),
             #[cfg(test)]
             faults: Default::default(),
@@ -421,10 +431,15 @@ impl Log {
         if self.shared.failed.load(Ordering::Acquire) {
             return Err(LogError::Failed);
         }
+        let mut bytes = 0;
         for (i, entry) in entries.iter().enumerate() {
             record::check(&entry.channel, &entry.id, entry.key.as_deref(), &entry.body)
                 .map_err(|cause| LogError::Invalid(format!("event {i}: {cause}")))?;
+            bytes +=
+                (record::HEADER_LEN + 64 + entry.channel.len() + entry.id.len() + entry.body.len())
+                    as u64;
         }
+        self.shared.space.admit(bytes)?;
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(writer::Job { entries, reply })
@@ -658,8 +673,14 @@ impl Log {
             .map_or((1, 0), |c| (c.first, c.head()))
     }
 
+    /// False once a write or fsync failed: the store must be restarted (and recovers then).
     pub fn is_healthy(&self) -> bool {
         !self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether appends are refused for want of disk space right now.
+    pub fn is_low_on_space(&self) -> bool {
+        self.shared.space.is_low()
     }
 
     /// Waits for the writer to finish what it was given, then stops it.
