@@ -10,6 +10,25 @@ mod frames;
 pub mod hub;
 mod sse;
 
+/// The decoders of what clients send, for the fuzz tests (`fuzz/`). Not an API.
+#[doc(hidden)]
+pub mod decoders {
+    /// A WebSocket client frame: whether it parsed.
+    pub fn client_frame(text: &str) -> bool {
+        crate::frames::parse(text).is_ok()
+    }
+
+    /// An SSE `Last-Event-ID`: how many positions it names.
+    pub fn last_event_id(id: &str) -> usize {
+        crate::sse::decode_positions(id).len()
+    }
+
+    /// An SSE query string: whether it was accepted.
+    pub fn sse_query(raw: &str) -> bool {
+        crate::sse::parse_query_for_fuzzing(raw)
+    }
+}
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

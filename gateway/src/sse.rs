@@ -58,6 +58,10 @@ struct Query {
     last_event_id: Option<String>,
 }
 
+pub(crate) fn parse_query_for_fuzzing(raw: &str) -> bool {
+    parse_query(Some(raw)).is_ok()
+}
+
 fn parse_query(raw: Option<&str>) -> Result<Query, Problem> {
     let mut query = Query {
         channels: Vec::new(),

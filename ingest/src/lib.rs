@@ -10,6 +10,22 @@ mod history;
 mod publish;
 mod snapshots;
 
+/// The decoders of what publishers send, for the fuzz tests (`fuzz/`). Not an API.
+#[doc(hidden)]
+pub mod decoders {
+    /// A CloudEvents binary-mode request (`ce-*` headers and a body), through to the event model
+    /// as a publish takes it: whether it was accepted.
+    pub fn binary_mode(
+        headers: &axum::http::HeaderMap,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> bool {
+        crate::binary_mode::to_structured(headers, content_type, body).is_ok_and(|json| {
+            eventbus_model::parse_event(&json, "fuzz", &eventbus_model::Limits::default()).is_ok()
+        })
+    }
+}
+
 use std::sync::Arc;
 
 use axum::routing::{get, post};

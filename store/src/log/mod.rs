@@ -774,3 +774,54 @@ impl Shared {
 
 #[cfg(test)]
 mod tests;
+
+/// The decoders of what the store reads back from a disk that may be damaged, for the fuzz tests
+/// (`fuzz/`): each says whether the bytes were accepted. Not an API.
+#[doc(hidden)]
+pub mod decoders {
+    /// Every record of a segment's bytes, as recovery reads them: how many decode.
+    pub fn segment(bytes: &[u8]) -> usize {
+        let (mut offset, mut count) = (0, 0);
+        while let Ok((_, len)) = super::record::decode(&bytes[offset..]) {
+            offset += len;
+            count += 1;
+        }
+        count
+    }
+
+    pub fn checkpoint(bytes: &[u8]) -> bool {
+        super::checkpoint::decode(bytes).is_some()
+    }
+
+    pub fn manifest(bytes: &[u8]) -> bool {
+        super::retired::decode(bytes).is_ok()
+    }
+
+    /// Encodes a record and decodes it again: whether it comes back the same.
+    pub fn record_round_trip(
+        seq: u64,
+        time_ms: u64,
+        channel: &str,
+        id: &str,
+        key: Option<&str>,
+        deleted: bool,
+        body: &[u8],
+    ) -> bool {
+        use super::record::{self, Record};
+        if record::check(channel, id, key, body).is_err() {
+            return true;
+        }
+        let original = Record {
+            seq,
+            time_ms,
+            channel,
+            id,
+            key,
+            deleted,
+            body,
+        };
+        let mut buf = Vec::new();
+        let len = record::encode(&original, &mut buf);
+        record::decode(&buf).is_ok_and(|(decoded, used)| decoded == original && used == len)
+    }
+}
