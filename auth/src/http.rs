@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use eventbus_router::Role;
+use eventbus_router::{Grant, Role, covers};
 use eventbus_runtime::problem::{Kind, Problem, bearer};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -40,7 +40,8 @@ struct TokenRequest {
 /// Who asks for a token.
 enum Caller {
     ApiKey(String),
-    Service(String),
+    /// A service token: what it mints stays within its grant and its expiry.
+    Service(Grant, u64),
     /// Development mode only: nobody in particular.
     Anonymous,
 }
@@ -74,7 +75,7 @@ impl Issuer {
             )
         })?;
         match verified.grant.role {
-            Role::Service => Ok(Caller::Service(verified.grant.identity)),
+            Role::Service => Ok(Caller::Service(verified.grant, verified.expires_at)),
             Role::Client => Err(Problem::new(
                 Kind::Forbidden,
                 "a client token cannot mint tokens",
@@ -101,14 +102,45 @@ fn invalid(field: &str, detail: impl Into<String>) -> Problem {
 fn patterns(
     field: &str,
     given: Option<Vec<String>>,
-    default: &[&str],
+    default: Vec<String>,
 ) -> Result<Vec<String>, Problem> {
-    let list = given.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+    let list = given.unwrap_or(default);
     for pattern in &list {
         eventbus_router::validate_pattern(pattern)
             .map_err(|err| invalid(field, format!("pattern {pattern:?}: {err}")))?;
     }
     Ok(list)
+}
+
+/// Holds a token minted with a service token within that token: every pattern covered by one of
+/// the minter's, the expiry no later than the minter's, and (for a client token, whose holder is
+/// always subscribed to its own inbox) the client's inbox within the minter's subscribe grant.
+fn confine(claims: &mut Claims, minter: &Grant, minter_exp: u64) -> Result<(), Problem> {
+    let beyond = |field: &str, pattern: &str| {
+        Problem::new(
+            Kind::Forbidden,
+            format!(
+                "{field} {pattern:?} is not within the minting token's grant: a token never widens"
+            ),
+        )
+        .with("field", field)
+    };
+    for (field, wanted, held) in [
+        ("subscribe", &claims.subscribe, &minter.subscribe),
+        ("publish", &claims.publish, &minter.publish),
+    ] {
+        if let Some(pattern) = wanted.iter().find(|p| !held.iter().any(|h| covers(h, p))) {
+            return Err(beyond(field, pattern));
+        }
+    }
+    if claims.role == Role::Client {
+        let inbox = eventbus_model::names::inbox_of(&claims.sub);
+        if !minter.subscribe.iter().any(|h| covers(h, &inbox)) {
+            return Err(beyond("sub", &inbox));
+        }
+    }
+    claims.exp = claims.exp.min(minter_exp);
+    Ok(())
 }
 
 pub async fn issue(
@@ -145,27 +177,36 @@ pub async fn issue(
             format!("must be 1-{} seconds", issuer.max_ttl_s),
         ));
     }
-    let sub = match (role, &caller, request.sub) {
+    let caller_name = match &caller {
+        Caller::ApiKey(name) => Some(name.as_str()),
+        Caller::Service(grant, _) => Some(grant.identity.as_str()),
+        Caller::Anonymous => None,
+    };
+    let sub = match (role, caller_name, request.sub) {
         (Role::Client, _, None) => return Err(invalid("sub", "a client token needs a sub")),
         (Role::Client, _, Some(sub)) => sub,
-        (Role::Service, Caller::ApiKey(name) | Caller::Service(name), Some(sub))
-            if &sub != name =>
-        {
+        (Role::Service, Some(name), Some(sub)) if sub != name => {
             return Err(Problem::new(
                 Kind::Forbidden,
                 format!("{name} may only get service tokens for itself"),
             ));
         }
-        (Role::Service, Caller::ApiKey(name) | Caller::Service(name), _) => name.clone(),
-        (Role::Service, Caller::Anonymous, sub) => sub.unwrap_or_else(|| "dev-service".to_owned()),
+        (Role::Service, Some(name), _) => name.to_owned(),
+        (Role::Service, None, sub) => sub.unwrap_or_else(|| "dev-service".to_owned()),
     };
     eventbus_model::validate_identity(&sub).map_err(|err| invalid("sub", format!("sub {err}")))?;
-    let (default_subscribe, default_publish): (&[&str], &[&str]) = match role {
-        Role::Service => (&[">"], &[">"]),
-        Role::Client => (&[], &[]),
+    // A token minted with a token never widens it: by default it holds what the minter holds.
+    let minter = match &caller {
+        Caller::Service(grant, exp) => Some((grant, *exp)),
+        _ => None,
+    };
+    let (default_subscribe, default_publish): (Vec<String>, Vec<String>) = match (role, minter) {
+        (Role::Service, Some((grant, _))) => (grant.subscribe.clone(), grant.publish.clone()),
+        (Role::Service, None) => (vec![">".into()], vec![">".into()]),
+        (Role::Client, _) => (Vec::new(), Vec::new()),
     };
     let now = now_s();
-    let claims = Claims {
+    let mut claims = Claims {
         sub,
         role,
         iss: ISSUER.to_owned(),
@@ -174,10 +215,10 @@ pub async fn issue(
         subscribe: patterns("subscribe", request.subscribe, default_subscribe)?,
         publish: patterns("publish", request.publish, default_publish)?,
     };
-    let by = match &caller {
-        Caller::ApiKey(name) | Caller::Service(name) => name.as_str(),
-        Caller::Anonymous => "anonymous (development mode)",
-    };
+    if let Some((grant, exp)) = minter {
+        confine(&mut claims, grant, exp)?;
+    }
+    let by = caller_name.unwrap_or("anonymous (development mode)");
     info!(sub = %claims.sub, role = claims.role.as_str(), ttl_s, by, "token issued");
     issuer.mint(&claims).map(Json)
 }

@@ -14,5 +14,5 @@ pub mod subject;
 pub use backbone::{
     Backbone, BackboneError, BackboneMessage, InProcessBackbone, NatsBackbone, Subscription,
 };
-pub use pattern::{PatternError, matches, validate_pattern};
+pub use pattern::{PatternError, covers, matches, validate_pattern};
 pub use permissions::{Denied, Grant, Role};
