@@ -377,10 +377,6 @@ async fn websocket_bad_input_gets_error_frames_and_close_codes() {
             json!({"op": "publish", "event": {"channel": "chat.x", "type": "t", "data": "x".repeat(70_000)}}),
             "too_large",
         ),
-        (
-            json!({"op": "refresh", "token": other}),
-            "identity_mismatch",
-        ),
     ];
     for (frame, code) in refused {
         expect_error(&mut ws, frame, code).await;
@@ -396,6 +392,16 @@ async fn websocket_bad_input_gets_error_frames_and_close_codes() {
         "an error answer carries the ref"
     );
     still_open(&mut ws).await;
+
+    // A refresh with another identity's token is refused, and ends the connection (4001).
+    let (mut stolen, _) = Ws::hello(&bus.ws, &alice).await;
+    expect_error(
+        &mut stolen,
+        json!({"op": "refresh", "token": other}),
+        "identity_mismatch",
+    )
+    .await;
+    assert_eq!(stolen.closed().await, Closed::Code(4001));
 
     // A frame over the limit closes with 4009.
     ws.send_raw(Message::text("x".repeat(200 * 1024))).await;

@@ -174,3 +174,63 @@ async fn a_token_never_mints_more_than_it_holds() {
     );
     bus.stop().await;
 }
+
+#[tokio::test]
+async fn a_refresh_is_a_new_grant_and_snapshots_are_written_by_services() {
+    use eventbus_testkit::ws::Ws;
+    let bus = AllInOne::start(false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    let client = |subscribe: Value| {
+        let auth = bus.endpoints.auth.clone();
+        async move {
+            auth.token(
+                Some(API_KEY_SECRET),
+                json!({"sub": "alice", "subscribe": subscribe, "publish": ["room.*"]}),
+            )
+            .await
+        }
+    };
+    let both = client(json!(["room.a", "room.b"])).await;
+    let only_b = client(json!(["room.b"])).await;
+    let (mut ws, _) = Ws::hello(&bus.endpoints.ws, &both).await;
+    ws.subscribe(json!({"channel": "room.a"})).await;
+    ws.subscribe(json!({"channel": "room.b"})).await;
+    ws.send(json!({"op": "refresh", "token": only_b, "ref": "r"}))
+        .await;
+    let ended = ws.recv().await;
+    assert_eq!(
+        (&ended["op"], &ended["code"], &ended["channel"]),
+        (&json!("error"), &json!("forbidden"), &json!("room.a")),
+        "{ended}"
+    );
+    assert_eq!(ws.recv().await["op"], "refreshed");
+    // room.a is no longer delivered; room.b is.
+    for channel in ["room.a", "room.b"] {
+        let answer = api
+            .publish(
+                &service,
+                &json!({"channel": channel, "type": "t", "data": channel}),
+            )
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let next = ws.recv().await;
+    assert_eq!(next["event"]["channel"], "room.b", "{next}");
+
+    // Snapshots: a client allowed to publish to room.* may not write room.x's state.
+    let published = api
+        .publish(&service, &json!({"channel": "room.x", "type": "t"}))
+        .await;
+    assert_eq!(published.status, 200);
+    let snapshot = json!({"seq": 1, "data": {"owned": true}});
+    let by_client = api
+        .send(api.put_json("/v1/channels/room.x/snapshot", &only_b, &snapshot))
+        .await;
+    assert_eq!(by_client.status, 403, "{}", by_client.body);
+    let by_service = api
+        .send(api.put_json("/v1/channels/room.x/snapshot", &service, &snapshot))
+        .await;
+    assert_eq!(by_service.status, 200, "{}", by_service.body);
+    bus.stop().await;
+}

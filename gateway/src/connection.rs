@@ -444,7 +444,8 @@ impl Conn {
             .as_ref()
             .map(|v| (&v.grant.identity, v.grant.role));
         if current != Some((&fresh.grant.identity, fresh.grant.role)) {
-            return self
+            // A connection is one identity for its life: another's token is not a refresh.
+            let _ = self
                 .refuse(
                     FrameError::new(
                         "identity_mismatch",
@@ -453,6 +454,34 @@ impl Conn {
                     reference,
                 )
                 .await;
+            return Err(closing(close::UNAUTHORIZED, "refresh for another identity"));
+        }
+        // A refresh is a new grant: what the new token no longer allows ends now.
+        let mut revoked: Vec<(String, String)> = self
+            .by_name
+            .keys()
+            .filter_map(|name| {
+                fresh
+                    .grant
+                    .check_subscribe(name)
+                    .err()
+                    .map(|denied| (name.clone(), denied.to_string()))
+            })
+            .collect();
+        revoked.sort();
+        for (name, why) in revoked {
+            if let Some(id) = self.by_name.remove(&name) {
+                self.subs.remove(&id);
+            }
+            self.refuse(
+                FrameError::new(
+                    "forbidden",
+                    format!("subscription ended: the refreshed token no longer allows it ({why})"),
+                )
+                .with_channel(&name),
+                None,
+            )
+            .await?;
         }
         let expires_at = fresh.expires_at;
         self.verified = Some(fresh);

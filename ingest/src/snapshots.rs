@@ -51,6 +51,15 @@ pub async fn put(
     eventbus_model::validate_channel(&channel).map_err(|err| {
         Problem::new(Kind::InvalidRequest, format!("channel {err}")).with("field", "channel")
     })?;
+    // The state every later reader starts from is written by the application's backend, never by
+    // a client that may merely publish to the channel.
+    if verified.grant.role != eventbus_router::Role::Service {
+        return Err(Problem::new(
+            Kind::Forbidden,
+            "snapshots are written by services; a client token may read them, not write them",
+        )
+        .with("channel", channel.as_str()));
+    }
     // Writing a channel's state is publishing about it.
     verified.grant.check_publish(&channel).map_err(|denied| {
         Problem::new(Kind::Forbidden, denied.to_string()).with("channel", channel.as_str())
