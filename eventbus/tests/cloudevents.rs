@@ -94,6 +94,33 @@ async fn structured_batched_and_binary_mode_store_the_same_event() {
         )
         .await;
     assert_eq!(bad.status, 400);
+
+    // Binary mode without a Content-Type (as the official Python SDK sends it): a JSON body is
+    // JSON data, anything else is bytes.
+    for (body, channel) in [(r#"{"total": 42}"#, "ce.untyped"), ("\u{1}raw", "ce.bytes")] {
+        let answer = bus
+            .api
+            .send(
+                bus.api
+                    .post("/v1/events")
+                    .bearer_auth(&service)
+                    .header("ce-specversion", "1.0")
+                    .header("ce-type", "t")
+                    .header("ce-channel", channel)
+                    .body(body),
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let untyped = bus.api.history(&service, "ce.untyped", "after=0").await;
+    assert_eq!(untyped.body["events"][0]["data"], json!({"total": 42}));
+    assert!(untyped.body["events"][0].get("data_base64").is_none());
+    let bytes = bus.api.history(&service, "ce.bytes", "after=0").await;
+    assert!(
+        bytes.body["events"][0]["data_base64"].is_string(),
+        "{}",
+        bytes.body
+    );
     cluster.stop().await;
 }
 

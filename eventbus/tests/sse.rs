@@ -176,6 +176,43 @@ async fn sse_resumes_every_channel_through_last_event_id_exactly_once() {
     cluster.stop().await;
 }
 
+/// DESIGN §5: `after=N` with one channel reads its history from N, then live; a `Last-Event-ID`
+/// (the browser's reconnect) wins over it.
+#[tokio::test]
+async fn sse_after_reads_one_channel_from_a_seq() {
+    let cluster = Cluster::start().await;
+    let bus = cluster.endpoints.clone();
+    let gateway = bus.ws.replace("ws://", "http://").replace("/v1/ws", "");
+    let service = bus.service_token().await;
+    for i in 1..=4 {
+        let answer = bus
+            .api
+            .publish(
+                &service,
+                &json!({"channel": "news.c", "type": "t", "data": i}),
+            )
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let query = format!("channel=news.c&after=2&token={service}");
+    let mut stream = Stream {
+        response: Stream::open(&gateway, &query, None).await,
+        buffer: String::new(),
+    };
+    assert_eq!(stream.response.status(), 200);
+    assert_eq!(seqs_of(&stream.events(2).await, "news.c"), [3, 4]);
+    let mut resumed = Stream {
+        response: Stream::open(&gateway, &query, Some("news.c:3")).await,
+        buffer: String::new(),
+    };
+    assert_eq!(
+        seqs_of(&resumed.events(1).await, "news.c"),
+        [4],
+        "Last-Event-ID wins"
+    );
+    cluster.stop().await;
+}
+
 #[tokio::test]
 async fn sse_refuses_bad_requests_with_problems() {
     let cluster = Cluster::start().await;
@@ -224,6 +261,24 @@ async fn sse_refuses_bad_requests_with_problems() {
             Some("news.a:99"),
             400,
             "resume beyond the head",
+        ),
+        (
+            format!("channel=news.a&channel=news.b&after=0&token={service}"),
+            None,
+            400,
+            "after with two channels",
+        ),
+        (
+            format!("channel=news.a&after=-1&token={token}"),
+            None,
+            400,
+            "after not a seq",
+        ),
+        (
+            format!("channel=news.a&after=99&token={token}"),
+            None,
+            400,
+            "after beyond the head",
         ),
     ];
     for (query, last_event_id, status, what) in cases {

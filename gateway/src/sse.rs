@@ -56,6 +56,8 @@ struct Query {
     channels: Vec<String>,
     token: Option<String>,
     last_event_id: Option<String>,
+    /// History from after this seq, with one channel (DESIGN §5); `Last-Event-ID` wins over it.
+    after: Option<u64>,
 }
 
 pub(crate) fn parse_query_for_fuzzing(raw: &str) -> bool {
@@ -67,6 +69,7 @@ fn parse_query(raw: Option<&str>) -> Result<Query, Problem> {
         channels: Vec::new(),
         token: None,
         last_event_id: None,
+        after: None,
     };
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -75,10 +78,18 @@ fn parse_query(raw: Option<&str>) -> Result<Query, Problem> {
             "channel" => query.channels.push(value),
             "token" => query.token = Some(value),
             "last_event_id" => query.last_event_id = Some(value),
+            "after" => {
+                query.after = Some(value.parse().map_err(|_| {
+                    Problem::new(Kind::InvalidRequest, "after must be a seq (a whole number)")
+                        .with("field", "after")
+                })?)
+            }
             other => {
                 return Err(Problem::new(
                     Kind::InvalidRequest,
-                    format!("unknown query parameter {other:?} (channel, token, last_event_id)"),
+                    format!(
+                        "unknown query parameter {other:?} (channel, token, after, last_event_id)"
+                    ),
                 )
                 .with("field", other));
             }
@@ -89,6 +100,13 @@ fn parse_query(raw: Option<&str>) -> Result<Query, Problem> {
             Problem::new(Kind::InvalidRequest, "name at least one channel=")
                 .with("field", "channel"),
         );
+    }
+    if query.after.is_some() && query.channels.len() != 1 {
+        return Err(Problem::new(
+            Kind::InvalidRequest,
+            "after= goes with exactly one channel (several channels resume with last_event_id)",
+        )
+        .with("field", "after"));
     }
     if query.channels.len() > MAX_CHANNELS {
         return Err(Problem::new(
@@ -188,6 +206,10 @@ async fn open(
         .map(str::to_owned)
         .or(query.last_event_id.clone())
         .map(|id| decode_positions(&id))
+        .or_else(|| {
+            let channel = query.channels.first()?;
+            Some(HashMap::from([(channel.clone(), query.after?)]))
+        })
         .unwrap_or_default();
 
     // Interest first, then heads: anything committed after a head is queued live.

@@ -50,6 +50,13 @@ pub fn to_structured(
                 }
                 Err(_) => return Err("a text body must be UTF-8".into()),
             },
+            // No media type: JSON when the body is JSON (the CloudEvents SDKs send JSON data so),
+            // bytes otherwise.
+            None if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
+                let data: Value = serde_json::from_slice(body)
+                    .map_err(|err| format!("body is not valid JSON: {err}"))?;
+                event.insert("data".into(), data);
+            }
             _ => {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(body);
                 event.insert("data_base64".into(), Value::String(encoded));
