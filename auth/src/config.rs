@@ -106,6 +106,17 @@ pub struct Config {
         default_value_t = 250
     )]
     pub webhook_poll_ms: u64,
+    /// Internal networks webhooks may be delivered to anyway (CIDRs, comma separated): outside
+    /// development mode, loopback, private, link-local and metadata addresses are refused.
+    #[arg(
+        long = "webhook-allow-networks",
+        env = "EVENTBUS_WEBHOOK_ALLOW_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub webhook_allow_networks: Vec<ipnet::IpNet>,
+    /// CA certificates (PEM) trusted for outbound TLS (https:// webhooks) besides the system's.
+    #[arg(long = "ca-file", env = "SSL_CERT_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
 }
@@ -127,6 +138,8 @@ impl Config {
             webhooks_dir,
             webhook_max_attempts: 10,
             webhook_poll_ms: 250,
+            webhook_allow_networks: Vec::new(),
+            ca_file: None,
             cors: Default::default(),
         }
     }

@@ -309,6 +309,11 @@ pub struct WebhookRequest {
 impl PresenceApi {
     /// The identity of a service token (webhooks are for services).
     async fn service(&self, headers: &HeaderMap) -> Result<String, Problem> {
+        Ok(self.service_grant(headers).await?.identity)
+    }
+
+    /// The grant of a service token.
+    async fn service_grant(&self, headers: &HeaderMap) -> Result<Grant, Problem> {
         let verified = self.caller(headers).await?;
         if verified.grant.role != Role::Service {
             return Err(Problem::new(
@@ -316,7 +321,7 @@ impl PresenceApi {
                 "webhooks are for service tokens",
             ));
         }
-        Ok(verified.grant.identity)
+        Ok(verified.grant)
     }
 }
 
@@ -326,16 +331,19 @@ pub async fn register_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(axum::http::StatusCode, Json<Value>), Problem> {
-    let owner = api.service(&headers).await?;
+    let grant = api.service_grant(&headers).await?;
     let request: WebhookRequest = serde_json::from_slice(&body)
         .map_err(|err| Problem::new(Kind::InvalidRequest, format!("invalid webhook: {err}")))?;
     use crate::webhooks::WebhookError;
     let hook = api
         .webhooks
-        .register(&owner, request.url, request.channels, request.secret)
+        .register(&grant, request.url, request.channels, request.secret)
         .await
         .map_err(|err| match err {
             WebhookError::Invalid { field, .. } => invalid(field, err.to_string()),
+            WebhookError::Forbidden(message) => {
+                Problem::new(Kind::Forbidden, message).with("field", "channels")
+            }
             other => Problem::new(Kind::Unavailable, other.to_string()),
         })?;
     Ok((axum::http::StatusCode::CREATED, Json(hook.public())))

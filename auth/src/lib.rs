@@ -6,8 +6,9 @@
 
 pub mod claims;
 pub mod config;
+pub mod destinations;
 mod http;
-pub mod keys;
+mod keys;
 pub mod presence;
 pub mod verifier;
 pub mod webhooks;
@@ -109,6 +110,11 @@ pub fn service(config: &Config) -> Result<Service, Error> {
             max_attempts: config.webhook_max_attempts.max(1),
             poll: std::time::Duration::from_millis(config.webhook_poll_ms.max(10)),
             timeout: std::time::Duration::from_secs(10),
+            guard: std::sync::Arc::new(destinations::Guard {
+                open: config.dev,
+                allow: config.webhook_allow_networks.clone(),
+            }),
+            ca_file: config.ca_file.clone(),
         },
         store,
     )

@@ -12,7 +12,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_router::Grant;
 use eventbus_router::pattern::{matches, validate_pattern};
+
+use crate::destinations::{Guard, Resolver};
 use eventbus_store::StoreClient;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -44,12 +47,26 @@ pub struct Webhook {
     pub delivered: u64,
     /// Last seq delivered, per channel.
     pub positions: BTreeMap<String, u64>,
+    /// The subscribe patterns of the token that registered it: every delivery stays within them.
+    /// (Registrations from before grants were kept have none; their channels stand for it.)
+    #[serde(default)]
+    pub grant: Vec<String>,
     /// Events waiting for this webhook at its last look (not saved).
     #[serde(skip)]
     pub backlog: u64,
 }
 
 impl Webhook {
+    /// Whether the grant it was registered with covers `channel`.
+    pub fn allows(&self, channel: &str) -> bool {
+        let grant = if self.grant.is_empty() {
+            &self.channels
+        } else {
+            &self.grant
+        };
+        grant.iter().any(|pattern| matches(pattern, channel))
+    }
+
     /// What the API shows: everything but the secret.
     pub fn public(&self) -> serde_json::Value {
         serde_json::json!({
@@ -67,6 +84,8 @@ pub enum WebhookError {
         field: &'static str,
         message: String,
     },
+    #[error("{0}")]
+    Forbidden(String),
     #[error("webhooks need the store (EVENTBUS_STORE_URL)")]
     NoStore,
     #[error("cannot save the webhooks: {0}")]
@@ -82,6 +101,10 @@ pub struct Settings {
     pub max_attempts: u32,
     pub poll: Duration,
     pub timeout: Duration,
+    /// Which destinations are allowed (public addresses, unless opened).
+    pub guard: Arc<Guard>,
+    /// CA certificates (PEM) trusted for `https://` webhooks besides the built-in roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 struct Inner {
@@ -139,10 +162,23 @@ impl Webhooks {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(WebhookError::Io(e.to_string())),
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(settings.timeout)
-            .build()
-            .map_err(|e| WebhookError::Io(e.to_string()))?;
+            // A redirect would lead past the destination check: a 3xx is a failed delivery.
+            .redirect(reqwest::redirect::Policy::none());
+        if !settings.guard.open {
+            http = http.dns_resolver(Arc::new(Resolver(settings.guard.clone())));
+        }
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?
+            {
+                http = http.add_root_certificate(certificate);
+            }
+        }
+        let http = http.build().map_err(|e| WebhookError::Io(e.to_string()))?;
         let webhooks = Webhooks {
             inner: Arc::new(Inner {
                 settings,
@@ -186,14 +222,16 @@ impl Webhooks {
         write().map_err(|e| WebhookError::Io(e.to_string()))
     }
 
-    /// Registers a webhook for `owner`; it starts at the channels' current heads.
+    /// Registers a webhook for the holder of `grant`, within it; it starts at the channels'
+    /// current heads.
     pub async fn register(
         &self,
-        owner: &str,
+        grant: &Grant,
         url: String,
         channels: Vec<String>,
         secret: String,
     ) -> Result<Webhook, WebhookError> {
+        let owner = grant.identity.as_str();
         let invalid = |field, message: String| WebhookError::Invalid { field, message };
         let store = self.inner.store.clone().ok_or(WebhookError::NoStore)?;
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
@@ -209,6 +247,19 @@ impl Webhooks {
         if secret.len() < 16 {
             return Err(invalid("secret", "at least 16 characters".into()));
         }
+        // A webhook reads what its owner may read, no more: every user's inbox is not a pattern
+        // away from a URL of the caller's choice.
+        for pattern in &channels {
+            grant.check_subscribe(pattern).map_err(|denied| {
+                WebhookError::Forbidden(format!("channels: {pattern:?}: {denied}"))
+            })?;
+        }
+        self.inner
+            .settings
+            .guard
+            .check_url(&url)
+            .await
+            .map_err(|why| invalid("url", why))?;
         let mut positions = BTreeMap::new();
         for pattern in &channels {
             for (channel, head) in list(&store, pattern).await? {
@@ -226,6 +277,7 @@ impl Webhooks {
             failures: 0,
             delivered: 0,
             positions,
+            grant: grant.subscribe.clone(),
             backlog: 0,
         };
         self.lock().insert(hook.id.clone(), hook.clone());
@@ -267,6 +319,21 @@ impl Webhooks {
             self.save()?;
         }
         Ok(removed)
+    }
+
+    /// Marks a webhook dead for `why`, and saves it.
+    fn kill(&self, id: &str, why: String) {
+        {
+            let mut hooks = self.lock();
+            if let Some(h) = hooks.get_mut(id) {
+                warn!(webhook = %id, %why, "webhook stopped");
+                h.state = State::Dead;
+                h.last_error = Some(why);
+            }
+        }
+        if let Err(err) = self.save() {
+            warn!(%err, "webhook state not saved");
+        }
     }
 
     /// Records one webhook's backlog and publishes the sum over all of them.
@@ -368,6 +435,13 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
                 }
                 Err(_) => continue,
             };
+            if !hook.allows(&channel) {
+                webhooks.kill(
+                    &id,
+                    format!("{channel} is outside the grant it was registered with"),
+                );
+                return;
+            }
             for event in page.events {
                 match deliver(&webhooks, &hook, &event.json, &settings).await {
                     Ok(()) => {
@@ -395,6 +469,18 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
     }
 }
 
+/// An error and what caused it, down the chain (reqwest's own message names only the URL).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// POSTs one event, retrying with backoff and jitter; `Err` once the webhook is dead.
 async fn deliver(
     webhooks: &Webhooks,
@@ -404,6 +490,11 @@ async fn deliver(
 ) -> Result<(), ()> {
     let mut attempt = 0u32;
     loop {
+        // Literal addresses never reach the resolver's check: checked here, at every delivery.
+        if let Err(why) = settings.guard.check_literal(&hook.url) {
+            webhooks.kill(&hook.id, why);
+            return Err(());
+        }
         let timestamp = crate::claims::now_s();
         let outcome = webhooks
             .inner
@@ -417,7 +508,7 @@ async fn deliver(
         let error = match outcome {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) => format!("the receiver answered {}", r.status()),
-            Err(e) => format!("cannot reach the receiver: {e}"),
+            Err(e) => format!("cannot reach the receiver: {}", with_causes(&e)),
         };
         attempt += 1;
         eventbus_runtime::metrics::metrics().webhook_failures.inc();

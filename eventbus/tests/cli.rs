@@ -74,7 +74,11 @@ fn cli(url: &str, args: &[&str]) -> Command {
 // runs in this same runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pub_and_tail_round_trip_with_reliable_exit_codes() {
-    let bus = AllInOne::start(false).await;
+    // The webhook added below points at loopback, which production mode refuses unless allowed.
+    let bus = AllInOne::start_with(tempfile::tempdir().expect("temp dir"), false, |c| {
+        c.webhook_allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")]
+    })
+    .await;
     let url = bus.endpoints.api.base.clone();
 
     // One event from the argument; an ack line per event.

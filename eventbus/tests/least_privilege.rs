@@ -6,6 +6,7 @@ mod common;
 use base64::Engine;
 use common::AllInOne;
 use eventbus_testkit::cluster::API_KEY_SECRET;
+use eventbus_testkit::eventually;
 use eventbus_testkit::http::Http;
 use serde_json::{Value, json};
 
@@ -232,5 +233,237 @@ async fn a_refresh_is_a_new_grant_and_snapshots_are_written_by_services() {
         .send(api.put_json("/v1/channels/room.x/snapshot", &service, &snapshot))
         .await;
     assert_eq!(by_service.status, 200, "{}", by_service.body);
+    bus.stop().await;
+}
+
+/// A receiver on loopback that records what it is sent; `status` is what it answers.
+async fn receiver(
+    status: u16,
+    location: Option<String>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = recording(got.clone(), status, location);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://127.0.0.1:{port}/hook"), got)
+}
+
+fn recording(
+    got: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    status: u16,
+    location: Option<String>,
+) -> axum::Router {
+    axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (got, location) = (got.clone(), location.clone());
+            async move {
+                got.lock()
+                    .expect("lock")
+                    .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                let mut response = axum::http::Response::builder().status(status);
+                if let Some(location) = location {
+                    response = response.header("location", location);
+                }
+                response.body(axum::body::Body::empty()).expect("response")
+            }
+        }),
+    )
+}
+
+fn allow_loopback(config: &mut eventbus::serve::Config) {
+    config.webhook_allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+}
+
+async fn register(bus: &AllInOne, token: &str, url: &str, channels: Value) -> (u16, Value) {
+    let api = &bus.endpoints.api;
+    let answer = api
+        .send(api.post("/v1/webhooks").bearer_auth(token).json(
+            &json!({"url": url, "channels": channels, "secret": "webhook-secret-0123456789"}),
+        ))
+        .await;
+    (answer.status.as_u16(), answer.body)
+}
+
+async fn webhook(bus: &AllInOne, token: &str, id: &str) -> Value {
+    let api = &bus.endpoints.api;
+    api.send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(token))
+        .await
+        .body
+}
+
+#[tokio::test]
+async fn webhooks_stay_within_their_owners_grant_and_away_from_internal_addresses() {
+    let bus = AllInOne::start(false).await;
+    let auth = bus.endpoints.auth.clone();
+    let full = bus.endpoints.service_token().await;
+    let narrow = auth
+        .token(
+            Some(API_KEY_SECRET),
+            json!({"subscribe": ["billing.*"], "publish": ["billing.*"]}),
+        )
+        .await;
+    // The grant: every channel pattern within the owner's subscribe grant.
+    for channels in [
+        json!(["inbox.*"]),
+        json!([">"]),
+        json!(["billing.*", "orders"]),
+    ] {
+        let (status, body) =
+            register(&bus, &narrow, "http://127.0.0.1:9/h", channels.clone()).await;
+        assert_eq!(
+            (status, &body["field"]),
+            (403, &json!("channels")),
+            "{channels}: {body}"
+        );
+    }
+    // Internal destinations, by address or by name, are refused outside development mode.
+    for url in [
+        "http://127.0.0.1:9/h",
+        "http://localhost:9/h",
+        "http://10.0.0.1/h",
+        "http://172.16.5.4/h",
+        "http://192.168.1.1/h",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://100.100.100.200/latest/meta-data/",
+        "http://[::1]:9/h",
+        "http://[::ffff:127.0.0.1]:9/h",
+        "http://[fd00:ec2::254]/h",
+        "http://0.0.0.0:9/h",
+    ] {
+        let (status, body) = register(&bus, &full, url, json!(["billing.*"])).await;
+        assert_eq!(
+            (status, &body["field"]),
+            (400, &json!("url")),
+            "{url}: {body}"
+        );
+    }
+    bus.stop().await;
+}
+
+#[tokio::test]
+async fn webhook_destinations_are_checked_at_every_delivery_and_redirects_are_not_followed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
+    let service = bus.endpoints.service_token().await;
+    // A redirect to another internal address is a failed delivery, never followed.
+    let (inner_url, inner) = receiver(204, None).await;
+    let (redirecting_url, redirecting) = receiver(307, Some(inner_url.clone())).await;
+    let (status, hook) = register(&bus, &service, &redirecting_url, json!(["redirect.*"])).await;
+    assert_eq!(status, 201, "{hook}");
+    let id = hook["id"].as_str().expect("id").to_owned();
+    let (literal_url, literal) = receiver(204, None).await;
+    let by_name_url = literal_url.replace("127.0.0.1", "localhost");
+    let mut later = Vec::new();
+    for url in [&literal_url, &by_name_url] {
+        let (status, hook) = register(&bus, &service, url, json!(["later.*"])).await;
+        assert_eq!(status, 201, "{hook}");
+        later.push(hook["id"].as_str().expect("id").to_owned());
+    }
+    let api = bus.endpoints.api.clone();
+    api.publish(&service, &json!({"channel": "redirect.a", "type": "t"}))
+        .await;
+    let shown = eventually("the redirect to count as a failure", || {
+        let (bus, service, id) = (&bus, service.clone(), id.clone());
+        async move {
+            let shown = webhook(bus, &service, &id).await;
+            (shown["failures"].as_u64() >= Some(1)).then_some(shown)
+        }
+    })
+    .await;
+    assert!(
+        shown["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("307"),
+        "{shown}"
+    );
+    assert!(!redirecting.lock().expect("lock").is_empty());
+    assert!(
+        inner.lock().expect("lock").is_empty(),
+        "the redirect was followed"
+    );
+
+    // The same registrations, after a restart without the operator's allowance: no delivery.
+    let dir = bus.stop().await;
+    let bus = AllInOne::start_in(dir, false).await;
+    let service = bus.endpoints.service_token().await;
+    bus.endpoints
+        .api
+        .publish(&service, &json!({"channel": "later.a", "type": "t"}))
+        .await;
+    for id in &later {
+        let shown = eventually("the webhook to stop", || {
+            let (bus, service, id) = (&bus, service.clone(), id.clone());
+            async move {
+                let shown = webhook(bus, &service, &id).await;
+                (shown["state"] == "dead" || shown["failures"].as_u64() >= Some(1)).then_some(shown)
+            }
+        })
+        .await;
+        let error = shown["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("internal"), "{shown}");
+    }
+    assert!(
+        literal.lock().expect("lock").is_empty(),
+        "delivered to an internal address"
+    );
+    bus.stop().await;
+}
+
+#[tokio::test]
+async fn https_webhooks_work_with_a_ca_the_operator_trusts() {
+    let ca = eventbus_testkit::tls::TestCa::new();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let base = ca.serve(recording(got.clone(), 204, None)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = ca.write(dir.path());
+    let data = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(data, false, move |c| {
+        allow_loopback(c);
+        c.ca_file = Some(ca_file);
+    })
+    .await;
+    let service = bus.endpoints.service_token().await;
+    let (status, hook) = register(&bus, &service, &format!("{base}/hook"), json!(["tls.*"])).await;
+    assert_eq!(status, 201, "{hook}");
+    bus.endpoints
+        .api
+        .publish(
+            &service,
+            &json!({"channel": "tls.a", "type": "t", "data": "secret"}),
+        )
+        .await;
+    eventually("the event over https", || {
+        let got = got.clone();
+        async move { (!got.lock().expect("lock").is_empty()).then_some(()) }
+    })
+    .await;
+    assert_eq!(got.lock().expect("lock")[0]["data"], "secret");
+    bus.stop().await;
+
+    // Without the CA, the same receiver is not trusted: the delivery fails, saying why.
+    let data = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(data, false, allow_loopback).await;
+    let service = bus.endpoints.service_token().await;
+    let (_, hook) = register(&bus, &service, &format!("{base}/hook"), json!(["tls.*"])).await;
+    let id = hook["id"].as_str().expect("id").to_owned();
+    bus.endpoints
+        .api
+        .publish(&service, &json!({"channel": "tls.b", "type": "t"}))
+        .await;
+    let shown = eventually("the untrusted delivery to fail", || {
+        let (bus, service, id) = (&bus, service.clone(), id.clone());
+        async move {
+            let shown = webhook(bus, &service, &id).await;
+            (shown["failures"].as_u64() >= Some(1)).then_some(shown)
+        }
+    })
+    .await;
+    assert!(shown["last_error"].is_string(), "{shown}");
+    assert_eq!(got.lock().expect("lock").len(), 1);
     bus.stop().await;
 }

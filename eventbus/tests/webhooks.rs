@@ -17,6 +17,11 @@ use serde_json::{Value, json};
 
 const SECRET: &str = "webhook-secret-0123456789";
 
+/// The receivers here listen on loopback, which production mode refuses unless allowed.
+fn allow_loopback(config: &mut eventbus::serve::Config) {
+    config.webhook_allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+}
+
 #[derive(Default)]
 struct Receiver {
     /// Requests to refuse (503) before accepting.
@@ -77,7 +82,7 @@ fn seqs(receiver: &Receiver, channel: &str) -> Vec<u64> {
 #[tokio::test]
 async fn webhooks_deliver_every_event_once_in_order_signed_and_survive_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = AllInOne::start_in(dir, false).await;
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     api.publish(
@@ -128,7 +133,7 @@ async fn webhooks_deliver_every_event_once_in_order_signed_and_survive_a_restart
 
     // A restart keeps the positions: nothing is delivered twice, new events follow.
     let dir = bus.stop().await;
-    let bus = AllInOne::start_in(dir, false).await;
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     api.publish(
@@ -153,7 +158,11 @@ async fn webhooks_deliver_every_event_once_in_order_signed_and_survive_a_restart
 #[tokio::test]
 async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = AllInOne::start_with(dir, false, |c| c.webhook_max_attempts = 2).await;
+    let bus = AllInOne::start_with(dir, false, |c| {
+        allow_loopback(c);
+        c.webhook_max_attempts = 2
+    })
+    .await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     let registered = api
@@ -204,7 +213,8 @@ async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
 
 #[tokio::test]
 async fn bad_webhook_registrations_get_problems() {
-    let bus = AllInOne::start(false).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     let client = bus
@@ -259,7 +269,7 @@ async fn concurrent_registrations_and_deliveries_keep_the_webhook_file_whole() {
     const HOOKS: usize = 12;
     const EVENTS: usize = 10;
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = AllInOne::start_in(dir, false).await;
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     let receiver = Arc::new(Receiver::default());
@@ -321,7 +331,7 @@ async fn concurrent_registrations_and_deliveries_keep_the_webhook_file_whole() {
     .await;
 
     let dir = bus.stop().await;
-    let bus = AllInOne::start_in(dir, false).await;
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     let hooks = all_delivered(api, service)

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod http;
 pub mod nats;
 pub mod process;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;
