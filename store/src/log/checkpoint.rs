@@ -149,6 +149,7 @@ pub fn decode(bytes: &[u8]) -> Option<Loaded> {
             map.insert(key, (seq, input.u8()? != 0));
         }
         channel.keys = map;
+        channel.rebuild_live();
         for _ in 0..input.count(16)? {
             let (start, end) = (input.u64()?, input.u64()?);
             // Keyless seqs are retained seqs: never more of them than locations.
@@ -158,6 +159,7 @@ pub fn decode(bytes: &[u8]) -> Option<Loaded> {
             }
             channel.keyless.extend(start..=end);
         }
+        index.names.insert(name.clone());
         index.channels.insert(name, channel);
     }
     for _ in 0..input.count(20)? {

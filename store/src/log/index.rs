@@ -2,7 +2,7 @@
 //! each key (for compacted reads); per segment, what it holds (for retention). It only ever holds
 //! committed (fsync'd) records.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Where one record sits: segment number, byte offset, length on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,9 @@ pub struct ChannelIndex {
     pub bytes: u64,
     /// Newest seq per key, and whether that newest event deleted the key.
     pub keys: HashMap<String, (u64, bool)>,
+    /// The seqs of `keys` that are live (newest of their key, not a deletion), in order: a
+    /// compacted read is a ranged scan of these and `keyless`, never a sort of every key.
+    pub live: BTreeSet<u64>,
     /// Seqs of events without a key, in order: a compacted read keeps them all.
     pub keyless: VecDeque<u64>,
 }
@@ -34,8 +37,19 @@ impl ChannelIndex {
             locations: VecDeque::new(),
             bytes: 0,
             keys: HashMap::new(),
+            live: BTreeSet::new(),
             keyless: VecDeque::new(),
         }
+    }
+
+    /// Rebuilds `live` from `keys` (after a checkpoint is loaded).
+    pub fn rebuild_live(&mut self) {
+        self.live = self
+            .keys
+            .values()
+            .filter(|(_, deleted)| !deleted)
+            .map(|(seq, _)| *seq)
+            .collect();
     }
 
     pub fn head(&self) -> u64 {
@@ -53,12 +67,21 @@ impl ChannelIndex {
         self.locations.push_back(location);
         self.bytes += location.len as u64;
         match key {
-            Some(key) => match self.keys.get_mut(key) {
-                Some(entry) => *entry = (seq, deleted),
-                None => {
-                    self.keys.insert(key.to_owned(), (seq, deleted));
+            Some(key) => {
+                let before = match self.keys.get_mut(key) {
+                    Some(entry) => std::mem::replace(entry, (seq, deleted)),
+                    None => {
+                        self.keys.insert(key.to_owned(), (seq, deleted));
+                        (0, true)
+                    }
+                };
+                if !before.1 {
+                    self.live.remove(&before.0);
                 }
-            },
+                if !deleted {
+                    self.live.insert(seq);
+                }
+            }
             None => self.keyless.push_back(seq),
         }
     }
@@ -77,6 +100,7 @@ impl ChannelIndex {
         }
         self.first = first;
         self.keys.retain(|_, (seq, _)| *seq >= first);
+        self.live = self.live.split_off(&first);
         while self.keyless.front().is_some_and(|seq| *seq < first) {
             self.keyless.pop_front();
         }
@@ -93,20 +117,30 @@ impl ChannelIndex {
 
     /// Up to `limit` seqs after `after` of the compacted channel: the newest event of each live key,
     /// and every event without a key.
+    /// Both are ordered, so this is a merge of two ranged scans: O(limit), whatever the number
+    /// of keys.
     pub fn compacted_range(&self, after: u64, limit: usize) -> Vec<(u64, Location)> {
-        let mut seqs: Vec<u64> = self
-            .keys
-            .values()
-            .filter(|(seq, deleted)| *seq > after && !deleted)
-            .map(|(seq, _)| *seq)
-            .collect();
+        let mut keyed = self
+            .live
+            .range(after.saturating_add(1)..)
+            .copied()
+            .peekable();
         let first_keyless = self.keyless.partition_point(|seq| *seq <= after);
-        seqs.extend(self.keyless.range(first_keyless..));
-        seqs.sort_unstable();
-        seqs.truncate(limit);
-        seqs.into_iter()
-            .filter_map(|seq| self.location(seq).map(|l| (seq, l)))
-            .collect()
+        let mut keyless = self.keyless.range(first_keyless..).copied().peekable();
+        let mut out = Vec::with_capacity(limit.min(1024));
+        while out.len() < limit {
+            let next = match (keyed.peek(), keyless.peek()) {
+                (Some(a), Some(b)) if a < b => keyed.next(),
+                (Some(_), None) => keyed.next(),
+                (_, Some(_)) => keyless.next(),
+                (None, None) => None,
+            };
+            let Some(seq) = next else { break };
+            if let Some(location) = self.location(seq) {
+                out.push((seq, location));
+            }
+        }
+        out
     }
 }
 
@@ -122,6 +156,8 @@ pub struct SegmentInfo {
 #[derive(Debug, Default)]
 pub struct Index {
     pub channels: HashMap<String, ChannelIndex>,
+    /// Every channel's name, in order: listing by prefix is a ranged scan, never a sort.
+    pub names: BTreeSet<String>,
     pub segments: BTreeMap<u32, SegmentInfo>,
 }
 
@@ -142,10 +178,12 @@ impl Index {
     ) {
         let index = match self.channels.get_mut(channel) {
             Some(index) => index,
-            None => self
-                .channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| ChannelIndex::starting_at(seq)),
+            None => {
+                self.names.insert(channel.to_owned());
+                self.channels
+                    .entry(channel.to_owned())
+                    .or_insert_with(|| ChannelIndex::starting_at(seq))
+            }
         };
         index.push(seq, location, key, deleted);
         let segment = self.segments.entry(location.segment).or_default();
@@ -156,6 +194,26 @@ impl Index {
                 segment.last_seq.insert(channel.to_owned(), seq);
             }
         }
+    }
+
+    /// Up to `limit` channels whose name starts with `prefix` and sorts after `after`, with their
+    /// heads: a ranged scan of the ordered names, O(log n + limit).
+    pub fn list(&self, prefix: &str, after: &str, limit: usize) -> Vec<(String, u64)> {
+        use std::ops::Bound;
+        let from = if after >= prefix {
+            Bound::Excluded(after)
+        } else {
+            Bound::Included(prefix)
+        };
+        self.names
+            .range::<str, _>((from, Bound::Unbounded))
+            .take_while(|name| name.starts_with(prefix))
+            .filter_map(|name| {
+                let head = self.channels.get(name)?.head();
+                (head > 0).then(|| (name.clone(), head))
+            })
+            .take(limit)
+            .collect()
     }
 
     /// Forgets everything known of `channel`, whose next record has seq `seq`: recovery found
@@ -226,6 +284,27 @@ mod tests {
             vec![4, 5]
         );
         assert_eq!(channel.location(3), None);
+    }
+
+    #[test]
+    fn listing_is_a_ranged_scan_in_name_order() {
+        let mut index = Index::default();
+        for (n, name) in ["b.2", "a.1", "b.1", "c", "b.10", "ba"].iter().enumerate() {
+            index.add(name, 1, at(n as u64), None, false, 0);
+        }
+        let names = |prefix: &str, after: &str, limit| {
+            index
+                .list(prefix, after, limit)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("b.", "", 10), ["b.1", "b.10", "b.2"]);
+        assert_eq!(names("b.", "b.1", 10), ["b.10", "b.2"]);
+        assert_eq!(names("b.", "", 2), ["b.1", "b.10"]);
+        assert_eq!(names("", "b.2", 10), ["ba", "c"]);
+        assert!(names("nomatch", "", 10).is_empty());
+        assert_eq!(names("b", "a.9", 10), ["b.1", "b.10", "b.2", "ba"]);
     }
 
     #[test]

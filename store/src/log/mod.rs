@@ -508,15 +508,7 @@ impl Log {
     /// order, with their heads.
     pub fn channels(&self, prefix: &str, after: &str, limit: usize) -> Vec<(String, u64)> {
         let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
-        let mut found: Vec<(String, u64)> = index
-            .channels
-            .iter()
-            .filter(|(name, ch)| name.starts_with(prefix) && name.as_str() > after && ch.head() > 0)
-            .map(|(name, ch)| (name.clone(), ch.head()))
-            .collect();
-        found.sort_unstable();
-        found.truncate(limit);
-        found
+        index.list(prefix, after, limit)
     }
 
     pub fn head(&self, channel: &str) -> u64 {

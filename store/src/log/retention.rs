@@ -62,7 +62,9 @@ pub fn apply(index: &mut Index, rules: &[Rule], now_ms: u64, active: u32) -> u64
         return 0;
     }
     let mut dropped = 0;
-    let Index { channels, segments } = index;
+    let Index {
+        channels, segments, ..
+    } = index;
     for (name, channel) in channels.iter_mut() {
         let Some(rule) = rules
             .iter()
