@@ -119,6 +119,8 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
+    #[command(flatten)]
+    pub http: eventbus_runtime::http::Limits,
 }
 
 impl Config {
@@ -141,6 +143,7 @@ impl Config {
             webhook_allow_networks: Vec::new(),
             ca_file: None,
             cors: Default::default(),
+            http: Default::default(),
         }
     }
 }

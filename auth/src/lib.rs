@@ -160,9 +160,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         .merge(service.internal)
         .merge(eventbus_runtime::health_routes(|| true));
     info!(addr = %listener.local_addr()?, keys = %config.keys_dir.display(), "auth listening");
-    axum::serve(eventbus_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(shutdown.wait())
-        .await?;
+    eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait()).await?;
     info!("auth stopped");
     Ok(())
 }

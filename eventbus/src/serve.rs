@@ -76,6 +76,8 @@ pub struct Config {
     pub min_free_bytes: u64,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
+    #[command(flatten)]
+    pub http: eventbus_runtime::http::Limits,
 }
 
 impl Config {
@@ -92,6 +94,7 @@ impl Config {
             dedupe_window_s: 86_400,
             min_free_bytes: 64 * 1024 * 1024,
             cors: Default::default(),
+            http: Default::default(),
         }
     }
 }
@@ -128,11 +131,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let auth = eventbus_auth::service(&auth_config)?;
     let auth_listener = loopback().await?;
     let auth_url = format!("http://{}", auth_listener.local_addr()?);
-    let auth_internal = tokio::spawn(
-        axum::serve(eventbus_runtime::nodelay(auth_listener), auth.internal)
-            .with_graceful_shutdown(shutdown.wait())
-            .into_future(),
-    );
+    let auth_internal = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let limits = config.http.clone();
+        async move {
+            eventbus_runtime::http::serve(auth_listener, auth.internal, &limits, shutdown.wait())
+                .await
+        }
+    });
 
     let mut ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
     ingest_config.dev = config.dev;
@@ -203,9 +209,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
              -d '{{\"channel\":\"demo\",\"type\":\"greeting\",\"data\":{{\"text\":\"hello\"}}}}' http://{addr}/v1/events\n"
         );
     }
-    let server = axum::serve(eventbus_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(shutdown.wait())
-        .into_future();
+    let server = eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait());
     tokio::pin!(server);
     let mut store = store;
     // The store ends early only when its log failed: then the whole bus stops, with its error, so

@@ -467,3 +467,115 @@ async fn https_webhooks_work_with_a_ca_the_operator_trusts() {
     assert_eq!(got.lock().expect("lock").len(), 1);
     bus.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_holds_a_bounded_number_of_subscriptions() {
+    use eventbus_testkit::ws::Ws;
+    let bus = AllInOne::start(false).await;
+    let service = bus.endpoints.service_token().await;
+    let (mut ws, _) = Ws::hello(&bus.endpoints.ws, &service).await;
+    for n in 0..1000 {
+        ws.subscribe(json!({"channel": format!("s.{n}")})).await;
+    }
+    ws.send(json!({"op": "subscribe", "channel": "s.1000"}))
+        .await;
+    let refused = ws.recv().await;
+    assert_eq!(refused["code"], "too_many_subscriptions", "{refused}");
+    ws.send(json!({"op": "ping", "ref": 1})).await;
+    assert_eq!(ws.recv().await["op"], "pong", "the connection stays");
+    ws.send(json!({"op": "unsubscribe", "channel": "s.0"}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "unsubscribed");
+    ws.subscribe(json!({"channel": "s.1000"})).await;
+    bus.stop().await;
+}
+
+/// Opens `n` connections that send the start of a request and never finish it.
+async fn half_sent(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        out.push(stream);
+    }
+    out
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `wait`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A 408 or the like before the close is fine too.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+fn addr_of(bus: &AllInOne) -> std::net::SocketAddr {
+    bus.endpoints
+        .api
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr")
+}
+
+#[tokio::test]
+async fn half_sent_requests_are_closed_and_never_starve_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |c| c.http.header_timeout_s = 2).await;
+    let addr = addr_of(&bus);
+    let mut slow = half_sent(addr, 1500).await;
+    let api = bus.endpoints.api.clone();
+    let started = std::time::Instant::now();
+    let answer = api.send(api.get("/healthz")).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "a normal request waited {:?} behind 1,500 half-sent ones",
+        started.elapsed()
+    );
+    for (i, stream) in slow.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, std::time::Duration::from_secs(10)).await,
+            "half-sent request {i} was never closed"
+        );
+    }
+    bus.stop().await;
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_are_refused_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |c| c.http.max_connections = 40).await;
+    let addr = addr_of(&bus);
+    let mut held = half_sent(addr, 40).await;
+    let mut extra = half_sent(addr, 1).await;
+    assert!(
+        closed_within(&mut extra[0], std::time::Duration::from_secs(2)).await,
+        "a connection past the cap was kept"
+    );
+    assert!(
+        !closed_within(&mut held[0], std::time::Duration::from_millis(200)).await,
+        "the held ones are served on"
+    );
+    drop(held);
+    let api = bus.endpoints.api.clone();
+    eventually("room again once connections close", || {
+        let api = api.clone();
+        async move {
+            let answer = api.get("/healthz").send().await.ok()?;
+            (answer.status() == 200).then_some(())
+        }
+    })
+    .await;
+    bus.stop().await;
+}

@@ -22,6 +22,14 @@ pub struct Config {
         default_value_t = 2048
     )]
     pub queue_len: usize,
+    /// Subscriptions one connection may hold (its own inbox aside); past it a subscribe is
+    /// refused with `too_many_subscriptions` and the connection stays.
+    #[arg(
+        long = "max-subscriptions",
+        env = "EVENTBUS_GATEWAY_MAX_SUBSCRIPTIONS",
+        default_value_t = 1000
+    )]
+    pub max_subscriptions: usize,
     /// Largest frame a client may send, in bytes; a larger one closes the connection (4009).
     #[arg(long = "max-frame-bytes", env = "EVENTBUS_WS_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,
@@ -70,6 +78,8 @@ pub struct Config {
     pub dev: bool,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
+    #[command(flatten)]
+    pub http: eventbus_runtime::http::Limits,
 }
 
 impl Config {
@@ -80,6 +90,7 @@ impl Config {
             upstream: eventbus_runtime::upstream::Args::new(store_url, auth_url),
             id: None,
             queue_len: 2048,
+            max_subscriptions: 1000,
             max_frame_bytes: 128 * 1024,
             max_event_bytes: 64 * 1024,
             hello_timeout_s: 10,
@@ -89,6 +100,7 @@ impl Config {
             grace_s: 10,
             dev: false,
             cors: Default::default(),
+            http: Default::default(),
         }
     }
 }

@@ -583,6 +583,19 @@ impl Conn {
         if let Err(denied) = verified.grant.check_subscribe(name) {
             return refuse(denied.code(), denied.to_string());
         }
+        // The inbox is not counted: it is the connection's own.
+        if announce
+            && !self.by_name.contains_key(name)
+            && self.by_name.len() > self.gw.max_subscriptions
+        {
+            return refuse(
+                "too_many_subscriptions",
+                format!(
+                    "a connection holds at most {} subscriptions (EVENTBUS_GATEWAY_MAX_SUBSCRIPTIONS); unsubscribe first",
+                    self.gw.max_subscriptions
+                ),
+            );
+        }
         if group.is_some() {
             if let Err(denied) = verified.grant.check_group() {
                 return refuse(denied.code(), denied.to_string());

@@ -70,6 +70,7 @@ pub(crate) struct Gateway {
     limits: Limits,
     origins: Origins,
     queue_len: usize,
+    max_subscriptions: usize,
     max_frame_bytes: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
@@ -145,6 +146,7 @@ pub fn service(
         },
         origins: Origins::new(&config.cors, config.dev),
         queue_len: config.queue_len.max(1),
+        max_subscriptions: config.max_subscriptions,
         max_frame_bytes: config.max_frame_bytes,
         hello_timeout: Duration::from_secs(config.hello_timeout_s),
         ping_interval: Duration::from_secs(config.ping_interval_s.max(1)),
@@ -241,9 +243,7 @@ pub async fn run(
             ready_backbone.is_connected() && store_up.load(std::sync::atomic::Ordering::Relaxed)
         }));
     info!(addr = %listener.local_addr()?, "gateway listening");
-    axum::serve(eventbus_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(shutdown.wait())
-        .await?;
+    eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait()).await?;
     service.drain.wait().await;
     info!("gateway stopped");
     Ok(())

@@ -30,6 +30,8 @@ pub struct Config {
     pub dev: bool,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
+    #[command(flatten)]
+    pub http: eventbus_runtime::http::Limits,
 }
 
 impl Config {
@@ -43,6 +45,7 @@ impl Config {
             max_body_bytes: 4 * 1024 * 1024,
             dev: false,
             cors: Default::default(),
+            http: Default::default(),
         }
     }
 }

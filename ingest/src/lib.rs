@@ -112,9 +112,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         }))
         .fallback(|| async { Problem::new(Kind::NotFound, "no such route") });
     info!(addr = %listener.local_addr()?, store = %config.upstream.store_url, "ingest listening");
-    axum::serve(eventbus_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(shutdown.wait())
-        .await?;
+    eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait()).await?;
     info!("ingest stopped");
     Ok(())
 }

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 pub mod backbone;
 pub mod cors;
+pub mod http;
 pub mod metrics;
 pub mod problem;
 pub mod telemetry;
@@ -217,18 +218,4 @@ where
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     exit_on_error(service, run(shutdown).await);
-}
-
-/// A listener whose connections have Nagle's algorithm off. HTTP/2 (gRPC) answers go out as
-/// several small writes; with Nagle on, the last one waits for the peer's delayed ACK (40 ms on
-/// Linux) whenever requests overlap: measured, store appends over gRPC ran at 35k events/s.
-pub fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
-        }
-    })
 }

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub store_fsync_seconds: Histogram,
     /// Bytes of log segments on disk (updated at each retention pass).
     pub store_log_bytes: Gauge,
+    /// Connections closed at once because the listener was at its connection cap.
+    pub connections_refused: Counter,
     /// Committed events not handed to the backbone because its queue was full.
     pub store_backbone_dropped: Counter,
     /// Events waiting to be delivered to webhooks, all webhooks together.
@@ -69,6 +71,7 @@ impl Metrics {
             store_fsync_seconds: seconds(),
             store_log_bytes: Gauge::default(),
             store_backbone_dropped: Counter::default(),
+            connections_refused: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_failures: Counter::default(),
             registry: Registry::default(),
@@ -153,6 +156,11 @@ impl Metrics {
             "store_log_bytes",
             "Bytes of log segments on disk (updated at each retention pass)",
             m.store_log_bytes.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at once because a listener was at its connection cap (EVENTBUS_MAX_CONNECTIONS)",
+            m.connections_refused.clone(),
         );
         r.register(
             "store_backbone_dropped_events",

@@ -57,6 +57,8 @@ pub struct Config {
         default_value_t = 64 * 1024 * 1024
     )]
     pub min_free_bytes: u64,
+    #[command(flatten)]
+    pub http: eventbus_runtime::http::Limits,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -93,6 +95,7 @@ impl Config {
             retention: Vec::new(),
             checkpoint_bytes: 1024 * 1024 * 1024,
             retention_interval_s: 10,
+            http: Default::default(),
             min_free_bytes: 64 * 1024 * 1024,
         }
     }

@@ -112,14 +112,14 @@ pub async fn run(
         }
     };
     let stop = shutdown.clone();
-    axum::serve(eventbus_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = stop.wait() => {}
-                _ = failed => error!("the log failed; stopping the store so that it is restarted and recovers"),
-            }
-        })
-        .await?;
+    let app: axum::Router = app;
+    eventbus_runtime::http::serve(listener, app, &config.http, async move {
+        tokio::select! {
+            _ = stop.wait() => {}
+            _ = failed => error!("the log failed; stopping the store so that it is restarted and recovers"),
+        }
+    })
+    .await?;
     let failed = !log.is_healthy();
     if failed {
         shutdown.trigger();
