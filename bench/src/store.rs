@@ -63,6 +63,7 @@ fn entry(channel: &str, template: &Bytes, n: u64, key: Option<String>) -> Entry 
     Entry {
         channel: channel.into(),
         id: format!("e{n}"),
+        source: "bench".into(),
         key,
         deleted: false,
         body: template.clone(),

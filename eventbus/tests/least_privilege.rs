@@ -579,3 +579,34 @@ async fn past_the_connection_cap_new_connections_are_refused_at_once() {
     .await;
     bus.stop().await;
 }
+
+/// Idempotency is per (channel, source, id), as CloudEvents defines an event's identity: another
+/// publisher cannot squat an id.
+#[tokio::test]
+async fn another_publisher_cannot_squat_an_id() {
+    let bus = AllInOne::start(false).await;
+    let api = bus.endpoints.api.clone();
+    let first = bus.endpoints.service_token().await;
+    let other = bus
+        .endpoints
+        .auth
+        .client_token(&first, "mallory", &[], &["shared"])
+        .await;
+    let event = json!({"id": "same-id", "channel": "shared", "type": "t"});
+    let squat = api.publish(&other, &event).await;
+    assert_eq!(squat.status, 200, "{}", squat.body);
+    let own = api.publish(&first, &event).await;
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert_eq!(own.body["events"][0]["duplicate"], false, "{}", own.body);
+    assert_ne!(own.body["events"][0]["seq"], squat.body["events"][0]["seq"]);
+    // Each publisher's own retry is its duplicate.
+    for (token, answer) in [(&first, &own), (&other, &squat)] {
+        let retry = api.publish(token, &event).await;
+        assert_eq!(retry.body["events"][0]["duplicate"], true);
+        assert_eq!(
+            retry.body["events"][0]["seq"],
+            answer.body["events"][0]["seq"]
+        );
+    }
+    bus.stop().await;
+}

@@ -148,6 +148,7 @@ fn written_log(dir: &Path) {
             log.append(vec![Entry {
                 channel: channel.into(),
                 id: format!("id-{n}"),
+                source: "fuzz".into(),
                 deleted: key.is_some() && n % 7 == 0,
                 key,
                 body: bytes::Bytes::from(format!(
@@ -254,6 +255,7 @@ fn records_round_trip() {
         let channel = word(&mut rng, 200);
         let id = word(&mut rng, 200);
         let key = rng.random_bool(0.5).then(|| word(&mut rng, 300));
+        let source = rng.random_bool(0.8).then(|| word(&mut rng, 70));
         let body: Vec<u8> = (0..rng.random_range(0..2000))
             .map(|_| rng.random())
             .collect();
@@ -263,6 +265,7 @@ fn records_round_trip() {
             &channel,
             &id,
             key.as_deref(),
+            source.as_deref(),
             rng.random(),
             &body,
         ));

@@ -67,6 +67,8 @@ pub struct Accepted {
     pub channel: String,
     pub key: Option<String>,
     pub deleted: bool,
+    /// The authenticated publisher: with `channel` and `id`, the event's identity for idempotency.
+    pub source: String,
     /// The event's JSON object without `seq`; the store splices `seq` in (see [`crate::with_seq`]).
     pub body: Vec<u8>,
 }
@@ -289,6 +291,7 @@ fn accept(
         channel,
         key,
         deleted,
+        source: source.to_owned(),
         body,
     })
 }

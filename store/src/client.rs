@@ -119,6 +119,7 @@ impl StoreClient {
                     body: e.body.into(),
                     key: e.key,
                     deleted: e.deleted,
+                    source: e.source,
                 })
                 .collect(),
         };

@@ -75,6 +75,12 @@ impl Store for Service {
                     "event {i}: id must be 1-128 characters"
                 )));
             }
+            // (channel, source, id) is one key: no part of it may hold the separator.
+            if event.id.contains('\n') || event.source.contains('\n') || event.source.len() > 128 {
+                return Err(Status::invalid_argument(format!(
+                    "event {i}: id and source are single lines, source at most 128 characters"
+                )));
+            }
             if !(event.body.starts_with(b"{") && event.body.ends_with(b"}")) {
                 return Err(Status::invalid_argument(format!(
                     "event {i}: body must be a JSON object"
@@ -83,6 +89,7 @@ impl Store for Service {
             entries.push(Entry {
                 channel: event.channel,
                 id: event.id,
+                source: event.source,
                 key: event.key,
                 deleted: event.deleted,
                 body: event.body,

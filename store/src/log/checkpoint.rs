@@ -15,8 +15,9 @@ use super::index::{ChannelIndex, Index, Location, SegmentInfo};
 use super::{LogError, segments};
 
 /// The last two characters are the format version: a reader ignores a checkpoint of any other
-/// version (and rebuilds from the segments) rather than misreading it.
-const MAGIC: &[u8; 8] = b"EBCKPT01";
+/// version (and rebuilds from the segments) rather than misreading it. 02: idempotency keys are
+/// `channel \n source \n id` (01 had no source).
+const MAGIC: &[u8; 8] = b"EBCKPT02";
 
 const NAME: &str = "index.ckpt";
 

@@ -8,16 +8,20 @@ use std::sync::Arc;
 pub struct Dedupe {
     window_ms: u64,
     max_ids: usize,
-    /// `channel \n id` → seq. Neither a channel nor an id can hold a newline. foldhash: fast on
+    /// `channel \n source \n id` ([`key`]) → seq. foldhash: fast on
     /// short strings and seeded per process, so publishers cannot aim collisions at it.
     seen: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
     /// Insertion order, for forgetting the oldest: (commit time, key, seq).
     order: VecDeque<(u64, Arc<str>, u64)>,
 }
 
-pub fn key(channel: &str, id: &str) -> String {
-    let mut key = String::with_capacity(channel.len() + id.len() + 1);
+/// `channel \n source \n id`: an event's identity for idempotency, as CloudEvents defines it
+/// (`source` + `id`), within its channel. No channel, source or id can hold a newline.
+pub fn key(channel: &str, source: &str, id: &str) -> String {
+    let mut key = String::with_capacity(channel.len() + source.len() + id.len() + 2);
     key.push_str(channel);
+    key.push('\n');
+    key.push_str(source);
     key.push('\n');
     key.push_str(id);
     key
@@ -35,11 +39,11 @@ impl Dedupe {
 
     #[cfg(test)]
     pub fn get(&self, channel: &str, id: &str) -> Option<u64> {
-        self.seen.get(key(channel, id).as_str()).copied()
+        self.seen.get(key(channel, "s", id).as_str()).copied()
     }
 
-    pub fn insert(&mut self, channel: &str, id: &str, seq: u64, time_ms: u64) {
-        self.insert_key(key(channel, id), seq, time_ms);
+    pub fn insert(&mut self, channel: &str, source: &str, id: &str, seq: u64, time_ms: u64) {
+        self.insert_key(key(channel, source, id), seq, time_ms);
     }
 
     /// The seq remembered for a key made by [`key`].
@@ -137,7 +141,7 @@ mod tests {
     fn bounded_by_count_and_by_time() {
         let mut dedupe = Dedupe::new(1000, 3);
         for (n, time) in [(1, 0), (2, 10), (3, 2000), (4, 2010)] {
-            dedupe.insert("c", &format!("id{n}"), n, time);
+            dedupe.insert("c", "s", &format!("id{n}"), n, time);
         }
         assert_eq!(
             dedupe.get("c", "id1"),

@@ -45,8 +45,13 @@ fn rules() -> Vec<Rule> {
     .collect()
 }
 
-/// One event of a batch: channel, id number, key, deleted, padding.
-type Spec = (usize, u8, Option<u8>, bool, u8);
+/// One event of a batch: channel, id number, key, deleted, padding, publisher.
+type Spec = (usize, u8, Option<u8>, bool, u8, bool);
+
+/// Two publishers using the same ids: idempotency is per (channel, source, id).
+fn source_of(second: bool) -> &'static str {
+    if second { "svc-b" } else { "svc-a" }
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -85,6 +90,7 @@ fn batch() -> impl Strategy<Value = Vec<Spec>> {
             prop::option::of(0u8..4),
             any::<bool>(),
             0u8..120,
+            prop::bool::weighted(0.2),
         ),
         1..6,
     )
@@ -108,6 +114,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 #[derive(Debug, Clone)]
 struct Event {
+    source: &'static str,
     id: String,
     key: Option<String>,
     deleted: bool,
@@ -121,8 +128,8 @@ struct Event {
 struct Model {
     /// Per channel, every acknowledged event in seq order (seq = index + 1), retained or not.
     events: HashMap<&'static str, Vec<Event>>,
-    /// Every acknowledged id: its seq.
-    ids: HashMap<(&'static str, String), u64>,
+    /// Every acknowledged (channel, source, id): its seq.
+    ids: HashMap<(&'static str, &'static str, String), u64>,
     /// Per channel, the first retained seq last observed.
     first: HashMap<&'static str, u64>,
     snapshots: HashMap<&'static str, (u64, String)>,
@@ -139,12 +146,12 @@ impl Model {
 
     /// Stores `event` unless its id is known: (seq, duplicate).
     fn append(&mut self, channel: &'static str, event: Event) -> (u64, bool) {
-        if let Some(seq) = self.ids.get(&(channel, event.id.clone())) {
+        let identity = (channel, event.source, event.id.clone());
+        if let Some(seq) = self.ids.get(&identity) {
             return (*seq, true);
         }
         let events = self.events.entry(channel).or_default();
-        self.ids
-            .insert((channel, event.id.clone()), events.len() as u64 + 1);
+        self.ids.insert(identity, events.len() as u64 + 1);
         events.push(event);
         (events.len() as u64, false)
     }
@@ -289,8 +296,9 @@ impl Harness {
     fn entries(&self, batch: &[Spec]) -> Vec<(&'static str, Event, Entry)> {
         batch
             .iter()
-            .map(|&(channel, id, key, deleted, pad)| {
+            .map(|&(channel, id, key, deleted, pad, second)| {
                 let channel = CHANNELS[channel];
+                let source = source_of(second);
                 let id = format!("id-{id}");
                 let key = key.map(|k| format!("k{k}"));
                 let deleted = deleted && key.is_some();
@@ -304,11 +312,13 @@ impl Harness {
                         id: &id,
                         key: key.as_deref(),
                         deleted,
+                        source: Some(source),
                         body: body.as_bytes(),
                     },
                     &mut encoded,
                 ) as u64;
                 let event = Event {
+                    source,
                     id: id.clone(),
                     key: key.clone(),
                     deleted,
@@ -317,6 +327,7 @@ impl Harness {
                 };
                 let entry = Entry {
                     channel: channel.to_owned(),
+                    source: source.to_owned(),
                     id,
                     key,
                     deleted,
@@ -353,10 +364,13 @@ impl Harness {
         let mut pending: Vec<(&'static str, Event)> = Vec::new();
         let mut entries = Vec::new();
         for (channel, event, entry) in specs {
-            let known = self.model.ids.contains_key(&(channel, event.id.clone()))
+            let known = self
+                .model
+                .ids
+                .contains_key(&(channel, event.source, event.id.clone()))
                 || pending
                     .iter()
-                    .any(|(c, e)| *c == channel && e.id == event.id);
+                    .any(|(c, e)| *c == channel && e.source == event.source && e.id == event.id);
             if !known {
                 pending.push((channel, event));
             }

@@ -1,14 +1,16 @@
 //! The data directory's format version, in `store.format`: the version of the files that carry
 //! none of their own (segments, snapshots). A directory without the file was written before
-//! versions were recorded (version 0: the same segment and snapshot layout as version 1). A
+//! versions were recorded (version 0: the layout of version 1). Version 2 records may carry their
+//! publisher. Older directories are read as they are and marked with the current version; a
 //! directory of a newer version than this build knows is refused, never misread or rewritten.
 
 use std::path::{Path, PathBuf};
 
 use super::{LogError, segments};
 
-/// The format this build writes.
-pub const VERSION: u32 = 1;
+/// The format this build writes. 2: records may carry their publisher (`source`), which an older
+/// build would misread.
+pub const VERSION: u32 = 2;
 /// The oldest format this build reads.
 pub const OLDEST: u32 = 0;
 

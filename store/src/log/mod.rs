@@ -155,6 +155,8 @@ impl LogError {
 pub struct Entry {
     pub channel: String,
     pub id: String,
+    /// The authenticated publisher: idempotency is per (channel, source, id).
+    pub source: String,
     pub key: Option<String>,
     pub deleted: bool,
     pub body: Bytes,
@@ -347,7 +349,14 @@ impl Log {
                     record.deleted,
                     record.time_ms,
                 );
-                dedupe.insert(record.channel, record.id, record.seq, record.time_ms);
+                let source = record.source_or_from_body();
+                dedupe.insert(
+                    record.channel,
+                    &source,
+                    record.id,
+                    record.seq,
+                    record.time_ms,
+                );
                 events += 1;
                 Ok(())
             })?;
@@ -433,8 +442,14 @@ impl Log {
         }
         let mut bytes = 0;
         for (i, entry) in entries.iter().enumerate() {
-            record::check(&entry.channel, &entry.id, entry.key.as_deref(), &entry.body)
-                .map_err(|cause| LogError::Invalid(format!("event {i}: {cause}")))?;
+            record::check(
+                &entry.channel,
+                &entry.id,
+                entry.key.as_deref(),
+                Some(&entry.source),
+                &entry.body,
+            )
+            .map_err(|cause| LogError::Invalid(format!("event {i}: {cause}")))?;
             bytes +=
                 (record::HEADER_LEN + 64 + entry.channel.len() + entry.id.len() + entry.body.len())
                     as u64;
@@ -789,18 +804,21 @@ pub mod decoders {
         super::retired::decode(bytes).is_ok()
     }
 
-    /// Encodes a record and decodes it again: whether it comes back the same.
+    /// Encodes a record and decodes it again: whether it comes back the same. (One argument per
+    /// field of the record, as the fuzzer draws them.)
+    #[allow(clippy::too_many_arguments)]
     pub fn record_round_trip(
         seq: u64,
         time_ms: u64,
         channel: &str,
         id: &str,
         key: Option<&str>,
+        source: Option<&str>,
         deleted: bool,
         body: &[u8],
     ) -> bool {
         use super::record::{self, Record};
-        if record::check(channel, id, key, body).is_err() {
+        if record::check(channel, id, key, source, body).is_err() {
             return true;
         }
         let original = Record {
@@ -810,6 +828,7 @@ pub mod decoders {
             id,
             key,
             deleted,
+            source,
             body,
         };
         let mut buf = Vec::new();

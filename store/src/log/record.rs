@@ -1,5 +1,7 @@
 //! The on-disk record: `[len u32 LE][crc32c u32 LE][payload]`, payload = `seq u64 | time_ms u64 |
-//! channel (u16 len) | id (u16 len) | flags u8 | key (u16 len, if flagged) | body (u32 len)`.
+//! channel (u16 len) | id (u16 len) | flags u8 | key (u16 len, if flagged) | source (u16 len, if
+//! flagged) | body (u32 len)`. Records written before store format 2 carry no source: it is read
+//! from their body when needed.
 //! The checksum covers the payload, so a torn or flipped record is detected before it is served.
 
 pub const HEADER_LEN: usize = 8;
@@ -8,6 +10,7 @@ pub const MAX_PAYLOAD_LEN: usize = 32 * 1024 * 1024;
 
 const FLAG_KEY: u8 = 1;
 const FLAG_DELETED: u8 = 2;
+const FLAG_SOURCE: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<'a> {
@@ -18,7 +21,28 @@ pub struct Record<'a> {
     pub id: &'a str,
     pub key: Option<&'a str>,
     pub deleted: bool,
+    /// The publisher (from store format 2 on).
+    pub source: Option<&'a str>,
     pub body: &'a [u8],
+}
+
+impl Record<'_> {
+    /// The publisher: recorded, or for a record written before sources were, the body's `source`
+    /// (the bus always sets it); "" when neither says.
+    pub fn source_or_from_body(&self) -> std::borrow::Cow<'_, str> {
+        if let Some(source) = self.source {
+            return source.into();
+        }
+        #[derive(serde::Deserialize)]
+        struct Source {
+            source: Option<String>,
+        }
+        serde_json::from_slice::<Source>(self.body)
+            .ok()
+            .and_then(|s| s.source)
+            .unwrap_or_default()
+            .into()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,9 +72,15 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> usize {
     if record.deleted {
         flags |= FLAG_DELETED;
     }
+    if record.source.is_some() {
+        flags |= FLAG_SOURCE;
+    }
     out.push(flags);
     if let Some(key) = record.key {
         put_short(out, key.as_bytes());
+    }
+    if let Some(source) = record.source {
+        put_short(out, source.as_bytes());
     }
     out.extend_from_slice(&(record.body.len() as u32).to_le_bytes());
     out.extend_from_slice(record.body);
@@ -63,8 +93,19 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> usize {
 
 /// Whether a record of these fields can be encoded and read back: what every append is checked
 /// against before it is written, so that nothing acknowledged is unreadable.
-pub fn check(channel: &str, id: &str, key: Option<&str>, body: &[u8]) -> Result<(), String> {
-    for (name, value) in [("channel", Some(channel)), ("id", Some(id)), ("key", key)] {
+pub fn check(
+    channel: &str,
+    id: &str,
+    key: Option<&str>,
+    source: Option<&str>,
+    body: &[u8],
+) -> Result<(), String> {
+    for (name, value) in [
+        ("channel", Some(channel)),
+        ("id", Some(id)),
+        ("key", key),
+        ("source", source),
+    ] {
         if let Some(value) = value
             && value.len() > u16::MAX as usize
         {
@@ -75,8 +116,13 @@ pub fn check(channel: &str, id: &str, key: Option<&str>, body: &[u8]) -> Result<
             ));
         }
     }
-    let fixed = 8 + 8 + 2 + 2 + 1 + 4 + key.map_or(0, |_| 2);
-    let payload = fixed + channel.len() + id.len() + key.map_or(0, str::len) + body.len();
+    let fixed = 8 + 8 + 2 + 2 + 1 + 4 + key.map_or(0, |_| 2) + source.map_or(0, |_| 2);
+    let payload = fixed
+        + channel.len()
+        + id.len()
+        + key.map_or(0, str::len)
+        + source.map_or(0, str::len)
+        + body.len();
     if payload > MAX_PAYLOAD_LEN {
         return Err(format!(
             "the event is {} bytes; a record holds at most {}",
@@ -118,7 +164,15 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
     let channel = cursor.short_str()?;
     let id = cursor.short_str()?;
     let flags = cursor.take(1)?[0];
+    if flags & !(FLAG_KEY | FLAG_DELETED | FLAG_SOURCE) != 0 {
+        return Err(DecodeError::Malformed);
+    }
     let key = if flags & FLAG_KEY != 0 {
+        Some(cursor.short_str()?)
+    } else {
+        None
+    };
+    let source = if flags & FLAG_SOURCE != 0 {
         Some(cursor.short_str()?)
     } else {
         None
@@ -141,6 +195,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
             id,
             key,
             deleted: flags & FLAG_DELETED != 0,
+            source,
             body,
         },
         HEADER_LEN + len,
@@ -192,6 +247,7 @@ mod tests {
             id: "e1",
             key: Some("k"),
             deleted: true,
+            source: Some("svc"),
             body: br#"{"id":"e1"}"#,
         }
     }
@@ -209,21 +265,22 @@ mod tests {
     #[test]
     fn check_admits_exactly_what_decodes() {
         let body = vec![b'x'; 100];
-        assert!(check("c", "i", Some("k"), &body).is_ok());
+        assert!(check("c", "i", Some("k"), Some("s"), &body).is_ok());
         let long = "k".repeat(u16::MAX as usize + 1);
-        assert!(
-            check("c", "i", Some(&long), &body)
-                .unwrap_err()
-                .contains("key")
-        );
-        assert!(check("c", &long, None, &body).unwrap_err().contains("id"));
+        let refused = |key: Option<&str>, id: &str, source: Option<&str>| {
+            check("c", id, key, source, &body).unwrap_err()
+        };
+        assert!(refused(Some(&long), "i", None).contains("key"));
+        assert!(refused(None, &long, None).contains("id"));
+        assert!(refused(None, "i", Some(&long)).contains("source"));
         let fixed = 8 + 8 + 2 + 1 + 2 + 1 + 1 + 4;
         let largest = vec![0u8; MAX_PAYLOAD_LEN - fixed];
-        assert!(check("c", "i", None, &largest).is_ok());
+        assert!(check("c", "i", None, None, &largest).is_ok());
         let mut buf = Vec::new();
         let record = Record {
             body: &largest,
             key: None,
+            source: None,
             ..sample()
         };
         let record = Record {
@@ -237,7 +294,22 @@ mod tests {
             "the largest record checked in reads back"
         );
         let over = vec![0u8; MAX_PAYLOAD_LEN - fixed + 1];
-        assert!(check("c", "i", None, &over).is_err());
+        assert!(check("c", "i", None, None, &over).is_err());
+    }
+
+    #[test]
+    fn records_without_a_source_read_it_from_their_body() {
+        let legacy = Record {
+            source: None,
+            body: br#"{"id":"e1","source":"billing"}"#,
+            ..sample()
+        };
+        let mut buf = Vec::new();
+        encode(&legacy, &mut buf);
+        let (decoded, _) = decode(&buf).unwrap();
+        assert_eq!(decoded.source, None);
+        assert_eq!(decoded.source_or_from_body(), "billing");
+        assert_eq!(sample().source_or_from_body(), "svc");
     }
 
     #[test]

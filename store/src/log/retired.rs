@@ -19,8 +19,10 @@ use super::codec::{Input, Output};
 use super::{LogError, segments};
 
 const MAGIC: &[u8; 8] = b"EBRETIRE";
-/// The format written; a reader refuses newer versions rather than misreading them.
-pub const VERSION: u32 = 1;
+/// The format written; a reader refuses newer versions rather than misreading them. 2:
+/// idempotency keys are `channel \n source \n id`; a version 1 manifest's firsts are read, its
+/// keys (without a source) dropped.
+pub const VERSION: u32 = 2;
 
 const NAME: &str = "retired.manifest";
 
@@ -63,7 +65,7 @@ pub fn decode(bytes: &[u8]) -> Result<Retired, String> {
         return Err("not a retention manifest".into());
     }
     let version = input.u32().ok_or("cut short")?;
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(format!(
             "format version {version} is not one this build reads ({VERSION})"
         ));
@@ -84,6 +86,9 @@ pub fn decode(bytes: &[u8]) -> Result<Retired, String> {
     }
     if !input.is_empty() {
         return Err("trailing bytes".into());
+    }
+    if version < 2 {
+        window.clear();
     }
     Ok(Retired { firsts, window })
 }

@@ -17,6 +17,7 @@ fn entry(channel: &str, id: &str, key: Option<&str>, deleted: bool) -> Entry {
     Entry {
         channel: channel.into(),
         id: id.into(),
+        source: "svc".into(),
         key: key.map(str::to_owned),
         deleted,
         body: Bytes::from(format!(
@@ -145,6 +146,7 @@ async fn torn_and_corrupt_tails_are_cut_never_served() {
             id: "c10",
             key: None,
             deleted: false,
+            source: Some("svc"),
             body: b"{}",
         },
         &mut torn,

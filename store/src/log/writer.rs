@@ -113,7 +113,7 @@ impl Writer {
         for (job_index, job) in group.iter().enumerate() {
             let mut outcome = Vec::with_capacity(job.entries.len());
             for (entry_index, entry) in job.entries.iter().enumerate() {
-                let dedupe_key = dedupe::key(&entry.channel, &entry.id);
+                let dedupe_key = dedupe::key(&entry.channel, &entry.source, &entry.id);
                 if let Some(seq) = dedupe.get_key(&dedupe_key) {
                     outcome.push((seq, true));
                     continue;
@@ -137,6 +137,7 @@ impl Writer {
                         id: &entry.id,
                         key: entry.key.as_deref(),
                         deleted: entry.deleted,
+                        source: Some(&entry.source),
                         body: &entry.body,
                     },
                     buf,
