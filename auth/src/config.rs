@@ -121,6 +121,8 @@ pub struct Config {
     pub cors: eventbus_runtime::cors::Args,
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
+    #[command(flatten)]
+    pub internal: eventbus_runtime::internal::Args,
 }
 
 impl Config {
@@ -144,6 +146,7 @@ impl Config {
             ca_file: None,
             cors: Default::default(),
             http: Default::default(),
+            internal: Default::default(),
         }
     }
 }

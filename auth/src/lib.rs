@@ -70,6 +70,7 @@ pub struct Service {
 }
 
 pub fn service(config: &Config) -> Result<Service, Error> {
+    let credential = config.internal.credential().map_err(Error::Config)?;
     let ring = Arc::new(KeyRing::load_or_create(&config.keys_dir)?);
     if config.dev {
         warn!(
@@ -94,7 +95,8 @@ pub fn service(config: &Config) -> Result<Service, Error> {
     }
     let store = match &config.store_url {
         Some(url) => Some(
-            eventbus_store::StoreClient::new(url).map_err(|err| Error::Config(err.to_string()))?,
+            eventbus_store::StoreClient::new(url, credential.clone())
+                .map_err(|err| Error::Config(err.to_string()))?,
         ),
         None if !config.presence_events.is_empty() => {
             return Err(Error::Config(
@@ -144,11 +146,15 @@ pub fn service(config: &Config) -> Result<Service, Error> {
                 .with_state(presence_api),
         )
         .layer(origins.layer());
-    let internal = tonic::service::Routes::new(pb::auth_server::AuthServer::new(AuthService {
-        ring,
-        presence: registry,
-    }))
-    .into_axum_router();
+    // Keys and presence reports are for the other services only: they hold the credential.
+    let internal = eventbus_runtime::internal::require(
+        tonic::service::Routes::new(pb::auth_server::AuthServer::new(AuthService {
+            ring,
+            presence: registry,
+        }))
+        .into_axum_router(),
+        credential,
+    );
     Ok(Service { public, internal })
 }
 

@@ -351,12 +351,17 @@ impl Drop for Membership {
 
 impl Reporter {
     /// Starts reporting for gateway `gateway` to the auth service at `auth_url`.
-    pub fn start(auth_url: &str, gateway: String, ttl: Duration) -> Result<Self, String> {
+    pub fn start(
+        auth_url: &str,
+        credential: eventbus_runtime::internal::Credential,
+        gateway: String,
+        ttl: Duration,
+    ) -> Result<Self, String> {
         let endpoint = tonic::transport::Endpoint::from_shared(auth_url.to_owned())
             .map_err(|err| format!("invalid auth URL {auth_url:?}: {err}"))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5));
-        let client = pb::auth_client::AuthClient::new(endpoint.connect_lazy());
+        let client = pb::auth_client::AuthClient::with_interceptor(endpoint.connect_lazy(), credential);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(report_loop(client, gateway, ttl, rx));
         Ok(Reporter { tx })
@@ -381,7 +386,12 @@ impl Reporter {
 }
 
 async fn report_loop(
-    mut client: pb::auth_client::AuthClient<tonic::transport::Channel>,
+    mut client: pb::auth_client::AuthClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            eventbus_runtime::internal::Credential,
+        >,
+    >,
     gateway: String,
     ttl: Duration,
     mut rx: mpsc::UnboundedReceiver<Change>,

@@ -21,18 +21,26 @@ pub trait KeySource: Send + Sync + 'static {
 
 /// Keys fetched from the auth service over gRPC.
 pub struct GrpcKeySource {
-    client: eventbus_proto::auth::auth_client::AuthClient<tonic::transport::Channel>,
+    client: eventbus_proto::auth::auth_client::AuthClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            eventbus_runtime::internal::Credential,
+        >,
+    >,
 }
 
 impl GrpcKeySource {
     /// `url` is the auth service's address, e.g. `http://127.0.0.1:7002`; nothing is dialled yet.
-    pub fn new(url: &str) -> Result<Self, String> {
+    pub fn new(url: &str, credential: eventbus_runtime::internal::Credential) -> Result<Self, String> {
         let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
             .map_err(|err| format!("invalid auth url {url:?}: {err}"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(5));
         Ok(Self {
-            client: eventbus_proto::auth::auth_client::AuthClient::new(endpoint.connect_lazy()),
+            client: eventbus_proto::auth::auth_client::AuthClient::with_interceptor(
+                endpoint.connect_lazy(),
+                credential,
+            ),
         })
     }
 }

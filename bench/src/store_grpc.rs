@@ -50,13 +50,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shutdown = Shutdown::new();
+        let secret = eventbus_runtime::internal::Credential::random_secret();
+        let mut config = Config::with_data(dir.clone());
+        config.internal.token = Some(secret.clone());
         let server = tokio::spawn(eventbus_store::run(
-            Config::with_data(dir.clone()),
+            config,
             listener,
             Arc::new(InProcessBackbone::new()),
             shutdown.clone(),
         ));
-        let client = StoreClient::new(&url)?;
+        let credential =
+            eventbus_runtime::internal::Credential::new(&secret).map_err(anyhow::Error::msg)?;
+        let client = StoreClient::new(&url, credential)?;
         client.head("bench.c").await?;
         let next = Arc::new(AtomicU64::new(0));
         let started = Instant::now();

@@ -109,7 +109,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let store_listener = loopback().await?;
     let store_url = format!("http://{}", store_listener.local_addr()?);
+    // The services talk over loopback: one credential, made for this process, guards it.
+    let internal = eventbus_runtime::internal::Args {
+        token: Some(eventbus_runtime::internal::Credential::random_secret()),
+        token_file: None,
+    };
+    let credential = internal.credential().map_err(anyhow::Error::msg)?;
     let mut store_config = eventbus_store::Config::with_data(config.data.join("store"));
+    store_config.internal = internal.clone();
     store_config.dedupe_window_s = config.dedupe_window_s;
     store_config.min_free_bytes = config.min_free_bytes;
     let store = tokio::spawn(eventbus_store::run(
@@ -121,6 +128,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let mut auth_config = eventbus_auth::Config::with_keys_dir(config.data.join("auth"));
     auth_config.dev = config.dev;
+    auth_config.internal = internal.clone();
     auth_config.api_keys = config.api_keys.clone();
     auth_config.presence_events = config.presence_events.clone();
     auth_config.store_url = Some(store_url.clone());
@@ -142,15 +150,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let mut ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
     ingest_config.dev = config.dev;
+    ingest_config.upstream.internal = internal.clone();
     ingest_config.cors = config.cors.clone();
     let ingest = eventbus_ingest::routes(&ingest_config)?;
 
     let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
     gateway_config.dev = config.dev;
+    gateway_config.upstream.internal = internal;
     gateway_config.cors = config.cors.clone();
     let gateway = eventbus_gateway::service(&gateway_config, backbone, shutdown.clone())?;
 
-    if let Err(err) = wait_for_store(&store_url, &shutdown, &store).await {
+    if let Err(err) = wait_for_store(&store_url, &credential, &shutdown, &store).await {
         if store.is_finished() {
             store.await??;
         }
@@ -248,10 +258,11 @@ fn javascript(source: &'static str) -> impl axum::response::IntoResponse {
 /// The public port opens only once the store answers, so `/healthz` means the bus works.
 async fn wait_for_store<T>(
     url: &str,
+    credential: &eventbus_runtime::internal::Credential,
     shutdown: &Shutdown,
     store: &tokio::task::JoinHandle<T>,
 ) -> anyhow::Result<()> {
-    let client = eventbus_store::StoreClient::new(url)?;
+    let client = eventbus_store::StoreClient::new(url, credential.clone())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match client.head("healthz").await {

@@ -118,15 +118,20 @@ pub fn service(
     shutdown: Shutdown,
 ) -> Result<Service, Error> {
     let connections = TaskTracker::new();
-    let store =
-        StoreClient::with_timeout(&config.upstream.store_url, config.upstream.store_timeout())
-            .map_err(|err| Error::Config(err.to_string()))?;
+    let credential = config.upstream.credential().map_err(Error::Config)?;
+    let store = StoreClient::with_timeout(
+        &config.upstream.store_url,
+        credential.clone(),
+        config.upstream.store_timeout(),
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
     let id = config
         .id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned());
     let presence = eventbus_auth::presence::Reporter::start(
         &config.upstream.auth_url,
+        credential.clone(),
         id.clone(),
         Duration::from_secs(config.presence_ttl_s.max(1)),
     )
@@ -138,7 +143,7 @@ pub fn service(
             Duration::from_secs(config.tail_check_s.max(1)),
         ),
         verifier: Verifier::new(
-            GrpcKeySource::new(&config.upstream.auth_url).map_err(Error::Config)?,
+            GrpcKeySource::new(&config.upstream.auth_url, credential).map_err(Error::Config)?,
         ),
         store,
         limits: Limits {
@@ -230,7 +235,8 @@ pub async fn run(
 ) -> Result<(), Error> {
     let ready_backbone = backbone.clone();
     // Ready while NATS is connected and the store answers (catch-up and gap refill need it).
-    let probe_store = StoreClient::new(&config.upstream.store_url)
+    let credential = config.upstream.credential().map_err(Error::Config)?;
+    let probe_store = StoreClient::new(&config.upstream.store_url, credential)
         .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(Duration::from_secs(2), move || {
         let store = probe_store.clone();

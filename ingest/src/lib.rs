@@ -69,12 +69,15 @@ impl Ingest {
 
 /// The public routes of ingest, for [`run`] and for the all-in-one listener.
 pub fn routes(config: &Config) -> Result<axum::Router, Error> {
+    let credential = config.upstream.credential().map_err(Error::Config)?;
     let ingest = Arc::new(Ingest {
         verifier: Verifier::new(
-            GrpcKeySource::new(&config.upstream.auth_url).map_err(Error::Config)?,
+            GrpcKeySource::new(&config.upstream.auth_url, credential.clone())
+                .map_err(Error::Config)?,
         ),
         store: StoreClient::with_timeout(
             &config.upstream.store_url,
+            credential,
             config.upstream.store_timeout(),
         )
         .map_err(|err| Error::Config(err.to_string()))?,
@@ -100,7 +103,8 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
 /// Runs ingest on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
     // Ready while the store answers: without it no publish can be made durable.
-    let store = eventbus_store::StoreClient::new(&config.upstream.store_url)
+    let credential = config.upstream.credential().map_err(Error::Config)?;
+    let store = eventbus_store::StoreClient::new(&config.upstream.store_url, credential)
         .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(std::time::Duration::from_secs(2), move || {
         let store = store.clone();

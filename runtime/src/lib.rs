@@ -10,6 +10,7 @@ use tokio::sync::watch;
 pub mod backbone;
 pub mod cors;
 pub mod http;
+pub mod internal;
 pub mod metrics;
 pub mod problem;
 pub mod telemetry;

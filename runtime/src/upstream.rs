@@ -25,6 +25,9 @@ pub struct Args {
         default_value_t = 10_000
     )]
     pub store_timeout_ms: u64,
+    /// The credential every call to the store and to auth carries.
+    #[command(flatten)]
+    pub internal: crate::internal::Args,
 }
 
 impl Args {
@@ -33,7 +36,13 @@ impl Args {
             store_url,
             auth_url,
             store_timeout_ms: 10_000,
+            internal: Default::default(),
         }
+    }
+
+    /// The internal credential the upstream services demand.
+    pub fn credential(&self) -> Result<crate::internal::Credential, String> {
+        self.internal.credential()
     }
 
     pub fn store_timeout(&self) -> std::time::Duration {

@@ -6,6 +6,8 @@ use std::time::Duration;
 use eventbus_model::{Accepted, StoredEvent};
 use eventbus_proto::store as pb;
 use eventbus_proto::store::store_client::StoreClient as GrpcClient;
+use eventbus_runtime::internal::Credential;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::service::MAX_MESSAGE_BYTES;
@@ -57,7 +59,9 @@ impl StoreError {
         match code {
             tonic::Code::OutOfRange => StoreError::OutOfRange(message),
             tonic::Code::InvalidArgument => StoreError::Invalid(message),
-            tonic::Code::ResourceExhausted => StoreError::Refused(message),
+            tonic::Code::ResourceExhausted | tonic::Code::Unauthenticated => {
+                StoreError::Refused(message)
+            }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 StoreError::Unavailable(message)
             }
@@ -84,25 +88,30 @@ pub struct Page {
 
 #[derive(Clone)]
 pub struct StoreClient {
-    inner: GrpcClient<Channel>,
+    inner: GrpcClient<InterceptedService<Channel, Credential>>,
 }
 
 impl StoreClient {
     /// A client of the store at `url` (e.g. `http://127.0.0.1:7001`); it dials lazily and redials
     /// after failures, so callers start even while the store is down.
-    pub fn new(url: &str) -> Result<Self, StoreError> {
-        Self::with_timeout(url, Duration::from_secs(10))
+    /// Every call carries `credential`, the internal credential the store demands.
+    pub fn new(url: &str, credential: Credential) -> Result<Self, StoreError> {
+        Self::with_timeout(url, credential, Duration::from_secs(10))
     }
 
     /// As [`StoreClient::new`], waiting at most `timeout` for each answer.
-    pub fn with_timeout(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+    pub fn with_timeout(
+        url: &str,
+        credential: Credential,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|err| StoreError::Invalid(format!("invalid store url {url:?}: {err}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(timeout)
             .tcp_nodelay(true);
         Ok(Self {
-            inner: GrpcClient::new(endpoint.connect_lazy())
+            inner: GrpcClient::with_interceptor(endpoint.connect_lazy(), credential)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })

@@ -59,6 +59,8 @@ pub struct Config {
     pub min_free_bytes: u64,
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
+    #[command(flatten)]
+    pub internal: eventbus_runtime::internal::Args,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -96,6 +98,7 @@ impl Config {
             checkpoint_bytes: 1024 * 1024 * 1024,
             retention_interval_s: 10,
             http: Default::default(),
+            internal: Default::default(),
             min_free_bytes: 64 * 1024 * 1024,
         }
     }

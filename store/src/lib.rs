@@ -26,6 +26,8 @@ pub enum Error {
     Log(#[from] LogError),
     #[error("server error: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Bytes of log segments in `dir` (what retention bounds), for the metrics.
@@ -49,6 +51,7 @@ pub async fn run(
     backbone: Arc<dyn Backbone>,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    let credential = config.internal.credential().map_err(Error::Config)?;
     let options = config.log_options();
     let (log, mut committed) = tokio::task::spawn_blocking(move || Log::open(options))
         .await
@@ -96,8 +99,8 @@ pub async fn run(
     });
 
     let (live_log, ready_log) = (log.clone(), log.clone());
-    let app = tonic::service::Routes::new(service::server(log.clone()))
-        .into_axum_router()
+    let grpc = tonic::service::Routes::new(service::server(log.clone())).into_axum_router();
+    let app = eventbus_runtime::internal::require(grpc, credential)
         .merge(eventbus_runtime::health_routes_with(
             move || live_log.is_healthy(),
             move || ready_log.is_healthy() && !ready_log.is_low_on_space(),

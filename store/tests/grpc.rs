@@ -5,7 +5,19 @@ use std::sync::Arc;
 use eventbus_model::{Accepted, Limits, parse_event};
 use eventbus_router::InProcessBackbone;
 use eventbus_runtime::Shutdown;
+use eventbus_runtime::internal::Credential;
 use eventbus_store::{Config, StoreClient, StoreError};
+
+/// Waits until the store answers (it opens its log first).
+async fn until_serving(store: &StoreClient) {
+    for _ in 0..200 {
+        if store.head("orders").await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the store did not start");
+}
 
 fn event(channel: &str, n: usize) -> Accepted {
     parse_event(
@@ -24,13 +36,26 @@ async fn bad_requests_get_clear_errors() {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let shutdown = Shutdown::new();
+    let mut config = Config::with_data(dir.path().to_owned());
+    let secret = "internal-credential-of-this-test";
+    config.internal.token = Some(secret.to_owned());
     let server = tokio::spawn(eventbus_store::run(
-        Config::with_data(dir.path().to_owned()),
+        config,
         listener,
         Arc::new(InProcessBackbone::new()),
         shutdown.clone(),
     ));
-    let store = StoreClient::new(&url).expect("client");
+    let credential = |secret: &str| Credential::new(secret).expect("credential");
+    let store = StoreClient::new(&url, credential(secret)).expect("client");
+
+    // Reaching the port is not enough: without the internal credential nothing is appended or read.
+    let stranger = StoreClient::new(&url, credential("not-the-internal-credential")).expect("client");
+    until_serving(&store).await;
+    match stranger.append(vec![event("orders", 0)]).await {
+        Err(StoreError::Refused(message)) => assert!(message.contains("credential"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(stranger.read("orders", 0, 10, false).await.is_err());
 
     let appended = store
         .append(vec![event("orders", 1), event("orders", 2)])

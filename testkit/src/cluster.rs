@@ -15,6 +15,17 @@ use crate::http::Http;
 /// The API key the test clusters configure.
 pub const API_KEY_NAME: &str = "billing";
 pub const API_KEY_SECRET: &str = "billing-secret-0123456789";
+/// The internal credential the test clusters share (the store's and auth's gRPC demand it).
+pub const INTERNAL_TOKEN: &str = "internal-test-credential-0123456789";
+
+/// The internal credential's settings, for a service configuration.
+pub fn internal() -> eventbus_runtime::internal::Args {
+    eventbus_runtime::internal::Args {
+        token: Some(INTERNAL_TOKEN.to_owned()),
+        token_file: None,
+    }
+}
+
 /// Channels whose joins and leaves the test clusters publish as presence events.
 pub const PRESENCE_EVENTS: &str = "rooms.>";
 
@@ -111,6 +122,7 @@ impl Cluster {
                     nats_backbone(&nats).await
                 };
                 let mut config = eventbus_store::Config::with_data(dir.path().join("store"));
+                config.internal = internal();
                 tune(&mut config);
                 tasks.push(spawn(eventbus_store::run(
                     config,
@@ -125,6 +137,7 @@ impl Cluster {
         let auth_listener = listener().await;
         let auth_url = format!("http://{}", auth_listener.local_addr().expect("addr"));
         let mut auth_config = eventbus_auth::Config::with_keys_dir(dir.path().join("auth"));
+        auth_config.internal = internal();
         auth_config.api_keys = vec![
             format!("{API_KEY_NAME}:{API_KEY_SECRET}")
                 .parse()
@@ -140,7 +153,8 @@ impl Cluster {
 
         let ingest_listener = listener().await;
         let ingest_url = format!("http://{}", ingest_listener.local_addr().expect("addr"));
-        let ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
+        let mut ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
+        ingest_config.upstream.internal = internal();
         tasks.push(spawn(eventbus_ingest::run(
             ingest_config,
             ingest_listener,
@@ -178,6 +192,7 @@ impl Cluster {
         let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
         let mut config =
             eventbus_gateway::Config::new(self.store_url.clone(), self.auth_url.clone());
+        config.upstream.internal = internal();
         tune(&mut config);
         let backbone = nats_backbone(&self.nats).await;
         self.tasks.push(spawn(eventbus_gateway::run(

@@ -31,6 +31,8 @@ impl Process {
     async fn spawn(&mut self) {
         let child = Command::new(&self.program)
             .args(&self.args)
+            // The test clusters' internal credential, unless the test gives its own.
+            .env("EVENTBUS_INTERNAL_TOKEN", crate::cluster::INTERNAL_TOKEN)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "EVENTBUS_LOG",
