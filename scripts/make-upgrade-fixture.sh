@@ -2,7 +2,11 @@
 # Writes a data directory with a given eventbus binary, for the upgrade test
 # (eventbus/tests/upgrade.rs): every later version must open it with everything intact.
 #
-#   scripts/make-upgrade-fixture.sh BINARY OUT_DIR
+#   scripts/make-upgrade-fixture.sh BINARY OUT_DIR [COMMIT]
+#
+# COMMIT names the commit BINARY was built from (recorded in expected.json; default: this
+# checkout's HEAD). To build an older commit beside this checkout:
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target cargo build -p eventbus)
 #
 # What it leaves in OUT_DIR:
 #   data/           the all-in-one bus's data directory: log segments, an index checkpoint written at
@@ -16,6 +20,7 @@
 set -euo pipefail
 bin=${1:?usage: make-upgrade-fixture.sh BINARY OUT_DIR}
 out=${2:?usage: make-upgrade-fixture.sh BINARY OUT_DIR}
+commit=${3:-$(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 rm -rf "$out"
 mkdir -p "$out"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -69,7 +74,7 @@ jq -n \
     compacted: {orders: $orders_compact}, snapshot: {orders: $snapshot},
     kids: [$jwks.keys[].kid], webhooks: $webhooks,
     retry: [{id: "order-3", channel: "orders"}, {id: "chat-7", channel: "chat.room-1"}, {id: "order-30", channel: "orders"}]}' \
-  --arg version "$(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --arg version "$commit" \
   >"$out/expected.json"
 # The tail after the checkpoint is left for recovery to scan.
 kill -KILL "$pid"

@@ -154,3 +154,9 @@ async fn opens_with_everything(fixture: &str) {
 async fn a_data_directory_of_format_0_opens_with_everything() {
     opens_with_everything("format-0").await;
 }
+
+/// Format 1 (b92f628): versioned directory, checkpoint EBCKPT01, records without their source.
+#[tokio::test]
+async fn a_data_directory_of_format_1_opens_with_everything() {
+    opens_with_everything("format-1").await;
+}
