@@ -361,7 +361,8 @@ impl Reporter {
             .map_err(|err| format!("invalid auth URL {auth_url:?}: {err}"))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5));
-        let client = pb::auth_client::AuthClient::with_interceptor(endpoint.connect_lazy(), credential);
+        let client =
+            pb::auth_client::AuthClient::with_interceptor(endpoint.connect_lazy(), credential);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(report_loop(client, gateway, ttl, rx));
         Ok(Reporter { tx })

@@ -31,7 +31,10 @@ pub struct GrpcKeySource {
 
 impl GrpcKeySource {
     /// `url` is the auth service's address, e.g. `http://127.0.0.1:7002`; nothing is dialled yet.
-    pub fn new(url: &str, credential: eventbus_runtime::internal::Credential) -> Result<Self, String> {
+    pub fn new(
+        url: &str,
+        credential: eventbus_runtime::internal::Credential,
+    ) -> Result<Self, String> {
         let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
             .map_err(|err| format!("invalid auth url {url:?}: {err}"))?
             .connect_timeout(Duration::from_secs(3))

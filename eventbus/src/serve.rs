@@ -78,6 +78,8 @@ pub struct Config {
     pub cors: eventbus_runtime::cors::Args,
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
+    #[command(flatten)]
+    pub publish_rate: eventbus_runtime::rate::Args,
 }
 
 impl Config {
@@ -95,6 +97,7 @@ impl Config {
             min_free_bytes: 64 * 1024 * 1024,
             cors: Default::default(),
             http: Default::default(),
+            publish_rate: Default::default(),
         }
     }
 }
@@ -150,12 +153,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let mut ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
     ingest_config.dev = config.dev;
+    ingest_config.publish_rate = config.publish_rate.clone();
     ingest_config.upstream.internal = internal.clone();
     ingest_config.cors = config.cors.clone();
     let ingest = eventbus_ingest::routes(&ingest_config)?;
 
     let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
     gateway_config.dev = config.dev;
+    gateway_config.publish_rate = config.publish_rate.clone();
     gateway_config.upstream.internal = internal;
     gateway_config.cors = config.cors.clone();
     let gateway = eventbus_gateway::service(&gateway_config, backbone, shutdown.clone())?;

@@ -610,3 +610,44 @@ async fn another_publisher_cannot_squat_an_id() {
     }
     bus.stop().await;
 }
+
+#[tokio::test]
+async fn a_publish_rate_per_identity_answers_429_with_retry_after() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |c| {
+        c.publish_rate.per_second = 1;
+        c.publish_rate.burst = Some(5);
+    })
+    .await;
+    let api = bus.endpoints.api.clone();
+    let noisy = bus.endpoints.service_token().await;
+    let quiet = bus
+        .endpoints
+        .auth
+        .client_token(&noisy, "quiet", &[], &["rate"])
+        .await;
+    let event = |n: usize| json!({"id": format!("e{n}"), "channel": "rate", "type": "t"});
+    for n in 0..5 {
+        assert_eq!(
+            api.publish(&noisy, &event(n)).await.status,
+            200,
+            "within the burst"
+        );
+    }
+    let limited = api
+        .send(api.post("/v1/events").bearer_auth(&noisy).json(&event(5)))
+        .await;
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    let retry_after: u64 = limited.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry_after >= 1);
+    // Another identity has its own bucket; a batch beyond the burst is refused at once.
+    assert_eq!(api.publish(&quiet, &event(100)).await.status, 200);
+    let batch: Vec<Value> = (200..206).map(event).collect();
+    let too_big = api.publish(&quiet, &Value::Array(batch)).await;
+    assert_eq!(too_big.status, 429, "{}", too_big.body);
+    bus.stop().await;
+}

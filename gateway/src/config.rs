@@ -80,6 +80,8 @@ pub struct Config {
     pub cors: eventbus_runtime::cors::Args,
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
+    #[command(flatten)]
+    pub publish_rate: eventbus_runtime::rate::Args,
 }
 
 impl Config {
@@ -101,6 +103,7 @@ impl Config {
             dev: false,
             cors: Default::default(),
             http: Default::default(),
+            publish_rate: Default::default(),
         }
     }
 }

@@ -527,6 +527,17 @@ impl Conn {
                 )
                 .await;
         }
+        if let Err(limited) = self.gw.rate.check(identity, 1) {
+            return self
+                .refuse(
+                    FrameError::new(
+                        "rate_limited",
+                        format!("this identity publishes faster than EVENTBUS_PUBLISH_RATE allows ({limited:?}); retry later"),
+                    ),
+                    reference,
+                )
+                .await;
+        }
         // Waiting here (when 64 publishes are already in flight) stops reading from this client only.
         let Ok(permit) = self.publishes.clone().acquire_owned().await else {
             return Err(Ending::Gone);

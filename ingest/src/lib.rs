@@ -53,6 +53,7 @@ pub(crate) struct Ingest {
     limits: Limits,
     max_batch_events: usize,
     max_body_bytes: usize,
+    rate: eventbus_runtime::rate::PublishRate,
 }
 
 impl Ingest {
@@ -86,6 +87,7 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         },
         max_batch_events: config.max_batch_events,
         max_body_bytes: config.max_body_bytes,
+        rate: eventbus_runtime::rate::PublishRate::new(&config.publish_rate),
     });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
     Ok(axum::Router::new()

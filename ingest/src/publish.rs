@@ -55,6 +55,29 @@ pub fn store_problem(err: StoreError) -> Problem {
     }
 }
 
+fn rate_problem(limited: eventbus_runtime::rate::Limited) -> Problem {
+    use eventbus_runtime::rate::Limited;
+    match limited {
+        Limited::Wait(wait) => {
+            let mut problem = Problem::new(
+                Kind::Overloaded,
+                format!(
+                    "this identity publishes faster than EVENTBUS_PUBLISH_RATE allows; retry in {} ms",
+                    wait.as_millis()
+                ),
+            );
+            problem.retry_after_s = Some(wait.as_secs_f64().ceil().max(1.0) as u32);
+            problem
+        }
+        Limited::TooMany { burst } => Problem::new(
+            Kind::Overloaded,
+            format!(
+                "at most {burst} events at once for this identity (EVENTBUS_PUBLISH_BURST): send smaller batches"
+            ),
+        ),
+    }
+}
+
 fn media_type(request: &Request) -> Option<String> {
     request
         .headers()
@@ -146,6 +169,10 @@ async fn publish_durably(ingest: Arc<Ingest>, request: Request) -> Result<Json<V
                     .with("channel", event.channel.as_str())
             })?;
     }
+    ingest
+        .rate
+        .check(&verified.grant.identity, events.len())
+        .map_err(rate_problem)?;
     let appended = ingest.store.append(events).await.map_err(store_problem)?;
     let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
     let m = eventbus_runtime::metrics::metrics();

@@ -11,7 +11,11 @@ use subtle::ConstantTimeEq;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Args {
     /// The internal credential shared by every service (at least 16 characters). Prefer the file.
-    #[arg(long = "internal-token", env = "EVENTBUS_INTERNAL_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "internal-token",
+        env = "EVENTBUS_INTERNAL_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// A file holding the internal credential (a mounted Secret).
     #[arg(long = "internal-token-file", env = "EVENTBUS_INTERNAL_TOKEN_FILE")]
@@ -54,11 +58,13 @@ impl Credential {
     }
 
     /// Adds the credential to a gRPC request (a tonic interceptor).
-    pub fn attach(&self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let value = self
-            .header()
-            .parse()
-            .map_err(|_| tonic::Status::internal("the internal credential is not a valid header"))?;
+    pub fn attach(
+        &self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = self.header().parse().map_err(|_| {
+            tonic::Status::internal("the internal credential is not a valid header")
+        })?;
         request.metadata_mut().insert("authorization", value);
         Ok(request)
     }
@@ -75,9 +81,8 @@ impl Args {
     /// cannot be read.
     pub fn credential(&self) -> Result<Credential, String> {
         if let Some(path) = &self.token_file {
-            let secret = std::fs::read_to_string(path).map_err(|err| {
-                format!("EVENTBUS_INTERNAL_TOKEN_FILE {}: {err}", path.display())
-            })?;
+            let secret = std::fs::read_to_string(path)
+                .map_err(|err| format!("EVENTBUS_INTERNAL_TOKEN_FILE {}: {err}", path.display()))?;
             return Credential::new(&secret);
         }
         match &self.token {

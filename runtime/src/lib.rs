@@ -13,6 +13,7 @@ pub mod http;
 pub mod internal;
 pub mod metrics;
 pub mod problem;
+pub mod rate;
 pub mod telemetry;
 pub mod upstream;
 

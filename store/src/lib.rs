@@ -100,11 +100,12 @@ pub async fn run(
 
     let (live_log, ready_log) = (log.clone(), log.clone());
     let grpc = tonic::service::Routes::new(service::server(log.clone())).into_axum_router();
-    let app = eventbus_runtime::internal::require(grpc, credential)
-        .merge(eventbus_runtime::health_routes_with(
+    let app = eventbus_runtime::internal::require(grpc, credential).merge(
+        eventbus_runtime::health_routes_with(
             move || live_log.is_healthy(),
             move || ready_log.is_healthy() && !ready_log.is_low_on_space(),
-        ));
+        ),
+    );
     info!(addr = %listener.local_addr()?, data = %config.data.display(), "store listening");
     // A write or fsync the log cannot continue from ends the process (non-zero), so that its
     // supervisor restarts it and recovery runs: serving on would only refuse every append.
