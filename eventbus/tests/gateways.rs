@@ -284,3 +284,62 @@ async fn a_tail_the_backbone_never_carried_still_arrives() {
     assert_eq!(ws.recv().await["op"], "pong", "each event once");
     cluster.stop().await;
 }
+
+/// Whoever can publish on NATS is not trusted with the subscribers: a message that is no event,
+/// or that announces a seq far beyond the store's head, is dropped (and counted), and the
+/// subscriber goes on receiving the real events, connected.
+#[tokio::test]
+async fn forged_backbone_messages_are_dropped_and_never_close_subscribers() {
+    let cluster = Cluster::start_with_detached_store().await;
+    let bus = cluster.endpoints.clone();
+    let service = bus.service_token().await;
+    let (mut ws, _) = Ws::hello(&bus.ws, &service).await;
+    ws.subscribe(json!({"channel": "forged"})).await;
+    let stored = bus
+        .api
+        .publish(
+            &service,
+            &json!({"channel": "forged", "type": "real", "data": 1}),
+        )
+        .await;
+    assert_eq!(stored.status, 200);
+    let nats = async_nats::connect(cluster.nats.url()).await.expect("nats");
+    let metrics = || eventbus_runtime::metrics::metrics();
+    let (malformed, beyond) = (
+        metrics().backbone_malformed.get(),
+        metrics().backbone_beyond_head.get(),
+    );
+    for payload in [
+        br#"{"seq":1,"channel":"forged" garbage"#.to_vec(),
+        br#"{"seq":1000000,"channel":"forged","type":"fake","data":"poison"}"#.to_vec(),
+    ] {
+        nats.publish("eventbus.ch.forged", payload.into())
+            .await
+            .expect("publish");
+    }
+    // The real event 1, as the store carries it: delivered, in order, after the forged ones.
+    let real = bus.api.history(&service, "forged", "after=0").await.body["events"][0].clone();
+    let mut body = real.clone();
+    body.as_object_mut().expect("object").remove("seq");
+    nats.publish(
+        "eventbus.ch.forged",
+        eventbus_model::with_seq(&serde_json::to_vec(&body).expect("json"), 1),
+    )
+    .await
+    .expect("publish");
+    nats.flush().await.expect("flush");
+    let events = ws.events(1).await;
+    assert_eq!(
+        (&events[0]["seq"], &events[0]["type"]),
+        (&json!(1), &json!("real"))
+    );
+    ws.send(json!({"op": "ping"})).await;
+    assert_eq!(
+        ws.recv().await["op"],
+        "pong",
+        "still connected, nothing forged delivered"
+    );
+    assert!(metrics().backbone_malformed.get() > malformed);
+    assert!(metrics().backbone_beyond_head.get() > beyond);
+    cluster.stop().await;
+}

@@ -239,8 +239,16 @@ impl Hub {
     }
 }
 
-/// One event as every connection receives it, or `None` when it cannot be a text frame.
+/// One event as every connection receives it, or `None` when it is no event (malformed: it would
+/// reach clients as a broken frame) or cannot be a text frame.
 fn delivery_of(event: eventbus_model::StoredEvent) -> Option<Arc<Delivery>> {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&event.json).is_err() {
+        eventbus_runtime::metrics::metrics()
+            .backbone_malformed
+            .inc();
+        debug!(channel = %event.channel, seq = event.seq, "backbone message is not a JSON event, dropped");
+        return None;
+    }
     match Utf8Bytes::try_from(event_frame(&event.json)) {
         Ok(frame) => Some(Arc::new(Delivery {
             channel: event.channel,

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub store_fsync_seconds: Histogram,
     /// Bytes of log segments on disk (updated at each retention pass).
     pub store_log_bytes: Gauge,
+    /// Backbone messages dropped: not an eventbus event (malformed), or announcing a seq the store
+    /// does not have (beyond its head).
+    pub backbone_malformed: Counter,
+    pub backbone_beyond_head: Counter,
     /// Connections closed at once because the listener was at its connection cap.
     pub connections_refused: Counter,
     /// Committed events not handed to the backbone because its queue was full.
@@ -72,6 +76,8 @@ impl Metrics {
             store_log_bytes: Gauge::default(),
             store_backbone_dropped: Counter::default(),
             connections_refused: Counter::default(),
+            backbone_malformed: Counter::default(),
+            backbone_beyond_head: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_failures: Counter::default(),
             registry: Registry::default(),
@@ -156,6 +162,16 @@ impl Metrics {
             "store_log_bytes",
             "Bytes of log segments on disk (updated at each retention pass)",
             m.store_log_bytes.clone(),
+        );
+        r.register(
+            "backbone_malformed",
+            "Backbone messages dropped because they are not eventbus events",
+            m.backbone_malformed.clone(),
+        );
+        r.register(
+            "backbone_beyond_head",
+            "Backbone messages dropped because they announce a seq the store does not have",
+            m.backbone_beyond_head.clone(),
         );
         r.register(
             "connections_refused",
