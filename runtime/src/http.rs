@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 #[derive(clap::Args, Debug, Clone)]
+#[group(id = "http_limits")]
 pub struct Limits {
     /// Seconds a client has to send a request's headers; also how long a kept-alive HTTP/1
     /// connection may wait idle for its next request.

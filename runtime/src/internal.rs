@@ -9,6 +9,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 #[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "internal")]
 pub struct Args {
     /// The internal credential shared by every service (at least 16 characters). Prefer the file.
     #[arg(

@@ -11,6 +11,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 #[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "publish_rate")]
 pub struct Args {
     /// Events per second one identity may publish (0: no limit); past it, 429 with Retry-After.
     #[arg(
