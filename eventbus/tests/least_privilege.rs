@@ -651,3 +651,50 @@ async fn a_publish_rate_per_identity_answers_429_with_retry_after() {
     assert_eq!(too_big.status, 429, "{}", too_big.body);
     bus.stop().await;
 }
+
+#[tokio::test]
+async fn an_identity_holds_a_bounded_number_of_connections() {
+    use eventbus_testkit::ws::{Closed, Ws};
+    let mut cluster = eventbus_testkit::Cluster::start().await;
+    let ws_url = cluster
+        .add_gateway_with(|c| c.max_connections_per_identity = 2)
+        .await;
+    let service = cluster.endpoints.service_token().await;
+    let alice = cluster
+        .endpoints
+        .auth
+        .client_token(&service, "alice", &["a"], &[])
+        .await;
+    let bob = cluster
+        .endpoints
+        .auth
+        .client_token(&service, "bob", &["a"], &[])
+        .await;
+    let (first, _) = Ws::hello(&ws_url, &alice).await;
+    let (_second, _) = Ws::hello(&ws_url, &alice).await;
+    let mut third = Ws::connect(&ws_url).await;
+    third.send(json!({"op": "hello", "token": alice})).await;
+    assert_eq!(third.recv().await["code"], "too_many_connections");
+    assert_eq!(third.closed().await, Closed::Code(4029));
+    // SSE streams count too.
+    let sse = ws_url
+        .replace("ws://", "http://")
+        .replace("/v1/ws", "/v1/sse");
+    let refused = reqwest::get(format!("{sse}?channel=a&token={alice}"))
+        .await
+        .expect("sse");
+    assert_eq!(refused.status(), 429);
+    // Another identity is not affected; a closed connection frees its place.
+    let (_bob, _) = Ws::hello(&ws_url, &bob).await;
+    first.close().await;
+    eventually("alice's place to be freed", || {
+        let (url, alice) = (ws_url.clone(), alice.clone());
+        async move {
+            let mut again = Ws::connect(&url).await;
+            again.send(json!({"op": "hello", "token": alice})).await;
+            (again.recv().await["op"] == "welcome").then_some(())
+        }
+    })
+    .await;
+    cluster.stop().await;
+}

@@ -30,6 +30,14 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub max_subscriptions: usize,
+    /// Connections one identity may hold to this gateway (0: no limit); past it a new one is
+    /// closed with 4029 after an error frame `too_many_connections`.
+    #[arg(
+        long = "max-connections-per-identity",
+        env = "EVENTBUS_GATEWAY_MAX_CONNECTIONS_PER_IDENTITY",
+        default_value_t = 0
+    )]
+    pub max_connections_per_identity: usize,
     /// Largest frame a client may send, in bytes; a larger one closes the connection (4009).
     #[arg(long = "max-frame-bytes", env = "EVENTBUS_WS_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,
@@ -93,6 +101,7 @@ impl Config {
             id: None,
             queue_len: 2048,
             max_subscriptions: 1000,
+            max_connections_per_identity: 0,
             max_frame_bytes: 128 * 1024,
             max_event_bytes: 64 * 1024,
             hello_timeout_s: 10,

@@ -32,6 +32,8 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const PROTOCOL: u16 = 4000;
     pub const UNAUTHORIZED: u16 = 4001;
+    /// The identity already holds as many connections to this gateway as it may.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const TOO_LARGE: u16 = 4009;
 }
@@ -121,6 +123,8 @@ struct Conn {
     publishes: Arc<Semaphore>,
     /// Events as bare CloudEvents (the `cloudevents.json` subprotocol).
     cloudevents: bool,
+    /// This connection's place among its identity's connections (released when it ends).
+    _slot: Option<crate::identities::Slot>,
 }
 
 pub async fn serve(
@@ -154,6 +158,7 @@ pub async fn serve(
         answered: None,
         publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
         cloudevents,
+        _slot: None,
     };
     debug!(connection = %id, "connection opened");
     let _open = Counted::new(&metrics().connections);
@@ -412,6 +417,24 @@ impl Conn {
         reference: Option<&RawValue>,
     ) -> Result<(), Ending> {
         let inbox = verified.grant.inbox();
+        match self.gw.identities.take(&verified.grant.identity) {
+            Some(slot) => self._slot = Some(slot),
+            None => {
+                let _ = self
+                    .refuse(
+                        FrameError::new(
+                            "too_many_connections",
+                            format!(
+                                "{} already holds {} connections to this gateway (EVENTBUS_GATEWAY_MAX_CONNECTIONS_PER_IDENTITY)",
+                                verified.grant.identity, self.gw.identities.max()
+                            ),
+                        ),
+                        reference,
+                    )
+                    .await;
+                return Err(closing(close::TOO_MANY_CONNECTIONS, "too many connections"));
+            }
+        }
         let welcome = json!({
             "op": "welcome",
             "identity": verified.grant.identity,

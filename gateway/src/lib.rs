@@ -8,6 +8,7 @@ pub mod config;
 mod connection;
 mod frames;
 pub mod hub;
+mod identities;
 mod sse;
 
 /// The decoders of what clients send, for the fuzz tests (`fuzz/`). Not an API.
@@ -71,6 +72,7 @@ pub(crate) struct Gateway {
     origins: Origins,
     queue_len: usize,
     max_subscriptions: usize,
+    identities: identities::Identities,
     rate: eventbus_runtime::rate::PublishRate,
     max_frame_bytes: usize,
     hello_timeout: Duration,
@@ -153,6 +155,7 @@ pub fn service(
         origins: Origins::new(&config.cors, config.dev),
         queue_len: config.queue_len.max(1),
         max_subscriptions: config.max_subscriptions,
+        identities: identities::Identities::new(config.max_connections_per_identity),
         rate: eventbus_runtime::rate::PublishRate::new(&config.publish_rate),
         max_frame_bytes: config.max_frame_bytes,
         hello_timeout: Duration::from_secs(config.hello_timeout_s),

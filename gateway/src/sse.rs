@@ -184,6 +184,16 @@ async fn open(
         }
         Err(err) => return Err(Problem::new(Kind::Unauthorized, err.to_string())),
     };
+    let slot = gw.identities.take(&verified.grant.identity).ok_or_else(|| {
+        Problem::new(
+            Kind::Overloaded,
+            format!(
+                "{} already holds {} connections to this gateway (EVENTBUS_GATEWAY_MAX_CONNECTIONS_PER_IDENTITY)",
+                verified.grant.identity,
+                gw.identities.max()
+            ),
+        )
+    })?;
     for channel in &query.channels {
         if eventbus_router::pattern::is_pattern(channel) {
             return Err(Problem::new(
@@ -265,6 +275,7 @@ async fn open(
         out,
         slow,
         _interests: interests,
+        _slot: slot,
     };
     gw.connections.spawn(feeder.run(heads, live));
     let mut response = Sse::new(ReceiverStream::new(events))
@@ -293,6 +304,8 @@ struct Feeder {
     out: mpsc::Sender<Result<Event, Infallible>>,
     slow: Arc<Notify>,
     _interests: Vec<Interest>,
+    /// This stream's place among its identity's connections.
+    _slot: crate::identities::Slot,
 }
 
 enum End {
