@@ -47,7 +47,9 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         request: tonic::Request<pb::PresenceReport>,
     ) -> Result<tonic::Response<pb::PresenceReply>, tonic::Status> {
-        self.presence.apply(request.into_inner());
+        let report = request.into_inner();
+        presence::check_report(&report).map_err(tonic::Status::invalid_argument)?;
+        self.presence.apply(report);
         Ok(tonic::Response::new(pb::PresenceReply {}))
     }
 

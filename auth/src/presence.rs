@@ -386,6 +386,76 @@ impl Reporter {
     }
 }
 
+/// Entries per report: a report stays well under the gRPC message limit (4 MiB) and under what
+/// auth accepts ([`MAX_REPORT_ENTRIES`]) whatever the gateway holds.
+const CHUNK_ENTRIES: usize = 10_000;
+/// Most entries auth takes in one report.
+pub const MAX_REPORT_ENTRIES: usize = 20_000;
+/// The ttl a report may ask for, in seconds.
+pub const REPORT_TTL_S: std::ops::RangeInclusive<u32> = 1..=3600;
+
+/// Sends one report as several: the first replaces (when `full`), the rest add to it.
+async fn send_in_chunks(
+    client: &mut pb::auth_client::AuthClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            eventbus_runtime::internal::Credential,
+        >,
+    >,
+    gateway: &str,
+    ttl_s: u32,
+    full: bool,
+    mut joined: Vec<pb::PresenceEntry>,
+    mut left: Vec<pb::PresenceEntry>,
+) -> Result<(), tonic::Status> {
+    let mut first = true;
+    loop {
+        let take_joined = joined.len().min(CHUNK_ENTRIES);
+        let take_left = left.len().min(CHUNK_ENTRIES - take_joined);
+        let report = pb::PresenceReport {
+            gateway: gateway.to_owned(),
+            ttl_s,
+            full: full && first,
+            joined: joined.drain(..take_joined).collect(),
+            left: left.drain(..take_left).collect(),
+        };
+        client.report_presence(report).await?;
+        first = false;
+        if joined.is_empty() && left.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether a report is one a gateway could have sent: bounded ttl and size, names that are
+/// identities and channels. Anything else is refused whole.
+pub fn check_report(report: &pb::PresenceReport) -> Result<(), String> {
+    if report.gateway.is_empty() || report.gateway.len() > 128 {
+        return Err("gateway: 1-128 characters".into());
+    }
+    if !REPORT_TTL_S.contains(&report.ttl_s) {
+        return Err(format!(
+            "ttl_s: {}-{} seconds",
+            REPORT_TTL_S.start(),
+            REPORT_TTL_S.end()
+        ));
+    }
+    if report.joined.len() + report.left.len() > MAX_REPORT_ENTRIES {
+        return Err(format!(
+            "at most {MAX_REPORT_ENTRIES} entries a report; send it in chunks"
+        ));
+    }
+    for entry in report.joined.iter().chain(&report.left) {
+        if entry.connection.is_empty() || entry.connection.len() > 128 {
+            return Err("connection: 1-128 characters".into());
+        }
+        eventbus_model::validate_identity(&entry.identity)
+            .map_err(|err| format!("identity {err}"))?;
+        eventbus_model::validate_channel(&entry.channel).map_err(|err| format!("channel {err}"))?;
+    }
+    Ok(())
+}
+
 async fn report_loop(
     mut client: pb::auth_client::AuthClient<
         tonic::service::interceptor::InterceptedService<
@@ -441,26 +511,20 @@ async fn report_loop(
             }
             continue;
         }
-        let report = if full {
-            pb::PresenceReport {
-                gateway: gateway.clone(),
-                ttl_s,
-                full: true,
-                joined: current.values().cloned().map(Into::into).collect(),
-                left: Vec::new(),
-            }
+        let (all_joined, all_left): (Vec<pb::PresenceEntry>, Vec<pb::PresenceEntry>) = if full {
+            (
+                current.values().cloned().map(Into::into).collect(),
+                Vec::new(),
+            )
         } else {
-            pb::PresenceReport {
-                gateway: gateway.clone(),
-                ttl_s,
-                full: false,
-                joined: joined.iter().cloned().map(Into::into).collect(),
-                left: left.iter().cloned().map(Into::into).collect(),
-            }
+            (
+                joined.iter().cloned().map(Into::into).collect(),
+                left.iter().cloned().map(Into::into).collect(),
+            )
         };
         joined.clear();
         left.clear();
-        match client.report_presence(report).await {
+        match send_in_chunks(&mut client, &gateway, ttl_s, full, all_joined, all_left).await {
             Ok(_) => {
                 if failing {
                     debug!("presence reports reach auth again");
@@ -495,6 +559,35 @@ mod tests {
             identity: identity.into(),
             channel: channel.into(),
         }
+    }
+
+    #[test]
+    fn reports_a_gateway_could_not_have_sent_are_refused() {
+        let good = pb::PresenceReport {
+            gateway: "g1".into(),
+            ttl_s: 30,
+            full: false,
+            joined: vec![entry("c1", "alice", "room.a")],
+            left: vec![],
+        };
+        assert!(check_report(&good).is_ok());
+        let bad = |change: &dyn Fn(&mut pb::PresenceReport)| {
+            let mut report = good.clone();
+            change(&mut report);
+            check_report(&report).is_err()
+        };
+        assert!(bad(&|r| r.ttl_s = 0));
+        assert!(
+            bad(&|r| r.ttl_s = 1_000_000),
+            "a ttl that keeps forged entries for ever"
+        );
+        assert!(bad(&|r| r.gateway.clear()));
+        assert!(bad(&|r| r.joined[0].identity = "not an identity".into()));
+        assert!(bad(&|r| r.joined[0].channel = "a..b".into()));
+        assert!(bad(&|r| r.joined[0].connection = "x".repeat(200)));
+        assert!(bad(
+            &|r| r.joined = vec![entry("c", "a", "b"); MAX_REPORT_ENTRIES + 1]
+        ));
     }
 
     fn report(
