@@ -322,9 +322,11 @@ async fn a_store_killed_after_retention_deleted_the_middle_of_the_log_starts_wit
     for i in 1..=20 {
         publish(json!({"id": format!("keep-{i}"), "channel": "keep", "type": "t"})).await;
     }
+    // Retention may already be deleting them (a pass a second): count what was made, not what
+    // is left.
     let before = segments(&data);
     assert!(
-        before.len() >= 8,
+        before.last().is_some_and(|last| *last >= 8),
         "tmp.x filled several segments: {before:?}"
     );
     eventually("retention to delete the middle segments", || {
