@@ -66,7 +66,10 @@ run() {
   exit 1
 }
 
-nats-server --addr 127.0.0.1 --port "$nats_port" >"$data/nats.log" 2>&1 &
+# NATS with the bus's credentials, from the env file, as compose runs it.
+nats_user=$(grep -E '^EVENTBUS_NATS_USER=' "$envfile" | cut -d= -f2-)
+nats_password=$(grep -E '^EVENTBUS_NATS_PASSWORD=' "$envfile" | cut -d= -f2-)
+nats-server --addr 127.0.0.1 --port "$nats_port" ${nats_user:+--user "$nats_user" --pass "$nats_password"} >"$data/nats.log" 2>&1 &
 pids+=($!)
 run store store 7001
 run auth auth 7002

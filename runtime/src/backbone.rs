@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use eventbus_router::{Backbone, NatsBackbone};
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 #[group(id = "backbone")]
 pub struct Args {
     /// NATS server URL of the backbone.
@@ -17,13 +17,46 @@ pub struct Args {
     /// Subject prefix of channel subjects; deployments sharing one NATS give each bus its own.
     #[arg(long = "subject-prefix", env = "EVENTBUS_SUBJECT_PREFIX", default_value = eventbus_router::subject::DEFAULT_PREFIX)]
     pub subject_prefix: String,
+    /// NATS user of the bus (with EVENTBUS_NATS_PASSWORD): whoever may publish on the bus's
+    /// subjects can show subscribers events, so production NATS requires credentials.
+    #[arg(long = "nats-user", env = "EVENTBUS_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(
+        long = "nats-password",
+        env = "EVENTBUS_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+}
+
+impl std::fmt::Debug for Args {
+    // The password never reaches a log line, even through `{:?}` of a whole configuration.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Args")
+            .field("nats_url", &self.nats_url)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("nats_user", &self.nats_user)
+            .field(
+                "nats_password",
+                &self.nats_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Args {
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn Backbone>> {
+        let credentials = match (&self.nats_user, &self.nats_password) {
+            (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+            (None, None) => None,
+            _ => {
+                anyhow::bail!("set both EVENTBUS_NATS_USER and EVENTBUS_NATS_PASSWORD, or neither")
+            }
+        };
         let nats = NatsBackbone::connect_with(
             &self.nats_url,
             &self.subject_prefix,
+            credentials,
             std::sync::Arc::new(|| {
                 crate::metrics::metrics().backbone_reconnects.inc();
             }),

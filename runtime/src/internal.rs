@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Clone, Default)]
 #[group(id = "internal")]
 pub struct Args {
     /// The internal credential shared by every service (at least 16 characters). Prefer the file.
@@ -21,6 +21,16 @@ pub struct Args {
     /// A file holding the internal credential (a mounted Secret).
     #[arg(long = "internal-token-file", env = "EVENTBUS_INTERNAL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Args {
+    // The secret never reaches a log line, even through `{:?}` of a whole configuration.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Args")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 /// The internal credential: what a client sends, what a server demands.
@@ -130,6 +140,11 @@ mod tests {
         assert!(!credential.admits(Some(b"Bearer 0123456789abcdef-secreT")));
         assert!(!credential.admits(None));
         assert!(!format!("{credential:?}").contains("secret"));
+        let args = Args {
+            token: Some("0123456789abcdef-secret".into()),
+            token_file: None,
+        };
+        assert!(!format!("{args:?}").contains("secret"));
         assert!(Credential::new("short").is_err());
         assert!(Args::default().credential().is_err());
         assert_ne!(Credential::random_secret(), Credential::random_secret());
