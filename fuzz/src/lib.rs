@@ -5,8 +5,8 @@
 //! reached). Each input runs under a watch on the largest single allocation, so a decoder that
 //! trusts a length field it did not check against the input fails even when it does not crash.
 //!
-//! Not coverage-guided: the coverage-guided fuzzers (cargo-fuzz, and cargo-afl as packaged) need
-//! a nightly toolchain or an LLVM toolchain this project's machines do not have. The targets and
+//! Not coverage-guided: cargo-fuzz needs a nightly toolchain these machines cannot install, and
+//! cargo-afl (stable, but it builds AFL++ and an LLVM plugin first) has not been tried yet. The targets and
 //! their seeds live in `tests/decoders.rs`; `FUZZ_INPUTS` sets inputs per target (10,000 by
 //! default; docs/testing.md has the long run), `FUZZ_SEED` replays a run.
 
