@@ -698,3 +698,27 @@ async fn an_identity_holds_a_bounded_number_of_connections() {
     .await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn channel_creation_counts_against_a_quota_per_publisher() {
+    let cluster =
+        eventbus_testkit::Cluster::start_tuned(None, |c| c.max_channels_per_source = 3).await;
+    let api = cluster.endpoints.api.clone();
+    let service = cluster.endpoints.service_token().await;
+    for n in 0..3 {
+        let answer = api
+            .publish(&service, &json!({"channel": format!("q.{n}"), "type": "t"}))
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let refused = api
+        .publish(&service, &json!({"channel": "q.3", "type": "t"}))
+        .await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.body["outcome"], "not-stored");
+    let existing = api
+        .publish(&service, &json!({"channel": "q.0", "type": "t"}))
+        .await;
+    assert_eq!(existing.status, 200, "publishing to its channels goes on");
+    cluster.stop().await;
+}

@@ -39,6 +39,11 @@ pub fn store_problem(err: StoreError) -> Problem {
             warn!(cause = %err, "store call failed");
             Problem::new(Kind::Unavailable, format!("not stored, retry: {err}"))
         }
+        StoreError::Quota(message) => {
+            let mut problem = Problem::new(Kind::Overloaded, message).with("outcome", "not-stored");
+            problem.retry_after_s = None;
+            problem
+        }
         StoreError::Refused(message) => {
             warn!(cause = %message, "store refused the append");
             Problem::new(Kind::Unavailable, message).with("outcome", "not-stored")

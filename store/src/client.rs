@@ -29,6 +29,9 @@ pub enum StoreError {
     /// Not stored: the store refused it for now (its disk is nearly full); retrying later is safe.
     #[error("{0}")]
     Refused(String),
+    /// Not stored: the publisher is at its quota of channels; retrying will not help.
+    #[error("{0}")]
+    Quota(String),
     /// An append whose answer never came (timeout, lost connection, a writer that failed mid-write):
     /// the events may or may not be stored. Retrying with the same ids is safe and tells which.
     #[error(
@@ -45,6 +48,13 @@ impl From<tonic::Status> for StoreError {
             .get(crate::service::FIRST_SEQ_METADATA)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        if status.code() == tonic::Code::ResourceExhausted
+            && status
+                .metadata()
+                .contains_key(crate::service::QUOTA_METADATA)
+        {
+            return StoreError::Quota(message);
+        }
         match (status.code(), first) {
             (tonic::Code::FailedPrecondition, Some(first)) => {
                 StoreError::Truncated { first, message }

@@ -57,6 +57,14 @@ pub struct Config {
         default_value_t = 64 * 1024 * 1024
     )]
     pub min_free_bytes: u64,
+    /// Channels one publisher may create (0: no limit); past it, appends that would create one
+    /// are refused (HTTP 429).
+    #[arg(
+        long = "max-channels-per-source",
+        env = "EVENTBUS_STORE_MAX_CHANNELS_PER_SOURCE",
+        default_value_t = 0
+    )]
+    pub max_channels_per_source: u64,
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
@@ -82,6 +90,7 @@ impl Config {
             clock: crate::log::Clock::system(),
             backbone_queue: 4096,
             min_free_bytes: self.min_free_bytes,
+            max_channels_per_source: self.max_channels_per_source,
         }
     }
 
@@ -100,6 +109,7 @@ impl Config {
             http: Default::default(),
             internal: Default::default(),
             min_free_bytes: 64 * 1024 * 1024,
+            max_channels_per_source: 0,
         }
     }
 }

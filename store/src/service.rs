@@ -9,6 +9,8 @@ use tonic::{Request, Response, Status};
 
 use crate::log::{Entry, Log, LogError};
 
+/// gRPC metadata marking a refusal by quota (retrying will not help).
+pub const QUOTA_METADATA: &str = "eventbus-quota";
 /// gRPC metadata carrying the first retained seq of a truncated read.
 pub const FIRST_SEQ_METADATA: &str = "eventbus-first-seq";
 
@@ -40,6 +42,13 @@ fn status(err: LogError) -> Status {
         LogError::Invalid(_) => Status::invalid_argument(err.to_string()),
         LogError::Failed => Status::unavailable(err.to_string()),
         LogError::LowSpace { .. } => Status::resource_exhausted(err.to_string()),
+        LogError::Quota { .. } => {
+            let mut status = Status::resource_exhausted(err.to_string());
+            status
+                .metadata_mut()
+                .insert(QUOTA_METADATA, "channels".parse().expect("ascii"));
+            status
+        }
         LogError::Io { .. } | LogError::Corrupt { .. } => Status::internal(err.to_string()),
     }
 }

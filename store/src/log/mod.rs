@@ -58,6 +58,8 @@ pub struct Options {
     pub backbone_queue: usize,
     /// Appends are refused while the log's file system has less free than this (0: never).
     pub min_free_bytes: u64,
+    /// Channels one publisher (`source`) may create (0: no limit).
+    pub max_channels_per_source: u64,
 }
 
 /// A source of "now" in Unix milliseconds.
@@ -103,6 +105,7 @@ impl Options {
             clock: Clock::system(),
             backbone_queue: 4096,
             min_free_bytes: 64 * 1024 * 1024,
+            max_channels_per_source: 0,
         }
     }
 }
@@ -139,6 +142,10 @@ pub enum LogError {
     Truncated { first: u64 },
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error(
+        "not stored: {publisher} has created {max} channels, as many as a publisher may (EVENTBUS_STORE_MAX_CHANNELS_PER_SOURCE); publish to existing channels"
+    )]
+    Quota { publisher: String, max: u64 },
 }
 
 impl LogError {
@@ -387,6 +394,16 @@ impl Log {
             .iter()
             .map(|(c, ch)| (c.clone(), ch.head()))
             .collect();
+        // Who created each channel, for the quota: the publisher of its first retained event.
+        let mut created: HashMap<String, u64> = HashMap::new();
+        if options.max_channels_per_source > 0 {
+            for channel in index.channels.values() {
+                if let Some(location) = channel.locations.front() {
+                    let source = record_source(&dir, *location)?;
+                    *created.entry(source).or_default() += 1;
+                }
+            }
+        }
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             index: RwLock::new(index),
@@ -413,6 +430,8 @@ impl Log {
             active_len,
             file,
             heads,
+            created,
+            max_channels_per_source: options.max_channels_per_source,
             committed: committed_tx,
         };
         let handle = std::thread::Builder::new()
@@ -709,6 +728,22 @@ impl Log {
             let _ = handle.join();
         }
     }
+}
+
+/// The publisher of the record at `location` (read once per channel at start, for the quota).
+fn record_source(dir: &Path, location: Location) -> Result<String, LogError> {
+    use std::os::unix::fs::FileExt;
+    let path = segments::path_of(dir, location.segment);
+    let file = File::open(&path).map_err(|err| LogError::io(&path, err))?;
+    let mut buf = vec![0; location.len as usize];
+    file.read_exact_at(&mut buf, location.offset)
+        .map_err(|err| LogError::io(&path, err))?;
+    let (record, _) = record::decode(&buf).map_err(|err| LogError::Corrupt {
+        path: path.clone(),
+        offset: location.offset,
+        cause: err.to_string(),
+    })?;
+    Ok(record.source_or_from_body().into_owned())
 }
 
 impl Shared {

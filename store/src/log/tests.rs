@@ -388,3 +388,51 @@ async fn a_full_backbone_queue_drops_and_counts_but_never_holds_appends() {
     );
     log.close();
 }
+
+#[tokio::test]
+async fn each_publisher_creates_at_most_its_quota_of_channels_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        max_channels_per_source: 2,
+        ..Options::new(dir.path().to_owned())
+    };
+    let by = |source: &str, channel: &str, id: &str| Entry {
+        source: source.into(),
+        ..entry(channel, id, None, false)
+    };
+    let (log, _) = Log::open(options.clone()).unwrap();
+    log.append(vec![by("a", "c1", "1"), by("a", "c2", "2")])
+        .await
+        .unwrap();
+    let refused = log.append(vec![by("a", "c3", "3")]).await;
+    assert!(
+        matches!(refused, Err(LogError::Quota { .. })),
+        "{refused:?}"
+    );
+    // A batch is taken or refused whole; existing channels and other publishers are not limited.
+    let mixed = log
+        .append(vec![by("a", "c1", "4"), by("a", "c4", "5")])
+        .await;
+    assert!(matches!(mixed, Err(LogError::Quota { .. })));
+    assert_eq!(log.head("c1"), 1);
+    log.append(vec![
+        by("a", "c1", "6"),
+        by("a", "c2", "7"),
+        by("b", "c3", "8"),
+    ])
+    .await
+    .unwrap();
+    log.close();
+    // The counts come back from the log itself.
+    let (log, _) = Log::open(options).unwrap();
+    assert!(matches!(
+        log.append(vec![by("a", "c5", "9")]).await,
+        Err(LogError::Quota { .. })
+    ));
+    log.append(vec![by("b", "c6", "10")]).await.unwrap();
+    assert!(matches!(
+        log.append(vec![by("b", "c7", "11")]).await,
+        Err(LogError::Quota { .. })
+    ));
+    log.close();
+}

@@ -35,6 +35,10 @@ pub struct Writer {
     pub active_len: u64,
     pub file: File,
     pub heads: HashMap<String, u64>,
+    /// Channels each publisher created, when they are limited.
+    pub created: HashMap<String, u64>,
+    /// Channels one publisher may create (0: no limit).
+    pub max_channels_per_source: u64,
     pub committed: mpsc::Sender<Vec<StoredEvent>>,
 }
 
@@ -108,9 +112,13 @@ impl Writer {
         dedupe.expire(time_ms);
         // Per job, per entry: its seq and whether it was a duplicate. Strings stay in the entries
         // and move into the answers at the end: nothing per event is cloned for bookkeeping.
-        let mut outcomes: Vec<Vec<(u64, bool)>> = Vec::with_capacity(group.len());
+        let mut outcomes: Vec<Result<Vec<(u64, bool)>, LogError>> = Vec::with_capacity(group.len());
         let mut pending: Vec<Pending> = Vec::new();
         for (job_index, job) in group.iter().enumerate() {
+            if let Err(refused) = self.within_quota(job) {
+                outcomes.push(Err(refused));
+                continue;
+            }
             let mut outcome = Vec::with_capacity(job.entries.len());
             for (entry_index, entry) in job.entries.iter().enumerate() {
                 let dedupe_key = dedupe::key(&entry.channel, &entry.source, &entry.id);
@@ -125,6 +133,9 @@ impl Writer {
                     }
                     None => {
                         self.heads.insert(entry.channel.clone(), 1);
+                        if self.max_channels_per_source > 0 {
+                            *self.created.entry(entry.source.clone()).or_default() += 1;
+                        }
                         1
                     }
                 };
@@ -152,7 +163,7 @@ impl Writer {
                 });
                 outcome.push((seq, false));
             }
-            outcomes.push(outcome);
+            outcomes.push(Ok(outcome));
         }
         drop(dedupe);
 
@@ -205,6 +216,13 @@ impl Writer {
             })
             .collect();
         for (job, outcome) in group.into_iter().zip(outcomes) {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(refused) => {
+                    let _ = job.reply.send(Err(refused));
+                    continue;
+                }
+            };
             let results = job
                 .entries
                 .into_iter()
@@ -233,6 +251,34 @@ impl Writer {
             // Only restart time suffers; the log itself is intact.
             warn!(cause = %err, "cannot write the index checkpoint");
             self.since_checkpoint = 0;
+        }
+        Ok(())
+    }
+
+    /// Whether the channels `job` would create keep each publisher within its quota. A job is
+    /// taken or refused whole.
+    fn within_quota(&self, job: &Job) -> Result<(), LogError> {
+        if self.max_channels_per_source == 0 {
+            return Ok(());
+        }
+        let mut new: HashMap<&str, Vec<&str>> = HashMap::new();
+        for entry in &job.entries {
+            if self.heads.contains_key(&entry.channel) {
+                continue;
+            }
+            let channels = new.entry(entry.source.as_str()).or_default();
+            if !channels.contains(&entry.channel.as_str()) {
+                channels.push(&entry.channel);
+            }
+        }
+        for (source, channels) in new {
+            let made = self.created.get(source).copied().unwrap_or(0);
+            if made + channels.len() as u64 > self.max_channels_per_source {
+                return Err(LogError::Quota {
+                    publisher: source.to_owned(),
+                    max: self.max_channels_per_source,
+                });
+            }
         }
         Ok(())
     }
