@@ -722,3 +722,42 @@ async fn channel_creation_counts_against_a_quota_per_publisher() {
     assert_eq!(existing.status, 200, "publishing to its channels goes on");
     cluster.stop().await;
 }
+
+/// The cap counts upgraded WebSockets too (the permit travels with the socket), so a client
+/// cannot exhaust the file limit by upgrading everything it opens.
+#[tokio::test]
+async fn websockets_count_against_the_connection_cap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |c| c.http.max_connections = 20).await;
+    let token = bus.endpoints.service_token().await;
+    let url = format!("{}?token={token}", bus.endpoints.ws);
+    // Upgrade connections until one is refused: without WebSockets counting, all 30 would open.
+    let mut sockets = Vec::new();
+    for _ in 0..30 {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((socket, _)) => sockets.push(socket),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        (15..20).contains(&sockets.len()),
+        "{} WebSockets opened under a cap of 20 (the test's HTTP client holds the rest)",
+        sockets.len()
+    );
+    let mut extra = half_sent(addr_of(&bus), 1).await;
+    assert!(
+        closed_within(&mut extra[0], std::time::Duration::from_secs(2)).await,
+        "a connection past the cap was kept while WebSockets held it"
+    );
+    drop(sockets);
+    let api = bus.endpoints.api.clone();
+    eventually("room again once the WebSockets close", || {
+        let api = api.clone();
+        async move {
+            let answer = api.get("/healthz").send().await.ok()?;
+            (answer.status() == 200).then_some(())
+        }
+    })
+    .await;
+    bus.stop().await;
+}
