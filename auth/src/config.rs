@@ -37,6 +37,24 @@ impl std::str::FromStr for ApiKey {
     }
 }
 
+/// Where webhooks may deliver, and whom they trust over TLS: one definition for the auth service
+/// and the all-in-one.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "destinations")]
+pub struct Destinations {
+    /// Internal networks webhooks may be delivered to anyway (CIDRs, comma separated): outside
+    /// development mode, loopback, private, link-local and metadata addresses are refused.
+    #[arg(
+        long = "webhook-allow-networks",
+        env = "EVENTBUS_WEBHOOK_ALLOW_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// CA certificates (PEM) trusted for outbound TLS (https:// webhooks) besides the system's.
+    #[arg(long = "ca-file", env = "SSL_CERT_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
 /// Settings of the auth service.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
@@ -106,17 +124,8 @@ pub struct Config {
         default_value_t = 250
     )]
     pub webhook_poll_ms: u64,
-    /// Internal networks webhooks may be delivered to anyway (CIDRs, comma separated): outside
-    /// development mode, loopback, private, link-local and metadata addresses are refused.
-    #[arg(
-        long = "webhook-allow-networks",
-        env = "EVENTBUS_WEBHOOK_ALLOW_NETWORKS",
-        value_delimiter = ','
-    )]
-    pub webhook_allow_networks: Vec<ipnet::IpNet>,
-    /// CA certificates (PEM) trusted for outbound TLS (https:// webhooks) besides the system's.
-    #[arg(long = "ca-file", env = "SSL_CERT_FILE")]
-    pub ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub destinations: Destinations,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
     #[command(flatten)]
@@ -142,8 +151,7 @@ impl Config {
             webhooks_dir,
             webhook_max_attempts: 10,
             webhook_poll_ms: 250,
-            webhook_allow_networks: Vec::new(),
-            ca_file: None,
+            destinations: Default::default(),
             cors: Default::default(),
             http: Default::default(),
             internal: Default::default(),

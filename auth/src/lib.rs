@@ -116,9 +116,9 @@ pub fn service(config: &Config) -> Result<Service, Error> {
             timeout: std::time::Duration::from_secs(10),
             guard: std::sync::Arc::new(destinations::Guard {
                 open: config.dev,
-                allow: config.webhook_allow_networks.clone(),
+                allow: config.destinations.allow_networks.clone(),
             }),
-            ca_file: config.ca_file.clone(),
+            ca_file: config.destinations.ca_file.clone(),
         },
         store,
     )

@@ -47,17 +47,8 @@ pub struct Config {
         default_value_t = 10
     )]
     pub webhook_max_attempts: u32,
-    /// Internal networks webhooks may be delivered to anyway (CIDRs, comma separated): outside
-    /// development mode, loopback, private, link-local and metadata addresses are refused.
-    #[arg(
-        long = "webhook-allow-networks",
-        env = "EVENTBUS_WEBHOOK_ALLOW_NETWORKS",
-        value_delimiter = ','
-    )]
-    pub webhook_allow_networks: Vec<ipnet::IpNet>,
-    /// CA certificates (PEM) trusted for outbound TLS (https:// webhooks) besides the system's.
-    #[arg(long = "ca-file", env = "SSL_CERT_FILE")]
-    pub ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub destinations: eventbus_auth::config::Destinations,
     /// Seconds an event `id` is remembered per channel, so that a retry is answered with the first
     /// result instead of stored again.
     #[arg(
@@ -91,8 +82,7 @@ impl Config {
             api_keys: Vec::new(),
             presence_events: vec!["demo.>".to_owned()],
             webhook_max_attempts: 10,
-            webhook_allow_networks: Vec::new(),
-            ca_file: None,
+            destinations: Default::default(),
             dedupe_window_s: 86_400,
             min_free_bytes: 64 * 1024 * 1024,
             cors: Default::default(),
@@ -136,8 +126,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth_config.presence_events = config.presence_events.clone();
     auth_config.store_url = Some(store_url.clone());
     auth_config.webhook_max_attempts = config.webhook_max_attempts;
-    auth_config.webhook_allow_networks = config.webhook_allow_networks.clone();
-    auth_config.ca_file = config.ca_file.clone();
+    auth_config.destinations = config.destinations.clone();
     auth_config.cors = config.cors.clone();
     let auth = eventbus_auth::service(&auth_config)?;
     let auth_listener = loopback().await?;

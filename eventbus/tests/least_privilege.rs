@@ -275,7 +275,7 @@ fn recording(
 }
 
 fn allow_loopback(config: &mut eventbus::serve::Config) {
-    config.webhook_allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
 }
 
 async fn register(bus: &AllInOne, token: &str, url: &str, channels: Value) -> (u16, Value) {
@@ -424,7 +424,7 @@ async fn https_webhooks_work_with_a_ca_the_operator_trusts() {
     let data = tempfile::tempdir().expect("temp dir");
     let bus = AllInOne::start_with(data, false, move |c| {
         allow_loopback(c);
-        c.ca_file = Some(ca_file);
+        c.destinations.ca_file = Some(ca_file);
     })
     .await;
     let service = bus.endpoints.service_token().await;
@@ -519,6 +519,19 @@ async fn closed_within(stream: &mut tokio::net::TcpStream, wait: std::time::Dura
     }
 }
 
+/// Waits until the bus serves a new request again (connections under the cap were freed).
+async fn until_served(bus: &AllInOne, what: &str) {
+    let api = bus.endpoints.api.clone();
+    eventually(what, || {
+        let api = api.clone();
+        async move {
+            let answer = api.get("/healthz").send().await.ok()?;
+            (answer.status() == 200).then_some(())
+        }
+    })
+    .await;
+}
+
 fn addr_of(bus: &AllInOne) -> std::net::SocketAddr {
     bus.endpoints
         .api
@@ -568,15 +581,7 @@ async fn past_the_connection_cap_new_connections_are_refused_at_once() {
         "the held ones are served on"
     );
     drop(held);
-    let api = bus.endpoints.api.clone();
-    eventually("room again once connections close", || {
-        let api = api.clone();
-        async move {
-            let answer = api.get("/healthz").send().await.ok()?;
-            (answer.status() == 200).then_some(())
-        }
-    })
-    .await;
+    until_served(&bus, "room again once connections close").await;
     bus.stop().await;
 }
 
@@ -750,14 +755,6 @@ async fn websockets_count_against_the_connection_cap() {
         "a connection past the cap was kept while WebSockets held it"
     );
     drop(sockets);
-    let api = bus.endpoints.api.clone();
-    eventually("room again once the WebSockets close", || {
-        let api = api.clone();
-        async move {
-            let answer = api.get("/healthz").send().await.ok()?;
-            (answer.status() == 200).then_some(())
-        }
-    })
-    .await;
+    until_served(&bus, "room again once the WebSockets close").await;
     bus.stop().await;
 }

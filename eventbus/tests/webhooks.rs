@@ -19,7 +19,7 @@ const SECRET: &str = "webhook-secret-0123456789";
 
 /// The receivers here listen on loopback, which production mode refuses unless allowed.
 fn allow_loopback(config: &mut eventbus::serve::Config) {
-    config.webhook_allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
 }
 
 #[derive(Default)]
