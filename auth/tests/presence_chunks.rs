@@ -57,5 +57,32 @@ async fn a_report_larger_than_auth_takes_arrives_whole_in_chunks() {
         .await
         .expect("json");
     assert_eq!(stats["gateways"][0]["subscriptions"], entries, "{stats}");
+
+    // Reaching auth's port is not enough to forge presence: a report without the credential is
+    // refused, and nothing it claims is counted.
+    let mut stranger = eventbus_proto::auth::auth_client::AuthClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let forged = eventbus_proto::auth::PresenceReport {
+        gateway: "forger".into(),
+        ttl_s: 60,
+        full: true,
+        joined: vec![eventbus_proto::auth::PresenceEntry {
+            connection: "x".into(),
+            identity: "mallory".into(),
+            channel: "room.1".into(),
+        }],
+        left: vec![],
+    };
+    let refused = stranger
+        .report_presence(forged)
+        .await
+        .expect_err("a report without the internal credential");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    let keys = stranger
+        .get_keys(eventbus_proto::auth::GetKeysRequest::default())
+        .await
+        .expect_err("keys without the internal credential");
+    assert_eq!(keys.code(), tonic::Code::Unauthenticated, "{keys}");
     drop(memberships);
 }
