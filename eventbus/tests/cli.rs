@@ -30,6 +30,26 @@ fn every_subcommand_has_help() {
     }
 }
 
+/// A log read from a file or a container's output has no colour escapes in it.
+#[test]
+fn logs_off_a_terminal_carry_no_colour_escapes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The store refuses to start without the internal credential, and logs why.
+    let output = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(["store", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env_remove("EVENTBUS_INTERNAL_TOKEN")
+        .env_remove("EVENTBUS_INTERNAL_TOKEN_FILE")
+        .env_remove("NO_COLOR")
+        .env("EVENTBUS_LOG", "info")
+        .output()
+        .expect("run eventbus store");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("EVENTBUS_INTERNAL_TOKEN"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log: {log:?}");
+}
+
 /// `eventbus probe` is what container healthchecks run: 0 for a 2xx answer, 1 otherwise.
 #[test]
 fn probe_exits_by_the_answer() {

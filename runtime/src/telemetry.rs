@@ -1,5 +1,8 @@
 //! Logging: `tracing` with an `EVENTBUS_LOG` / `RUST_LOG` filter, text by default, JSON when
-//! `EVENTBUS_LOG_FORMAT=json`.
+//! `EVENTBUS_LOG_FORMAT=json`. Colours only on a terminal: a log written to a file or collected
+//! from a container's output carries no escape codes.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -13,7 +16,8 @@ pub fn init() {
         .is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let _ = if json {
         builder.json().try_init()
     } else {
