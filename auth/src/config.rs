@@ -50,9 +50,6 @@ pub struct Destinations {
         value_delimiter = ','
     )]
     pub allow_networks: Vec<ipnet::IpNet>,
-    /// CA certificates (PEM) trusted for outbound TLS (https:// webhooks) besides the system's.
-    #[arg(long = "ca-file", env = "SSL_CERT_FILE")]
-    pub ca_file: Option<PathBuf>,
 }
 
 /// Settings of the auth service.
@@ -132,6 +129,10 @@ pub struct Config {
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
     pub internal: eventbus_runtime::internal::Args,
+    #[command(flatten)]
+    pub tls: eventbus_runtime::tls::Args,
+    #[command(flatten)]
+    pub trust: eventbus_runtime::tls::Trust,
 }
 
 impl Config {
@@ -155,6 +156,8 @@ impl Config {
             cors: Default::default(),
             http: Default::default(),
             internal: Default::default(),
+            tls: Default::default(),
+            trust: Default::default(),
         }
     }
 }

@@ -97,7 +97,7 @@ pub fn service(config: &Config) -> Result<Service, Error> {
     }
     let store = match &config.store_url {
         Some(url) => Some(
-            eventbus_store::StoreClient::new(url, credential.clone())
+            eventbus_store::StoreClient::new(url, credential.clone(), &config.trust)
                 .map_err(|err| Error::Config(err.to_string()))?,
         ),
         None if !config.presence_events.is_empty() => {
@@ -118,7 +118,7 @@ pub fn service(config: &Config) -> Result<Service, Error> {
                 open: config.dev,
                 allow: config.destinations.allow_networks.clone(),
             }),
-            ca_file: config.destinations.ca_file.clone(),
+            trust: config.trust.clone(),
         },
         store,
     )
@@ -167,8 +167,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         .public
         .merge(service.internal)
         .merge(eventbus_runtime::health_routes(|| true));
-    info!(addr = %listener.local_addr()?, keys = %config.keys_dir.display(), "auth listening");
-    eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait()).await?;
+    let tls = config.tls.acceptor().map_err(Error::Config)?;
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), keys = %config.keys_dir.display(), "auth listening");
+    eventbus_runtime::http::serve(listener, app, &config.http, tls, shutdown.wait()).await?;
     info!("auth stopped");
     Ok(())
 }

@@ -354,11 +354,12 @@ impl Reporter {
     pub fn start(
         auth_url: &str,
         credential: eventbus_runtime::internal::Credential,
+        trust: &eventbus_runtime::tls::Trust,
         gateway: String,
         ttl: Duration,
     ) -> Result<Self, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(auth_url.to_owned())
-            .map_err(|err| format!("invalid auth URL {auth_url:?}: {err}"))?
+        let endpoint = eventbus_runtime::tls::grpc_endpoint(auth_url, trust)
+            .map_err(|err| format!("auth URL {auth_url:?}: {err}"))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5));
         let client =

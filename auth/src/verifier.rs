@@ -34,9 +34,10 @@ impl GrpcKeySource {
     pub fn new(
         url: &str,
         credential: eventbus_runtime::internal::Credential,
+        trust: &eventbus_runtime::tls::Trust,
     ) -> Result<Self, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|err| format!("invalid auth url {url:?}: {err}"))?
+        let endpoint = eventbus_runtime::tls::grpc_endpoint(url, trust)
+            .map_err(|err| format!("auth url {url:?}: {err}"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(5));
         Ok(Self {

@@ -103,8 +103,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// Which destinations are allowed (public addresses, unless opened).
     pub guard: Arc<Guard>,
-    /// CA certificates (PEM) trusted for `https://` webhooks besides the built-in roots.
-    pub ca_file: Option<PathBuf>,
+    /// Whom `https://` destinations are trusted as.
+    pub trust: eventbus_runtime::tls::Trust,
 }
 
 struct Inner {
@@ -169,15 +169,8 @@ impl Webhooks {
         if !settings.guard.open {
             http = http.dns_resolver(Arc::new(Resolver(settings.guard.clone())));
         }
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?;
-            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?
-            {
-                http = http.add_root_certificate(certificate);
-            }
-        }
+        http =
+            http.use_preconfigured_tls(settings.trust.client_config().map_err(WebhookError::Io)?);
         let http = http.build().map_err(|e| WebhookError::Io(e.to_string()))?;
         let webhooks = Webhooks {
             inner: Arc::new(Inner {

@@ -23,8 +23,14 @@ async fn a_report_larger_than_auth_takes_arrives_whole_in_chunks() {
     tokio::spawn(axum::serve(listener, service.public.merge(service.internal)).into_future());
 
     let credential = eventbus_runtime::internal::Credential::new(SECRET).expect("credential");
-    let reporter =
-        Reporter::start(&url, credential, "g1".into(), Duration::from_secs(60)).expect("reporter");
+    let reporter = Reporter::start(
+        &url,
+        credential,
+        &Default::default(),
+        "g1".into(),
+        Duration::from_secs(60),
+    )
+    .expect("reporter");
     let entries = eventbus_auth::presence::MAX_REPORT_ENTRIES + 5_000;
     let memberships: Vec<_> = (0..entries)
         .map(|n| {

@@ -61,7 +61,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ));
         let credential =
             eventbus_runtime::internal::Credential::new(&secret).map_err(anyhow::Error::msg)?;
-        let client = StoreClient::new(&url, credential)?;
+        let client = StoreClient::new(&url, credential, &Default::default())?;
         client.head("bench.c").await?;
         let next = Arc::new(AtomicU64::new(0));
         let started = Instant::now();

@@ -27,6 +27,27 @@ pub struct Target {
     /// An API key secret to get a service token with (none: development mode).
     #[arg(long, env = "EVENTBUS_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Whom an `https://` bus is trusted as (the system's roots plus --ca-file).
+    #[command(flatten)]
+    pub trust: eventbus_runtime::tls::Trust,
+}
+
+impl Target {
+    fn tls(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, Failure> {
+        self.trust
+            .client_config()
+            .map(std::sync::Arc::new)
+            .map_err(|why| fail(eventbus_runtime::EXIT_CONFIG, why))
+    }
+
+    /// The HTTP client for this bus (https with [`Target::trust`]).
+    fn http(&self) -> Result<reqwest::Client, Failure> {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .use_preconfigured_tls((*self.tls()?).clone())
+            .build()
+            .map_err(|err| fail(1, format!("cannot make an HTTP client: {err}")))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,13 +147,6 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
     }
 }
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap_or_default()
-}
-
 /// The exit code and message for an HTTP problem answer.
 async fn problem(response: reqwest::Response, what: &str) -> Failure {
     let status = response.status();
@@ -155,7 +169,10 @@ fn unreachable(url: &str, err: reqwest::Error) -> Failure {
 }
 
 async fn mint(target: &Target, body: Value) -> Result<String, Failure> {
-    let mut request = http().post(format!("{}/v1/tokens", target.url)).json(&body);
+    let mut request = target
+        .http()?
+        .post(format!("{}/v1/tokens", target.url))
+        .json(&body);
     if let Some(key) = &target.api_key {
         request = request.bearer_auth(key);
     }
@@ -203,7 +220,7 @@ pub async fn token(args: TokenArgs) -> Result<(), Failure> {
 
 pub async fn publish(args: PubArgs) -> Result<(), Failure> {
     let token = token_for(&args.target).await?;
-    let client = http();
+    let client = args.target.http()?;
     let send = async |data: Value, id: String| -> Result<(), Failure> {
         let mut event =
             json!({"id": id, "channel": args.channel, "type": args.event_type, "data": data});
@@ -269,7 +286,7 @@ pub async fn publish(args: PubArgs) -> Result<(), Failure> {
 pub async fn webhooks(args: WebhooksArgs) -> Result<(), Failure> {
     let token = token_for(&args.target).await?;
     let base = format!("{}/v1/webhooks", args.target.url);
-    let client = http();
+    let client = args.target.http()?;
     let request = match &args.action {
         WebhookAction::List => client.get(&base),
         WebhookAction::Add {
@@ -309,7 +326,9 @@ pub async fn webhooks(args: WebhooksArgs) -> Result<(), Failure> {
 /// Prints the channel's events as JSON lines, following live; reconnects and resumes after the
 /// last printed seq if the connection drops.
 pub async fn tail(args: TailArgs) -> Result<(), Failure> {
+    // http → ws, https → wss.
     let ws_url = format!("{}/v1/ws", args.target.url.replacen("http", "ws", 1));
+    let tls = args.target.tls()?;
     let mut after = args.after;
     let mut printed = 0u64;
     let mut compact = args.compact;
@@ -317,7 +336,7 @@ pub async fn tail(args: TailArgs) -> Result<(), Failure> {
     loop {
         let token = token_for(&args.target).await?;
         match follow(
-            &ws_url,
+            (&ws_url, &tls),
             &token,
             &args.channel,
             &mut after,
@@ -344,7 +363,7 @@ pub async fn tail(args: TailArgs) -> Result<(), Failure> {
 
 /// `Err(None)`: dropped, try again; `Err(Some(_))`: give up with that failure.
 async fn follow(
-    ws_url: &str,
+    (ws_url, tls): (&str, &std::sync::Arc<rustls::ClientConfig>),
     token: &str,
     channel: &str,
     after: &mut Option<u64>,
@@ -352,7 +371,15 @@ async fn follow(
     printed: &mut u64,
     count: Option<u64>,
 ) -> Result<(), Option<Failure>> {
-    let (mut ws, _) = match tokio_tungstenite::connect_async(ws_url).await {
+    let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
+    let (mut ws, _) = match tokio_tungstenite::connect_async_tls_with_config(
+        ws_url,
+        None,
+        false,
+        Some(connector),
+    )
+    .await
+    {
         Ok(connected) => connected,
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let code = if matches!(response.status().as_u16(), 401 | 403) {

@@ -101,7 +101,8 @@ async fn run(command: Command) {
             }
             Command::Store { config, backbone } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
-                eventbus_store::run(config, listener, backbone.connect().await?, shutdown).await?;
+                let backbone = backbone.connect(&config.trust).await?;
+                eventbus_store::run(config, listener, backbone, shutdown).await?;
             }
             Command::Auth { config } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
@@ -114,8 +115,8 @@ async fn run(command: Command) {
             Command::Probe { .. } => {}
             Command::Gateway { config, backbone } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
-                eventbus_gateway::run(config, listener, backbone.connect().await?, shutdown)
-                    .await?;
+                let backbone = backbone.connect(&config.upstream.trust).await?;
+                eventbus_gateway::run(config, listener, backbone, shutdown).await?;
             }
         }
         Ok(())

@@ -71,6 +71,10 @@ pub struct Config {
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
     pub publish_rate: eventbus_runtime::rate::Args,
+    #[command(flatten)]
+    pub tls: eventbus_runtime::tls::Args,
+    #[command(flatten)]
+    pub trust: eventbus_runtime::tls::Trust,
 }
 
 impl Config {
@@ -88,6 +92,8 @@ impl Config {
             cors: Default::default(),
             http: Default::default(),
             publish_rate: Default::default(),
+            tls: Default::default(),
+            trust: Default::default(),
         }
     }
 }
@@ -98,6 +104,8 @@ async fn loopback() -> anyhow::Result<TcpListener> {
 
 /// Runs the whole bus on `listener` until `shutdown`; the listener serves once every service answers.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    // A certificate that cannot be used stops the start before anything else runs.
+    let tls = config.tls.acceptor().map_err(anyhow::Error::msg)?;
     let backbone: Arc<dyn Backbone> = Arc::new(InProcessBackbone::new());
 
     let store_listener = loopback().await?;
@@ -128,6 +136,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth_config.webhook_max_attempts = config.webhook_max_attempts;
     auth_config.destinations = config.destinations.clone();
     auth_config.cors = config.cors.clone();
+    auth_config.trust = config.trust.clone();
     let auth = eventbus_auth::service(&auth_config)?;
     let auth_listener = loopback().await?;
     let auth_url = format!("http://{}", auth_listener.local_addr()?);
@@ -135,8 +144,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         let shutdown = shutdown.clone();
         let limits = config.http.clone();
         async move {
-            eventbus_runtime::http::serve(auth_listener, auth.internal, &limits, shutdown.wait())
-                .await
+            eventbus_runtime::http::serve(
+                auth_listener,
+                auth.internal,
+                &limits,
+                None,
+                shutdown.wait(),
+            )
+            .await
         }
     });
 
@@ -200,20 +215,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             )
         });
     let addr = listener.local_addr()?;
-    info!(addr = %addr, data = %config.data.display(), "eventbus is ready");
+    let scheme = config.tls.scheme();
+    info!(addr = %addr, scheme, data = %config.data.display(), "eventbus is ready");
     if config.dev {
         warn!(
             "DEVELOPMENT MODE: anyone can get a token of any role from POST /v1/tokens, and any origin is allowed"
         );
         eprintln!(
-            "\neventbus (development mode) on http://{addr}  -  demo page: http://{addr}/\n\
+            "\neventbus (development mode) on {scheme}://{addr}  -  demo page: {scheme}://{addr}/\n\
              publish an event:\n  \
-             TOKEN=$(curl -s -X POST http://{addr}/v1/tokens | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')\n  \
+             TOKEN=$(curl -s -X POST {scheme}://{addr}/v1/tokens | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')\n  \
              curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n    \
-             -d '{{\"channel\":\"demo\",\"type\":\"greeting\",\"data\":{{\"text\":\"hello\"}}}}' http://{addr}/v1/events\n"
+             -d '{{\"channel\":\"demo\",\"type\":\"greeting\",\"data\":{{\"text\":\"hello\"}}}}' {scheme}://{addr}/v1/events\n"
         );
     }
-    let server = eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait());
+    let server = eventbus_runtime::http::serve(listener, app, &config.http, tls, shutdown.wait());
     tokio::pin!(server);
     let mut store = store;
     // The store ends early only when its log failed: then the whole bus stops, with its error, so
@@ -256,7 +272,7 @@ async fn wait_for_store<T>(
     shutdown: &Shutdown,
     store: &tokio::task::JoinHandle<T>,
 ) -> anyhow::Result<()> {
-    let client = eventbus_store::StoreClient::new(url, credential.clone())?;
+    let client = eventbus_store::StoreClient::new(url, credential.clone(), &Default::default())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match client.head("healthz").await {

@@ -424,7 +424,7 @@ async fn https_webhooks_work_with_a_ca_the_operator_trusts() {
     let data = tempfile::tempdir().expect("temp dir");
     let bus = AllInOne::start_with(data, false, move |c| {
         allow_loopback(c);
-        c.destinations.ca_file = Some(ca_file);
+        c.trust.ca_file = Some(ca_file);
     })
     .await;
     let service = bus.endpoints.service_token().await;

@@ -89,6 +89,8 @@ pub struct Config {
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
+    pub tls: eventbus_runtime::tls::Args,
+    #[command(flatten)]
     pub publish_rate: eventbus_runtime::rate::Args,
 }
 
@@ -112,6 +114,7 @@ impl Config {
             dev: false,
             cors: Default::default(),
             http: Default::default(),
+            tls: Default::default(),
             publish_rate: Default::default(),
         }
     }

@@ -125,6 +125,7 @@ pub fn service(
     let store = StoreClient::with_timeout(
         &config.upstream.store_url,
         credential.clone(),
+        &config.upstream.trust,
         config.upstream.store_timeout(),
     )
     .map_err(|err| Error::Config(err.to_string()))?;
@@ -135,6 +136,7 @@ pub fn service(
     let presence = eventbus_auth::presence::Reporter::start(
         &config.upstream.auth_url,
         credential.clone(),
+        &config.upstream.trust,
         id.clone(),
         Duration::from_secs(config.presence_ttl_s.max(1)),
     )
@@ -146,7 +148,12 @@ pub fn service(
             Duration::from_secs(config.tail_check_s.max(1)),
         ),
         verifier: Verifier::new(
-            GrpcKeySource::new(&config.upstream.auth_url, credential).map_err(Error::Config)?,
+            GrpcKeySource::new(
+                &config.upstream.auth_url,
+                credential,
+                &config.upstream.trust,
+            )
+            .map_err(Error::Config)?,
         ),
         store,
         limits: Limits {
@@ -241,8 +248,12 @@ pub async fn run(
     let ready_backbone = backbone.clone();
     // Ready while NATS is connected and the store answers (catch-up and gap refill need it).
     let credential = config.upstream.credential().map_err(Error::Config)?;
-    let probe_store = StoreClient::new(&config.upstream.store_url, credential)
-        .map_err(|err| Error::Config(err.to_string()))?;
+    let probe_store = StoreClient::new(
+        &config.upstream.store_url,
+        credential,
+        &config.upstream.trust,
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(Duration::from_secs(2), move || {
         let store = probe_store.clone();
         async move { store.head("readyz").await.is_ok() }
@@ -253,8 +264,9 @@ pub async fn run(
         .merge(eventbus_runtime::health_routes(move || {
             ready_backbone.is_connected() && store_up.load(std::sync::atomic::Ordering::Relaxed)
         }));
-    info!(addr = %listener.local_addr()?, "gateway listening");
-    eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait()).await?;
+    let tls = config.tls.acceptor().map_err(Error::Config)?;
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), "gateway listening");
+    eventbus_runtime::http::serve(listener, app, &config.http, tls, shutdown.wait()).await?;
     service.drain.wait().await;
     info!("gateway stopped");
     Ok(())

@@ -14,7 +14,7 @@ async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
     eventbus_runtime::serve_main("gateway", |shutdown| async move {
         let listener = eventbus_runtime::bind(cli.config.listen).await?;
-        let backbone = cli.backbone.connect().await?;
+        let backbone = cli.backbone.connect(&cli.config.upstream.trust).await?;
         eventbus_gateway::run(cli.config, listener, backbone, shutdown).await?;
         Ok(())
     })

@@ -33,6 +33,8 @@ pub struct Config {
     #[command(flatten)]
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
+    pub tls: eventbus_runtime::tls::Args,
+    #[command(flatten)]
     pub publish_rate: eventbus_runtime::rate::Args,
 }
 
@@ -48,6 +50,7 @@ impl Config {
             dev: false,
             cors: Default::default(),
             http: Default::default(),
+            tls: Default::default(),
             publish_rate: Default::default(),
         }
     }

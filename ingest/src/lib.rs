@@ -73,12 +73,17 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
     let credential = config.upstream.credential().map_err(Error::Config)?;
     let ingest = Arc::new(Ingest {
         verifier: Verifier::new(
-            GrpcKeySource::new(&config.upstream.auth_url, credential.clone())
-                .map_err(Error::Config)?,
+            GrpcKeySource::new(
+                &config.upstream.auth_url,
+                credential.clone(),
+                &config.upstream.trust,
+            )
+            .map_err(Error::Config)?,
         ),
         store: StoreClient::with_timeout(
             &config.upstream.store_url,
             credential,
+            &config.upstream.trust,
             config.upstream.store_timeout(),
         )
         .map_err(|err| Error::Config(err.to_string()))?,
@@ -106,8 +111,12 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
     // Ready while the store answers: without it no publish can be made durable.
     let credential = config.upstream.credential().map_err(Error::Config)?;
-    let store = eventbus_store::StoreClient::new(&config.upstream.store_url, credential)
-        .map_err(|err| Error::Config(err.to_string()))?;
+    let store = eventbus_store::StoreClient::new(
+        &config.upstream.store_url,
+        credential,
+        &config.upstream.trust,
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(std::time::Duration::from_secs(2), move || {
         let store = store.clone();
         async move { store.head("readyz").await.is_ok() }
@@ -117,8 +126,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
             store_up.load(std::sync::atomic::Ordering::Relaxed)
         }))
         .fallback(|| async { Problem::new(Kind::NotFound, "no such route") });
-    info!(addr = %listener.local_addr()?, store = %config.upstream.store_url, "ingest listening");
-    eventbus_runtime::http::serve(listener, app, &config.http, shutdown.wait()).await?;
+    let tls = config.tls.acceptor().map_err(Error::Config)?;
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), store = %config.upstream.store_url, "ingest listening");
+    eventbus_runtime::http::serve(listener, app, &config.http, tls, shutdown.wait()).await?;
     info!("ingest stopped");
     Ok(())
 }

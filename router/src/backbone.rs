@@ -156,16 +156,16 @@ pub struct NatsBackbone {
 impl NatsBackbone {
     /// Connects to NATS; keeps reconnecting in the background if the connection is lost later.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BackboneError> {
-        Self::connect_with(url, prefix, None, Arc::new(|| {})).await
+        Self::connect_with(url, prefix, None, None, Arc::new(|| {})).await
     }
 
-    /// As [`NatsBackbone::connect`], calling `on_reconnect` each time the connection comes back.
-    /// As [`NatsBackbone::connect`], with a user and password for NATS when given, and a
-    /// callback for every reconnection.
+    /// As [`NatsBackbone::connect`], with a user and password for NATS when given, the TLS
+    /// configuration for `tls://` URLs (whom to trust), and a callback for every reconnection.
     pub async fn connect_with(
         url: &str,
         prefix: &str,
         credentials: Option<(String, String)>,
+        tls: Option<rustls::ClientConfig>,
         on_reconnect: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Self, BackboneError> {
         let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -174,6 +174,10 @@ impl NatsBackbone {
                 async_nats::ConnectOptions::with_user_and_password(user, password)
             }
             None => async_nats::ConnectOptions::new(),
+        };
+        let options = match tls {
+            Some(tls) => options.tls_client_config(tls),
+            None => options,
         };
         let client = options
             .name("eventbus")

@@ -45,7 +45,8 @@ impl std::fmt::Debug for Args {
 }
 
 impl Args {
-    pub async fn connect(&self) -> anyhow::Result<Arc<dyn Backbone>> {
+    /// Connects to NATS; a `tls://` URL is dialled over TLS trusting `trust`.
+    pub async fn connect(&self, trust: &crate::tls::Trust) -> anyhow::Result<Arc<dyn Backbone>> {
         let credentials = match (&self.nats_user, &self.nats_password) {
             (Some(user), Some(password)) => Some((user.clone(), password.clone())),
             (None, None) => None,
@@ -57,6 +58,7 @@ impl Args {
             &self.nats_url,
             &self.subject_prefix,
             credentials,
+            Some(trust.client_config().map_err(anyhow::Error::msg)?),
             std::sync::Arc::new(|| {
                 crate::metrics::metrics().backbone_reconnects.inc();
             }),

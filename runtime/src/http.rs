@@ -75,21 +75,24 @@ impl Limits {
     }
 }
 
-/// Serves `app` on `listener` with `limits` until `shutdown` resolves, then stops accepting and
-/// waits for the requests in flight (as `axum::serve(..).with_graceful_shutdown` does).
+/// Serves `app` on `listener` with `limits` (over TLS when `tls` is given) until `shutdown`
+/// resolves, then stops accepting and waits for the requests in flight (as
+/// `axum::serve(..).with_graceful_shutdown` does).
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: &Limits,
+    tls: Option<crate::tls::Acceptor>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let header_timeout = Duration::from_secs(limits.header_timeout_s.max(1));
     let cap = limits.connection_cap();
     let permits = Arc::new(Semaphore::new(cap));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.header_timeout_s.max(1)));
+        .header_read_timeout(header_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -125,19 +128,49 @@ pub async fn serve(
             debug!(cause = %err, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        // The permit goes with the socket, so a connection upgraded to a WebSocket (which hyper
-        // hands over, ending its own task) still counts until it closes.
-        let io = TokioIo::new(Counted {
+        // The permit goes with the socket (under TLS too), so a connection upgraded to a
+        // WebSocket (which hyper hands over, ending its own task) still counts until it closes.
+        let counted = Counted {
             io: stream,
             _permit: permit,
-        });
-        let connection = builder.serve_connection_with_upgrades(io, service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(%peer, cause = %err, "connection ended with an error");
+        };
+        match &tls {
+            None => {
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(counted), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        debug!(%peer, cause = %err, "connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(tls) => {
+                // The handshake runs in the connection's own task (a slow one must not hold up
+                // accepting), bounded by the header timeout like the request head it precedes.
+                let handshake = tls.accept(counted);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(header_timeout, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            debug!(%peer, cause = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(err) = watcher.watch(connection.into_owned()).await {
+                        debug!(%peer, cause = %err, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;

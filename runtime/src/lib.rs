@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod problem;
 pub mod rate;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 /// A shutdown signal that any number of tasks can wait on. Cloning is cheap.

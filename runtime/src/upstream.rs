@@ -28,6 +28,9 @@ pub struct Args {
     /// The credential every call to the store and to auth carries.
     #[command(flatten)]
     pub internal: crate::internal::Args,
+    /// Whom `https://` store and auth URLs are trusted as.
+    #[command(flatten)]
+    pub trust: crate::tls::Trust,
 }
 
 impl Args {
@@ -37,6 +40,7 @@ impl Args {
             auth_url,
             store_timeout_ms: 10_000,
             internal: Default::default(),
+            trust: Default::default(),
         }
     }
 

@@ -7,8 +7,9 @@ use eventbus_model::{Accepted, StoredEvent};
 use eventbus_proto::store as pb;
 use eventbus_proto::store::store_client::StoreClient as GrpcClient;
 use eventbus_runtime::internal::Credential;
+use eventbus_runtime::tls::Trust;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::service::MAX_MESSAGE_BYTES;
 
@@ -105,18 +106,20 @@ impl StoreClient {
     /// A client of the store at `url` (e.g. `http://127.0.0.1:7001`); it dials lazily and redials
     /// after failures, so callers start even while the store is down.
     /// Every call carries `credential`, the internal credential the store demands.
-    pub fn new(url: &str, credential: Credential) -> Result<Self, StoreError> {
-        Self::with_timeout(url, credential, Duration::from_secs(10))
+    /// An `https://` URL is dialled over TLS, trusting `trust`.
+    pub fn new(url: &str, credential: Credential, trust: &Trust) -> Result<Self, StoreError> {
+        Self::with_timeout(url, credential, trust, Duration::from_secs(10))
     }
 
     /// As [`StoreClient::new`], waiting at most `timeout` for each answer.
     pub fn with_timeout(
         url: &str,
         credential: Credential,
+        trust: &Trust,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|err| StoreError::Invalid(format!("invalid store url {url:?}: {err}")))?
+        let endpoint = eventbus_runtime::tls::grpc_endpoint(url, trust)
+            .map_err(|err| StoreError::Invalid(format!("store url {url:?}: {err}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(timeout)
             .tcp_nodelay(true);

@@ -69,6 +69,11 @@ pub struct Config {
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
     pub internal: eventbus_runtime::internal::Args,
+    #[command(flatten)]
+    pub tls: eventbus_runtime::tls::Args,
+    /// Whom a `tls://` NATS URL is trusted as.
+    #[command(flatten)]
+    pub trust: eventbus_runtime::tls::Trust,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -108,6 +113,8 @@ impl Config {
             retention_interval_s: 10,
             http: Default::default(),
             internal: Default::default(),
+            tls: Default::default(),
+            trust: Default::default(),
             min_free_bytes: 64 * 1024 * 1024,
             max_channels_per_source: 0,
         }

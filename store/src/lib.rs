@@ -52,6 +52,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     let credential = config.internal.credential().map_err(Error::Config)?;
+    let tls = config.tls.acceptor().map_err(Error::Config)?;
     let options = config.log_options();
     let (log, mut committed) = tokio::task::spawn_blocking(move || Log::open(options))
         .await
@@ -106,7 +107,7 @@ pub async fn run(
             move || ready_log.is_healthy() && !ready_log.is_low_on_space(),
         ),
     );
-    info!(addr = %listener.local_addr()?, data = %config.data.display(), "store listening");
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), data = %config.data.display(), "store listening");
     // A write or fsync the log cannot continue from ends the process (non-zero), so that its
     // supervisor restarts it and recovery runs: serving on would only refuse every append.
     let failed_log = log.clone();
@@ -117,7 +118,7 @@ pub async fn run(
     };
     let stop = shutdown.clone();
     let app: axum::Router = app;
-    eventbus_runtime::http::serve(listener, app, &config.http, async move {
+    eventbus_runtime::http::serve(listener, app, &config.http, tls, async move {
         tokio::select! {
             _ = stop.wait() => {}
             _ = failed => error!("the log failed; stopping the store so that it is restarted and recovers"),

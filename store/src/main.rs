@@ -17,7 +17,7 @@ async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
     eventbus_runtime::serve_main("store", |shutdown| async move {
         let listener = eventbus_runtime::bind(cli.config.listen).await?;
-        let backbone = cli.backbone.connect().await?;
+        let backbone = cli.backbone.connect(&cli.config.trust).await?;
         eventbus_store::run(cli.config, listener, backbone, shutdown).await?;
         Ok(())
     })

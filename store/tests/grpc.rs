@@ -46,11 +46,15 @@ async fn bad_requests_get_clear_errors() {
         shutdown.clone(),
     ));
     let credential = |secret: &str| Credential::new(secret).expect("credential");
-    let store = StoreClient::new(&url, credential(secret)).expect("client");
+    let store = StoreClient::new(&url, credential(secret), &Default::default()).expect("client");
 
     // Reaching the port is not enough: without the internal credential nothing is appended or read.
-    let stranger =
-        StoreClient::new(&url, credential("not-the-internal-credential")).expect("client");
+    let stranger = StoreClient::new(
+        &url,
+        credential("not-the-internal-credential"),
+        &Default::default(),
+    )
+    .expect("client");
     until_serving(&store).await;
     match stranger.append(vec![event("orders", 0)]).await {
         Err(StoreError::Refused(message)) => assert!(message.contains("credential"), "{message}"),

@@ -36,6 +36,14 @@ impl Http {
         }
     }
 
+    /// As [`Http::new`], with `client` (e.g. one trusting a test CA).
+    pub fn with_client(base: &str, client: reqwest::Client) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            client,
+        }
+    }
+
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
         let response = request.send().await.expect("http request failed");
         let status = response.status();

@@ -5,12 +5,35 @@ use std::process::{Child, Command, Stdio};
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    /// Extra arguments (TLS files, for instance).
+    args: Vec<String>,
 }
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// A server requiring TLS with this certificate and key (PEM); clients dial `tls://`.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> NatsServer {
+        let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_owned();
+        Self::start_with(vec![
+            "--tls".into(),
+            "--tlscert".into(),
+            path(cert),
+            "--tlskey".into(),
+            path(key),
+        ])
+        .await
+    }
+
+    async fn start_with(args: Vec<String>) -> NatsServer {
         let port = crate::free_port();
-        let mut server = NatsServer { child: None, port };
+        let mut server = NatsServer {
+            child: None,
+            port,
+            args,
+        };
         server.spawn().await;
         server
     }
@@ -22,6 +45,7 @@ impl NatsServer {
     async fn spawn(&mut self) {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -33,6 +33,16 @@ impl Ws {
         Ws { stream }
     }
 
+    /// Connects to a `wss://` URL trusting `tls`.
+    pub async fn connect_tls(url: &str, tls: rustls::ClientConfig) -> Ws {
+        let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));
+        let (stream, _) =
+            tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+                .await
+                .expect("websocket connect failed");
+        Ws { stream }
+    }
+
     /// Connects and authenticates with hello; returns the client and the welcome frame.
     pub async fn hello(url: &str, token: &str) -> (Ws, Value) {
         let mut ws = Ws::connect(url).await;
