@@ -21,6 +21,8 @@ pub enum KeyError {
     },
     #[error("key file {0} is not a hex-encoded 32-byte Ed25519 seed")]
     BadKey(PathBuf),
+    #[error("no signing key in {0} (add one with `eventbus keygen --keys-dir {0}`)")]
+    NoKeys(PathBuf),
 }
 
 struct SigningKey {
@@ -42,26 +44,44 @@ const PKCS8_ED25519_PREFIX: [u8; 16] = [
 impl KeyRing {
     /// Loads every `*.key` file of `dir`, creating a first key when there is none.
     pub fn load_or_create(dir: &Path) -> Result<Self, KeyError> {
-        let io = |source| KeyError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| KeyError::Io {
             path: dir.to_owned(),
             source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "key"))
-            .collect();
-        if names.is_empty() {
-            names.push(create_key(dir)?);
+        })?;
+        if key_files(dir)?.is_empty() {
+            create_key(dir)?;
         }
-        // Names start with the creation time, so sorting puts the newest last.
-        names.sort();
+        Self::load(dir)
+    }
+
+    /// Loads every `*.key` file of `dir`; none is an error (nothing is created).
+    pub fn load(dir: &Path) -> Result<Self, KeyError> {
+        let names = key_files(dir)?;
+        if names.is_empty() {
+            return Err(KeyError::NoKeys(dir.to_owned()));
+        }
         let keys = names
             .iter()
             .map(|path| load_key(path))
             .collect::<Result<_, _>>()?;
         Ok(Self { keys })
+    }
+
+    /// Adds a new key to `dir` (created if need be): it signs from the next start of whoever
+    /// loads the directory. Returns its file and its key id.
+    pub fn add(dir: &Path) -> Result<(PathBuf, String), KeyError> {
+        std::fs::create_dir_all(dir).map_err(|source| KeyError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = create_key(dir)?;
+        let kid = load_key(&path)?.kid;
+        Ok((path, kid))
+    }
+
+    /// The id of the key that signs.
+    pub fn signing_kid(&self) -> &str {
+        &self.keys.last().expect("a key ring always holds a key").kid
     }
 
     /// An in-memory ring with one fresh key, for tests.
@@ -118,6 +138,20 @@ fn from_seed(seed: [u8; 32]) -> SigningKey {
     }
 }
 
+/// The `*.key` files of `dir`, oldest first (names start with the creation time).
+fn key_files(dir: &Path) -> Result<Vec<PathBuf>, KeyError> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| KeyError::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 fn load_key(path: &Path) -> Result<SigningKey, KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
         path: path.to_owned(),
@@ -129,9 +163,13 @@ fn load_key(path: &Path) -> Result<SigningKey, KeyError> {
 
 fn create_key(dir: &Path) -> Result<PathBuf, KeyError> {
     let seed: [u8; 32] = rand::random();
-    let millis = std::time::SystemTime::now()
+    let mut millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
+    // Never replace a key: two added within one millisecond get consecutive names.
+    while dir.join(format!("{millis:016}.key")).exists() {
+        millis += 1;
+    }
     let path = dir.join(format!("{millis:016}.key"));
     let tmp = dir.join(".new-key.tmp");
     let io = |source| KeyError::Io {

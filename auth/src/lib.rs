@@ -8,7 +8,7 @@ pub mod claims;
 pub mod config;
 pub mod destinations;
 mod http;
-mod keys;
+pub mod keys;
 pub mod presence;
 pub mod verifier;
 pub mod webhooks;

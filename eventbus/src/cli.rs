@@ -41,7 +41,7 @@ impl Target {
     }
 
     /// The HTTP client for this bus (https with [`Target::trust`]).
-    fn http(&self) -> Result<reqwest::Client, Failure> {
+    pub(crate) fn http(&self) -> Result<reqwest::Client, Failure> {
         reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .use_preconfigured_tls((*self.tls()?).clone())
@@ -51,12 +51,21 @@ impl Target {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct TokenArgs {
+    #[command(subcommand)]
+    pub check: Option<TokenCheck>,
     #[command(flatten)]
     pub target: Target,
+    /// Sign the token here with the newest key of this directory, without a running bus.
+    #[arg(long)]
+    pub keys_dir: Option<std::path::PathBuf>,
     /// A client token for this identity (default: a service token for the API key).
     #[arg(long)]
     pub sub: Option<String>,
+    /// `service` or `client` (default: client with --sub, else service).
+    #[arg(long, value_parser = parse_role)]
+    pub role: Option<eventbus_router::Role>,
     /// Channels (patterns) the token may subscribe to, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub subscribe: Option<Vec<String>>,
@@ -65,6 +74,21 @@ pub struct TokenArgs {
     pub publish: Option<Vec<String>>,
     #[arg(long)]
     pub ttl_s: Option<u64>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenCheck {
+    /// Verifies a token (against --keys-dir or the bus at --url) and prints its claims and time
+    /// left; exit 0 valid, 1 invalid, 2 expired, 69 keys unavailable.
+    Check(crate::offline::CheckArgs),
+}
+
+fn parse_role(text: &str) -> Result<eventbus_router::Role, String> {
+    match text {
+        "service" => Ok(eventbus_router::Role::Service),
+        "client" => Ok(eventbus_router::Role::Client),
+        other => Err(format!("{other:?}: expected service or client")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,7 +164,7 @@ pub struct Failure {
     pub message: String,
 }
 
-fn fail(code: i32, message: impl Into<String>) -> Failure {
+pub(crate) fn fail(code: i32, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
@@ -201,9 +225,26 @@ async fn token_for(target: &Target) -> Result<String, Failure> {
 }
 
 pub async fn token(args: TokenArgs) -> Result<(), Failure> {
+    if let Some(TokenCheck::Check(check)) = args.check {
+        return crate::offline::check(check).await;
+    }
+    if let Some(dir) = &args.keys_dir {
+        let request = crate::offline::Request {
+            sub: args.sub,
+            role: args.role,
+            subscribe: args.subscribe,
+            publish: args.publish,
+            ttl_s: args.ttl_s,
+        };
+        println!("{}", crate::offline::mint(dir, request)?);
+        return Ok(());
+    }
     let mut body = serde_json::Map::new();
     if let Some(sub) = args.sub {
         body.insert("sub".into(), sub.into());
+    }
+    if let Some(role) = args.role {
+        body.insert("role".into(), role.as_str().into());
     }
     if let Some(list) = args.subscribe {
         body.insert("subscribe".into(), list.into());

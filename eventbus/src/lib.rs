@@ -7,5 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod offline;
 pub mod probe;
 pub mod serve;

@@ -34,8 +34,11 @@ enum Command {
         #[command(flatten)]
         config: eventbus_ingest::Config,
     },
-    /// Prints a token: a service token for the API key, or with --sub a client token.
+    /// Prints a token: a service token for the API key, or with --sub a client token; with
+    /// --keys-dir signed here, without a bus; `token check JWT` verifies one.
     Token(eventbus::cli::TokenArgs),
+    /// Adds a signing key to a key directory (it signs from auth's next start; see key rotation).
+    Keygen(eventbus::offline::KeygenArgs),
     /// Publishes an event (data as JSON, or one event per stdin line); prints each ack.
     Pub(eventbus::cli::PubArgs),
     /// Prints a channel's events as JSON lines and follows it live (--after N for history).
@@ -63,6 +66,7 @@ async fn main() {
     let cli: Cli = eventbus_runtime::parse_cli();
     let client = match cli.command {
         Command::Token(args) => Some(eventbus::cli::token(args).await),
+        Command::Keygen(args) => Some(eventbus::offline::keygen(args)),
         Command::Pub(args) => Some(eventbus::cli::publish(args).await),
         Command::Tail(args) => Some(eventbus::cli::tail(args).await),
         Command::Webhooks(args) => Some(eventbus::cli::webhooks(args).await),
@@ -94,7 +98,11 @@ async fn run(command: Command) {
     }
     eventbus_runtime::serve_main("eventbus", |shutdown| async move {
         match command {
-            Command::Token(_) | Command::Pub(_) | Command::Tail(_) | Command::Webhooks(_) => {}
+            Command::Token(_)
+            | Command::Keygen(_)
+            | Command::Pub(_)
+            | Command::Tail(_)
+            | Command::Webhooks(_) => {}
             Command::Serve(config) => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
                 eventbus::serve::run(config, listener, shutdown).await?;

@@ -12,7 +12,7 @@ use eventbus_testkit::cluster::API_KEY_SECRET;
 #[test]
 fn every_subcommand_has_help() {
     for sub in [
-        "serve", "store", "auth", "ingest", "gateway", "token", "pub", "tail", "webhooks",
+        "serve", "store", "auth", "ingest", "gateway", "token", "keygen", "pub", "tail", "webhooks",
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
             .args([sub, "--help"])
