@@ -52,7 +52,50 @@ pub struct Destinations {
     pub allow_networks: Vec<ipnet::IpNet>,
 }
 
-/// Settings of the auth service.
+/// Token lifetimes and webhook delivery: auth's settings beyond its addresses and directories,
+/// which the all-in-one `serve` takes as well.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "auth_settings")]
+pub struct Settings {
+    /// Lifetime of a token when the request names none, in seconds.
+    #[arg(
+        long = "default-ttl-s",
+        env = "EVENTBUS_TOKEN_DEFAULT_TTL_S",
+        default_value_t = 3600
+    )]
+    pub default_ttl_s: u64,
+    /// Longest lifetime a token may be given, in seconds.
+    #[arg(
+        long = "max-ttl-s",
+        env = "EVENTBUS_TOKEN_MAX_TTL_S",
+        default_value_t = 86_400
+    )]
+    pub max_ttl_s: u64,
+    /// Failed attempts in a row after which a webhook is marked dead.
+    #[arg(
+        long = "webhook-max-attempts",
+        env = "EVENTBUS_WEBHOOK_MAX_ATTEMPTS",
+        default_value_t = 10
+    )]
+    pub webhook_max_attempts: u32,
+    /// How often a webhook looks for new events, in milliseconds.
+    #[arg(
+        long = "webhook-poll-ms",
+        env = "EVENTBUS_WEBHOOK_POLL_MS",
+        default_value_t = 250
+    )]
+    pub webhook_poll_ms: u64,
+    #[command(flatten)]
+    pub destinations: Destinations,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        eventbus_runtime::config::defaults()
+    }
+}
+
+/// The auth service: where it listens and keeps its keys and webhooks, and its [`Settings`].
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address for HTTP (`/v1/tokens`, `/v1/jwks`), gRPC and the health endpoints.
@@ -75,20 +118,6 @@ pub struct Config {
     /// Development mode: `POST /v1/tokens` answers without an API key. Never in production.
     #[arg(long = "dev", env = "EVENTBUS_DEV")]
     pub dev: bool,
-    /// Lifetime of a token when the request names none, in seconds.
-    #[arg(
-        long = "default-ttl-s",
-        env = "EVENTBUS_TOKEN_DEFAULT_TTL_S",
-        default_value_t = 3600
-    )]
-    pub default_ttl_s: u64,
-    /// Longest lifetime a token may be given, in seconds.
-    #[arg(
-        long = "max-ttl-s",
-        env = "EVENTBUS_TOKEN_MAX_TTL_S",
-        default_value_t = 86_400
-    )]
-    pub max_ttl_s: u64,
     /// Channels (patterns, comma separated) whose joins and leaves become events on
     /// `presence.<channel>`; needs the store (`--store-url`).
     #[arg(
@@ -107,22 +136,9 @@ pub struct Config {
         default_value = "./data/webhooks"
     )]
     pub webhooks_dir: PathBuf,
-    /// Failed attempts in a row after which a webhook is marked dead.
-    #[arg(
-        long = "webhook-max-attempts",
-        env = "EVENTBUS_WEBHOOK_MAX_ATTEMPTS",
-        default_value_t = 10
-    )]
-    pub webhook_max_attempts: u32,
-    /// How often a webhook looks for new events, in milliseconds.
-    #[arg(
-        long = "webhook-poll-ms",
-        env = "EVENTBUS_WEBHOOK_POLL_MS",
-        default_value_t = 250
-    )]
-    pub webhook_poll_ms: u64,
+    /// Token lifetimes and webhook delivery.
     #[command(flatten)]
-    pub destinations: Destinations,
+    pub settings: Settings,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
     #[command(flatten)]
@@ -143,21 +159,8 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             keys_dir,
-            api_keys: Vec::new(),
-            dev: false,
-            default_ttl_s: 3600,
-            max_ttl_s: 86_400,
-            presence_events: Vec::new(),
-            store_url: None,
             webhooks_dir,
-            webhook_max_attempts: 10,
-            webhook_poll_ms: 250,
-            destinations: Default::default(),
-            cors: Default::default(),
-            http: Default::default(),
-            internal: Default::default(),
-            tls: Default::default(),
-            trust: Default::default(),
+            ..eventbus_runtime::config::defaults()
         }
     }
 }

@@ -87,8 +87,8 @@ pub fn service(config: &Config) -> Result<Service, Error> {
         ring: ring.clone(),
         api_keys: config.api_keys.clone(),
         dev: config.dev,
-        default_ttl_s: config.default_ttl_s,
-        max_ttl_s: config.max_ttl_s,
+        default_ttl_s: config.settings.default_ttl_s,
+        max_ttl_s: config.settings.max_ttl_s,
     });
     for pattern in &config.presence_events {
         eventbus_router::validate_pattern(pattern).map_err(|err| {
@@ -111,12 +111,12 @@ pub fn service(config: &Config) -> Result<Service, Error> {
     let webhooks = webhooks::Webhooks::start(
         webhooks::Settings {
             dir: config.webhooks_dir.clone(),
-            max_attempts: config.webhook_max_attempts.max(1),
-            poll: std::time::Duration::from_millis(config.webhook_poll_ms.max(10)),
+            max_attempts: config.settings.webhook_max_attempts.max(1),
+            poll: std::time::Duration::from_millis(config.settings.webhook_poll_ms.max(10)),
             timeout: std::time::Duration::from_secs(10),
             guard: std::sync::Arc::new(destinations::Guard {
                 open: config.dev,
-                allow: config.destinations.allow_networks.clone(),
+                allow: config.settings.destinations.allow_networks.clone(),
             }),
             trust: config.trust.clone(),
         },

@@ -13,6 +13,8 @@ use eventbus_runtime::Shutdown;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+/// The all-in-one bus: its one port and data directory, and every setting of every service it
+/// runs (each role's `Settings`, under the same flags, variables and file keys as on that role).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address of every public endpoint.
@@ -22,7 +24,7 @@ pub struct Config {
         default_value = "127.0.0.1:8080"
     )]
     pub listen: SocketAddr,
-    /// Directory of the log and the signing keys.
+    /// Directory of the log, the signing keys and the webhooks.
     #[arg(long = "data", env = "EVENTBUS_DATA", default_value = "./data")]
     pub data: PathBuf,
     /// Development mode: tokens without an API key, any browser origin. Never in production.
@@ -40,31 +42,16 @@ pub struct Config {
         default_value = "demo.>"
     )]
     pub presence_events: Vec<String>,
-    /// Failed attempts in a row after which a webhook is marked dead.
-    #[arg(
-        long = "webhook-max-attempts",
-        env = "EVENTBUS_WEBHOOK_MAX_ATTEMPTS",
-        default_value_t = 10
-    )]
-    pub webhook_max_attempts: u32,
     #[command(flatten)]
-    pub destinations: eventbus_auth::config::Destinations,
-    /// Seconds an event `id` is remembered per channel, so that a retry is answered with the first
-    /// result instead of stored again.
-    #[arg(
-        long = "dedupe-window-s",
-        env = "EVENTBUS_STORE_DEDUPE_WINDOW_S",
-        default_value_t = 86_400
-    )]
-    pub dedupe_window_s: u64,
-    /// Publishing is refused (503, resumed by itself) while the disk holding the data has less
-    /// free than this many bytes; 0 turns the watermark off.
-    #[arg(
-        long = "min-free-bytes",
-        env = "EVENTBUS_STORE_MIN_FREE_BYTES",
-        default_value_t = 64 * 1024 * 1024
-    )]
-    pub min_free_bytes: u64,
+    pub store: eventbus_store::Settings,
+    #[command(flatten)]
+    pub auth: eventbus_auth::config::Settings,
+    #[command(flatten)]
+    pub ingest: eventbus_ingest::Settings,
+    #[command(flatten)]
+    pub gateway: eventbus_gateway::Settings,
+    #[command(flatten)]
+    pub events: eventbus_runtime::limits::EventLimits,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
     #[command(flatten)]
@@ -78,22 +65,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// Defaults with data in `data`, on a free loopback port (for tests).
     pub fn new(data: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
-            dev: false,
-            api_keys: Vec::new(),
-            presence_events: vec!["demo.>".to_owned()],
-            webhook_max_attempts: 10,
-            destinations: Default::default(),
-            dedupe_window_s: 86_400,
-            min_free_bytes: 64 * 1024 * 1024,
-            cors: Default::default(),
-            http: Default::default(),
-            publish_rate: Default::default(),
-            tls: Default::default(),
-            trust: Default::default(),
+            ..eventbus_runtime::config::defaults()
         }
     }
 }
@@ -118,8 +95,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let credential = internal.credential().map_err(anyhow::Error::msg)?;
     let mut store_config = eventbus_store::Config::with_data(config.data.join("store"));
     store_config.internal = internal.clone();
-    store_config.dedupe_window_s = config.dedupe_window_s;
-    store_config.min_free_bytes = config.min_free_bytes;
+    store_config.settings = config.store.clone();
     let store = tokio::spawn(eventbus_store::run(
         store_config,
         store_listener,
@@ -133,8 +109,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth_config.api_keys = config.api_keys.clone();
     auth_config.presence_events = config.presence_events.clone();
     auth_config.store_url = Some(store_url.clone());
-    auth_config.webhook_max_attempts = config.webhook_max_attempts;
-    auth_config.destinations = config.destinations.clone();
+    auth_config.settings = config.auth.clone();
     auth_config.cors = config.cors.clone();
     auth_config.trust = config.trust.clone();
     let auth = eventbus_auth::service(&auth_config)?;
@@ -157,6 +132,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let mut ingest_config = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());
     ingest_config.dev = config.dev;
+    ingest_config.settings = config.ingest.clone();
+    ingest_config.events = config.events.clone();
     ingest_config.publish_rate = config.publish_rate.clone();
     ingest_config.upstream.internal = internal.clone();
     ingest_config.cors = config.cors.clone();
@@ -164,6 +141,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
     let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
     gateway_config.dev = config.dev;
+    gateway_config.settings = config.gateway.clone();
+    gateway_config.events = config.events.clone();
     gateway_config.publish_rate = config.publish_rate.clone();
     gateway_config.upstream.internal = internal;
     gateway_config.cors = config.cors.clone();

@@ -312,7 +312,7 @@ async fn still_open(ws: &mut Ws) {
 async fn websocket_bad_input_gets_error_frames_and_close_codes() {
     let mut cluster = Cluster::start().await;
     let quick = cluster
-        .add_gateway_with(|config| config.hello_timeout_s = 1)
+        .add_gateway_with(|config| config.settings.hello_timeout_s = 1)
         .await;
     let bus = cluster.endpoints.clone();
     let service = bus.service_token().await;
@@ -462,7 +462,7 @@ async fn websocket_bad_input_gets_error_frames_and_close_codes() {
 async fn a_slow_consumer_is_closed_without_delaying_others() {
     let mut cluster = Cluster::start().await;
     let gateway = cluster
-        .add_gateway_with(|config| config.queue_len = 64)
+        .add_gateway_with(|config| config.settings.queue_len = 64)
         .await;
     let bus = cluster.endpoints.clone();
     let service = bus.service_token().await;

@@ -96,7 +96,7 @@ fn cli(url: &str, args: &[&str]) -> Command {
 async fn pub_and_tail_round_trip_with_reliable_exit_codes() {
     // The webhook added below points at loopback, which production mode refuses unless allowed.
     let bus = AllInOne::start_with(tempfile::tempdir().expect("temp dir"), false, |c| {
-        c.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")]
+        c.auth.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")]
     })
     .await;
     let url = bus.endpoints.api.base.clone();

@@ -224,7 +224,7 @@ async fn a_gap_on_the_backbone_is_refilled_from_the_store_before_anything_newer(
 async fn a_silent_peer_is_dropped_and_a_live_one_kept() {
     let mut cluster = Cluster::start().await;
     let gateway = cluster
-        .add_gateway_with(|config| config.ping_interval_s = 1)
+        .add_gateway_with(|config| config.settings.ping_interval_s = 1)
         .await;
     let bus = cluster.endpoints.clone();
     let service = bus.service_token().await;
@@ -257,7 +257,7 @@ async fn a_tail_the_backbone_never_carried_still_arrives() {
     // Nothing the store commits reaches NATS: only the gateway's tail check can deliver it.
     let mut cluster = Cluster::start_with_detached_store().await;
     let gateway = cluster
-        .add_gateway_with(|config| config.tail_check_s = 1)
+        .add_gateway_with(|config| config.settings.tail_check_s = 1)
         .await;
     let bus = cluster.endpoints.clone();
     let service = bus.service_token().await;

@@ -275,7 +275,7 @@ fn recording(
 }
 
 fn allow_loopback(config: &mut eventbus::serve::Config) {
-    config.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.auth.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
 }
 
 async fn register(bus: &AllInOne, token: &str, url: &str, channels: Value) -> (u16, Value) {
@@ -662,7 +662,7 @@ async fn an_identity_holds_a_bounded_number_of_connections() {
     use eventbus_testkit::ws::{Closed, Ws};
     let mut cluster = eventbus_testkit::Cluster::start().await;
     let ws_url = cluster
-        .add_gateway_with(|c| c.max_connections_per_identity = 2)
+        .add_gateway_with(|c| c.settings.max_connections_per_identity = 2)
         .await;
     let service = cluster.endpoints.service_token().await;
     let alice = cluster
@@ -707,7 +707,8 @@ async fn an_identity_holds_a_bounded_number_of_connections() {
 #[tokio::test]
 async fn channel_creation_counts_against_a_quota_per_publisher() {
     let cluster =
-        eventbus_testkit::Cluster::start_tuned(None, |c| c.max_channels_per_source = 3).await;
+        eventbus_testkit::Cluster::start_tuned(None, |c| c.settings.max_channels_per_source = 3)
+            .await;
     let api = cluster.endpoints.api.clone();
     let service = cluster.endpoints.service_token().await;
     for n in 0..3 {

@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 #[tokio::test]
 async fn truncated_history_is_reported_not_skipped() {
     let cluster = Cluster::start_tuned(None, |store| {
-        store.retention = vec!["ticker:max_events=10".parse().expect("rule")];
-        store.retention_interval_s = 1;
+        store.settings.retention = vec!["ticker:max_events=10".parse().expect("rule")];
+        store.settings.retention_interval_s = 1;
     })
     .await;
     let bus = cluster.endpoints.clone();

@@ -47,7 +47,8 @@ async fn opens_with_everything(fixture: &str) {
     copy_dir(&fixture.join("data"), dir.path());
 
     // The fixture's ids were stored when it was made: remember them for as long as it may be old.
-    let tune = |config: &mut eventbus::serve::Config| config.dedupe_window_s = 100 * 365 * 86_400;
+    let tune =
+        |config: &mut eventbus::serve::Config| config.store.dedupe_window_s = 100 * 365 * 86_400;
     let bus = AllInOne::start_with(dir, true, tune).await;
     let api = &bus.endpoints.api;
     let token = bus.endpoints.auth.token(None, json!({})).await;

@@ -19,7 +19,7 @@ const SECRET: &str = "webhook-secret-0123456789";
 
 /// The receivers here listen on loopback, which production mode refuses unless allowed.
 fn allow_loopback(config: &mut eventbus::serve::Config) {
-    config.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.auth.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
 }
 
 #[derive(Default)]
@@ -160,7 +160,7 @@ async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bus = AllInOne::start_with(dir, false, |c| {
         allow_loopback(c);
-        c.webhook_max_attempts = 2
+        c.auth.webhook_max_attempts = 2
     })
     .await;
     let api = bus.endpoints.api.clone();

@@ -1,20 +1,9 @@
 use std::net::SocketAddr;
 
-/// Settings of the gateway.
+/// Connections, subscriptions and timers of a gateway, which the all-in-one `serve` takes as well.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Config {
-    /// Address of the WebSocket endpoint (`/v1/ws`) and the health endpoints.
-    #[arg(
-        long = "listen",
-        env = "EVENTBUS_GATEWAY_LISTEN",
-        default_value = "127.0.0.1:7004"
-    )]
-    pub listen: SocketAddr,
-    #[command(flatten)]
-    pub upstream: eventbus_runtime::upstream::Args,
-    /// Name of this gateway in connection ids (random when unset).
-    #[arg(long = "id", env = "EVENTBUS_GATEWAY_ID")]
-    pub id: Option<String>,
+#[group(id = "gateway_settings")]
+pub struct Settings {
     /// Live events queued per connection; a connection whose queue is full is closed (4008).
     #[arg(
         long = "queue-len",
@@ -41,9 +30,6 @@ pub struct Config {
     /// Largest frame a client may send, in bytes; a larger one closes the connection (4009).
     #[arg(long = "max-frame-bytes", env = "EVENTBUS_WS_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,
-    /// Largest event, serialized, in bytes.
-    #[arg(long = "max-event-bytes", env = "EVENTBUS_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
-    pub max_event_bytes: usize,
     /// Seconds a new connection has to authenticate.
     #[arg(
         long = "hello-timeout-s",
@@ -81,6 +67,33 @@ pub struct Config {
         default_value_t = 10
     )]
     pub grace_s: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        eventbus_runtime::config::defaults()
+    }
+}
+
+/// The gateway: where it listens, whom it calls, and its [`Settings`].
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Address of the WebSocket endpoint (`/v1/ws`) and the health endpoints.
+    #[arg(
+        long = "listen",
+        env = "EVENTBUS_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:7004"
+    )]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub upstream: eventbus_runtime::upstream::Args,
+    /// Name of this gateway in connection ids (random when unset).
+    #[arg(long = "id", env = "EVENTBUS_GATEWAY_ID")]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(flatten)]
+    pub events: eventbus_runtime::limits::EventLimits,
     /// Development mode: any browser origin is allowed.
     #[arg(long = "dev", env = "EVENTBUS_DEV")]
     pub dev: bool,
@@ -100,22 +113,7 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             upstream: eventbus_runtime::upstream::Args::new(store_url, auth_url),
-            id: None,
-            queue_len: 2048,
-            max_subscriptions: 1000,
-            max_connections_per_identity: 0,
-            max_frame_bytes: 128 * 1024,
-            max_event_bytes: 64 * 1024,
-            hello_timeout_s: 10,
-            ping_interval_s: 25,
-            tail_check_s: 5,
-            presence_ttl_s: 30,
-            grace_s: 10,
-            dev: false,
-            cors: Default::default(),
-            http: Default::default(),
-            tls: Default::default(),
-            publish_rate: Default::default(),
+            ..eventbus_runtime::config::defaults()
         }
     }
 }

@@ -50,7 +50,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::Config;
+pub use config::{Config, Settings};
 pub use connection::close;
 
 #[derive(Debug, thiserror::Error)]
@@ -138,14 +138,14 @@ pub fn service(
         credential.clone(),
         &config.upstream.trust,
         id.clone(),
-        Duration::from_secs(config.presence_ttl_s.max(1)),
+        Duration::from_secs(config.settings.presence_ttl_s.max(1)),
     )
     .map_err(Error::Config)?;
     let gateway = Arc::new(Gateway {
         hub: hub::Hub::with_tail_check(
             backbone,
             store.clone(),
-            Duration::from_secs(config.tail_check_s.max(1)),
+            Duration::from_secs(config.settings.tail_check_s.max(1)),
         ),
         verifier: Verifier::new(
             GrpcKeySource::new(
@@ -157,16 +157,16 @@ pub fn service(
         ),
         store,
         limits: Limits {
-            max_event_bytes: config.max_event_bytes,
+            max_event_bytes: config.events.max_event_bytes,
         },
         origins: Origins::new(&config.cors, config.dev),
-        queue_len: config.queue_len.max(1),
-        max_subscriptions: config.max_subscriptions,
-        identities: identities::Identities::new(config.max_connections_per_identity),
+        queue_len: config.settings.queue_len.max(1),
+        max_subscriptions: config.settings.max_subscriptions,
+        identities: identities::Identities::new(config.settings.max_connections_per_identity),
         rate: eventbus_runtime::rate::PublishRate::new(&config.publish_rate),
-        max_frame_bytes: config.max_frame_bytes,
-        hello_timeout: Duration::from_secs(config.hello_timeout_s),
-        ping_interval: Duration::from_secs(config.ping_interval_s.max(1)),
+        max_frame_bytes: config.settings.max_frame_bytes,
+        hello_timeout: Duration::from_secs(config.settings.hello_timeout_s),
+        ping_interval: Duration::from_secs(config.settings.ping_interval_s.max(1)),
         id,
         presence: presence.clone(),
         next_connection: AtomicU64::new(1),
@@ -186,7 +186,7 @@ pub fn service(
         routes,
         drain: Drain {
             connections,
-            grace: Duration::from_secs(config.grace_s),
+            grace: Duration::from_secs(config.settings.grace_s),
             presence,
         },
     })

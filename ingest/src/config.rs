@@ -1,6 +1,28 @@
 use std::net::SocketAddr;
 
-/// Settings of the ingest service.
+/// Request limits of the publishing API, which the all-in-one `serve` takes as well.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "ingest_settings")]
+pub struct Settings {
+    /// Most events in one request.
+    #[arg(
+        long = "max-batch-events",
+        env = "EVENTBUS_MAX_BATCH_EVENTS",
+        default_value_t = 1000
+    )]
+    pub max_batch_events: usize,
+    /// Largest request body, in bytes.
+    #[arg(long = "max-body-bytes", env = "EVENTBUS_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        eventbus_runtime::config::defaults()
+    }
+}
+
+/// The ingest service: where it listens, whom it calls, and its [`Settings`].
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address of the public HTTP API (`/v1/events`, `/v1/channels/...`) and the health endpoints.
@@ -12,19 +34,10 @@ pub struct Config {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub upstream: eventbus_runtime::upstream::Args,
-    /// Largest event, serialized, in bytes; larger ones are refused with 413.
-    #[arg(long = "max-event-bytes", env = "EVENTBUS_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
-    pub max_event_bytes: usize,
-    /// Most events in one request.
-    #[arg(
-        long = "max-batch-events",
-        env = "EVENTBUS_MAX_BATCH_EVENTS",
-        default_value_t = 1000
-    )]
-    pub max_batch_events: usize,
-    /// Largest request body, in bytes.
-    #[arg(long = "max-body-bytes", env = "EVENTBUS_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
-    pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(flatten)]
+    pub events: eventbus_runtime::limits::EventLimits,
     /// Development mode: any browser origin is allowed.
     #[arg(long = "dev", env = "EVENTBUS_DEV")]
     pub dev: bool,
@@ -44,14 +57,7 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             upstream: eventbus_runtime::upstream::Args::new(store_url, auth_url),
-            max_event_bytes: 64 * 1024,
-            max_batch_events: 1000,
-            max_body_bytes: 4 * 1024 * 1024,
-            dev: false,
-            cors: Default::default(),
-            http: Default::default(),
-            tls: Default::default(),
-            publish_rate: Default::default(),
+            ..eventbus_runtime::config::defaults()
         }
     }
 }

@@ -37,7 +37,7 @@ use eventbus_store::StoreClient;
 use tokio::net::TcpListener;
 use tracing::info;
 
-pub use config::Config;
+pub use config::{Config, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -88,10 +88,10 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         )
         .map_err(|err| Error::Config(err.to_string()))?,
         limits: Limits {
-            max_event_bytes: config.max_event_bytes,
+            max_event_bytes: config.events.max_event_bytes,
         },
-        max_batch_events: config.max_batch_events,
-        max_body_bytes: config.max_body_bytes,
+        max_batch_events: config.settings.max_batch_events,
+        max_body_bytes: config.settings.max_body_bytes,
         rate: eventbus_runtime::rate::PublishRate::new(&config.publish_rate),
     });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);

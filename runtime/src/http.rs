@@ -53,11 +53,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            header_timeout_s: 30,
-            idle_timeout_s: 120,
-            max_connections: 0,
-        }
+        crate::config::defaults()
     }
 }
 

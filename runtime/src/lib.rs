@@ -8,9 +8,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub mod backbone;
+pub mod config;
 pub mod cors;
 pub mod http;
 pub mod internal;
+pub mod limits;
 pub mod metrics;
 pub mod problem;
 pub mod rate;

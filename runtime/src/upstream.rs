@@ -38,9 +38,7 @@ impl Args {
         Args {
             store_url,
             auth_url,
-            store_timeout_ms: 10_000,
-            internal: Default::default(),
-            trust: Default::default(),
+            ..crate::config::defaults()
         }
     }
 

@@ -1,23 +1,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Settings of the store service.
+/// What the log keeps and for how long: the store's settings beyond its address and directory,
+/// which the all-in-one `serve` takes as well.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Config {
-    /// Address for gRPC and the health endpoints.
-    #[arg(
-        long = "listen",
-        env = "EVENTBUS_STORE_LISTEN",
-        default_value = "127.0.0.1:7001"
-    )]
-    pub listen: SocketAddr,
-    /// Directory of the log.
-    #[arg(
-        long = "data",
-        env = "EVENTBUS_STORE_DATA",
-        default_value = "./data/store"
-    )]
-    pub data: PathBuf,
+#[group(id = "store_settings")]
+pub struct Settings {
     /// Size at which a log segment is sealed and a new one begun.
     #[arg(long = "segment-bytes", env = "EVENTBUS_STORE_SEGMENT_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub segment_bytes: u64,
@@ -65,15 +53,6 @@ pub struct Config {
         default_value_t = 0
     )]
     pub max_channels_per_source: u64,
-    #[command(flatten)]
-    pub http: eventbus_runtime::http::Limits,
-    #[command(flatten)]
-    pub internal: eventbus_runtime::internal::Args,
-    #[command(flatten)]
-    pub tls: eventbus_runtime::tls::Args,
-    /// Whom a `tls://` NATS URL is trusted as.
-    #[command(flatten)]
-    pub trust: eventbus_runtime::tls::Trust,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -83,40 +62,67 @@ pub struct Config {
     pub retention_interval_s: u64,
 }
 
+impl Default for Settings {
+    fn default() -> Self {
+        eventbus_runtime::config::defaults()
+    }
+}
+
+/// The store service: where it listens and keeps its log, and its [`Settings`].
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Address for gRPC and the health endpoints.
+    #[arg(
+        long = "listen",
+        env = "EVENTBUS_STORE_LISTEN",
+        default_value = "127.0.0.1:7001"
+    )]
+    pub listen: SocketAddr,
+    /// Directory of the log.
+    #[arg(
+        long = "data",
+        env = "EVENTBUS_STORE_DATA",
+        default_value = "./data/store"
+    )]
+    pub data: PathBuf,
+    /// How the log is kept: segments, idempotency, retention, limits.
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(flatten)]
+    pub http: eventbus_runtime::http::Limits,
+    #[command(flatten)]
+    pub internal: eventbus_runtime::internal::Args,
+    #[command(flatten)]
+    pub tls: eventbus_runtime::tls::Args,
+    /// Whom a `tls://` NATS URL is trusted as.
+    #[command(flatten)]
+    pub trust: eventbus_runtime::tls::Trust,
+}
+
 impl Config {
     pub fn log_options(&self) -> crate::log::Options {
+        let settings = &self.settings;
         crate::log::Options {
             dir: self.data.clone(),
-            segment_bytes: self.segment_bytes,
-            dedupe_window_ms: self.dedupe_window_s.saturating_mul(1000),
-            dedupe_max_ids: self.dedupe_max_ids,
-            retention: self.retention.clone(),
-            checkpoint_bytes: self.checkpoint_bytes,
+            segment_bytes: settings.segment_bytes,
+            dedupe_window_ms: settings.dedupe_window_s.saturating_mul(1000),
+            dedupe_max_ids: settings.dedupe_max_ids,
+            retention: settings.retention.clone(),
+            checkpoint_bytes: settings.checkpoint_bytes,
             clock: crate::log::Clock::system(),
             backbone_queue: 4096,
-            min_free_bytes: self.min_free_bytes,
-            max_channels_per_source: self.max_channels_per_source,
+            min_free_bytes: settings.min_free_bytes,
+            max_channels_per_source: settings.max_channels_per_source,
         }
     }
 
-    /// A configuration for tests and the all-in-one mode: data in `data`, everything else default.
+    /// A configuration for tests and the all-in-one mode: data in `data`, on a free loopback
+    /// port, everything else default.
     pub fn with_data(data: PathBuf) -> Self {
-        // Keep in step with the flag defaults above.
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data,
-            segment_bytes: 128 * 1024 * 1024,
-            dedupe_window_s: 86_400,
-            dedupe_max_ids: 2_000_000,
-            retention: Vec::new(),
-            checkpoint_bytes: 1024 * 1024 * 1024,
-            retention_interval_s: 10,
-            http: Default::default(),
-            internal: Default::default(),
-            tls: Default::default(),
-            trust: Default::default(),
-            min_free_bytes: 64 * 1024 * 1024,
-            max_channels_per_source: 0,
+            ..eventbus_runtime::config::defaults()
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 pub use client::{StoreClient, StoreError};
-pub use config::Config;
+pub use config::{Config, Settings};
 pub use log::{Log, LogError};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,8 @@ pub async fn run(
 
     let retention_log = log.clone();
     let data_dir = config.data.clone();
-    let retention_interval = std::time::Duration::from_secs(config.retention_interval_s.max(1));
+    let retention_interval =
+        std::time::Duration::from_secs(config.settings.retention_interval_s.max(1));
     let retention_shutdown = shutdown.clone();
     let retention = tokio::spawn(async move {
         let mut ticks = tokio::time::interval(retention_interval);

@@ -1,0 +1,15 @@
+//! The event size limit, one setting for every way in (HTTP and WebSocket publishing).
+
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "event_limits")]
+pub struct EventLimits {
+    /// Largest event, serialized, in bytes; a larger one is refused (413 or an error frame).
+    #[arg(long = "max-event-bytes", env = "EVENTBUS_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    pub max_event_bytes: usize,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
