@@ -1,6 +1,6 @@
 //! `eventbus`: the all-in-one bus, and each service on its own.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,10 @@ enum Command {
     Tail(eventbus::cli::TailArgs),
     /// Registers, lists, shows and deletes webhooks.
     Webhooks(eventbus::cli::WebhooksArgs),
+    /// Prints a complete configuration file: every setting of every role, with its default.
+    Genconfig,
+    /// Checks a configuration file: sections, keys and values (exit 0 when it is good, 64 if not).
+    Checkconfig { file: std::path::PathBuf },
     /// Exits 0 when URL answers 2xx (for container healthchecks: `eventbus probe http://127.0.0.1:7003/readyz`).
     Probe {
         url: String,
@@ -67,6 +71,11 @@ async fn main() {
     let client = match cli.command {
         Command::Token(args) => Some(eventbus::cli::token(args).await),
         Command::Keygen(args) => Some(eventbus::offline::keygen(args)),
+        Command::Genconfig => {
+            print!("{}", eventbus_runtime::config::generate(&Cli::command()));
+            Some(Ok(()))
+        }
+        Command::Checkconfig { file } => Some(checkconfig(&file)),
         Command::Pub(args) => Some(eventbus::cli::publish(args).await),
         Command::Tail(args) => Some(eventbus::cli::tail(args).await),
         Command::Webhooks(args) => Some(eventbus::cli::webhooks(args).await),
@@ -100,6 +109,8 @@ async fn run(command: Command) {
         match command {
             Command::Token(_)
             | Command::Keygen(_)
+            | Command::Genconfig
+            | Command::Checkconfig { .. }
             | Command::Pub(_)
             | Command::Tail(_)
             | Command::Webhooks(_) => {}
@@ -130,4 +141,27 @@ async fn run(command: Command) {
         Ok(())
     })
     .await;
+}
+
+fn checkconfig(path: &std::path::Path) -> Result<(), eventbus::cli::Failure> {
+    let command = Cli::command();
+    let roles = eventbus_runtime::config::roles_of(&command);
+    let checked = eventbus_runtime::config::File::read(path).and_then(|file| {
+        file.check(&roles)?;
+        // Every role's view of it, as `eventbus <role> --config FILE` would take it.
+        for (role, role_command) in &roles {
+            file.apply(role, (*role_command).clone(), &roles)?;
+        }
+        Ok(())
+    });
+    match checked {
+        Ok(()) => {
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+        Err(why) => Err(eventbus::cli::Failure {
+            code: eventbus_runtime::EXIT_CONFIG,
+            message: why,
+        }),
+    }
 }

@@ -191,10 +191,22 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpL
         .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))
 }
 
-/// Parses the command line and `EVENTBUS_*` variables; a bad value exits with [`EXIT_CONFIG`]
-/// and a message that names the flag or variable.
+/// Parses the command line, the `EVENTBUS_*` variables and the configuration file a role names
+/// (`--config`, see [`config`]); a bad value exits with [`EXIT_CONFIG`] and a message that names
+/// the flag, the variable or the file's key.
 pub fn parse_cli<T: clap::Parser>() -> T {
-    match T::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = match config::prepare(T::command(), &args) {
+        Ok(command) => command,
+        Err(why) => {
+            eprintln!("error: {why}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    let parsed = command
+        .try_get_matches_from(&args)
+        .and_then(|matches| T::from_arg_matches(&matches));
+    match parsed {
         Ok(cli) => cli,
         Err(err) => {
             let code = if err.use_stderr() { EXIT_CONFIG } else { 0 };
