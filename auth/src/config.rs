@@ -52,6 +52,28 @@ pub struct Destinations {
     pub allow_networks: Vec<ipnet::IpNet>,
 }
 
+/// `keys` and those in `file` (one `name:secret` per line or comma separated; `#` comments).
+pub fn api_keys(keys: &[ApiKey], file: Option<&std::path::Path>) -> Result<Vec<ApiKey>, String> {
+    let mut all = keys.to_vec();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read the API keys file {}: {err}", path.display()))?;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('#') {
+                continue;
+            }
+            for key in line.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+                // The error names the key's name at most, never its secret.
+                all.push(
+                    key.parse()
+                        .map_err(|why| format!("{}: {why}", path.display()))?,
+                );
+            }
+        }
+    }
+    Ok(all)
+}
+
 /// Token lifetimes and webhook delivery: auth's settings beyond its addresses and directories,
 /// which the all-in-one `serve` takes as well.
 #[derive(clap::Args, Debug, Clone)]
@@ -115,6 +137,10 @@ pub struct Config {
     /// Service API keys, comma separated, each `name:secret` (secret of 16 characters or more).
     #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<ApiKey>,
+    /// A file of service API keys (`name:secret`, one per line or comma separated), added to
+    /// --api-keys: a mounted Secret keeps them out of the environment.
+    #[arg(long = "api-keys-file", env = "EVENTBUS_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Development mode: `POST /v1/tokens` answers without an API key. Never in production.
     #[arg(long = "dev", env = "EVENTBUS_DEV")]
     pub dev: bool,

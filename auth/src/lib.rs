@@ -79,13 +79,15 @@ pub fn service(config: &Config) -> Result<Service, Error> {
             "DEVELOPMENT MODE: POST /v1/tokens issues tokens of any role WITHOUT an API key. Never run this in production."
         );
     }
-    if config.api_keys.is_empty() && !config.dev {
+    let api_keys = config::api_keys(&config.api_keys, config.api_keys_file.as_deref())
+        .map_err(Error::Config)?;
+    if api_keys.is_empty() && !config.dev {
         warn!("no API keys are configured (EVENTBUS_API_KEYS): no service can obtain a token");
     }
     let issuer = Arc::new(http::Issuer {
         verifier: Verifier::new(StaticKeys(ring.jwks())),
         ring: ring.clone(),
-        api_keys: config.api_keys.clone(),
+        api_keys,
         dev: config.dev,
         default_ttl_s: config.settings.default_ttl_s,
         max_ttl_s: config.settings.max_ttl_s,

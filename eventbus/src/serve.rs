@@ -33,6 +33,9 @@ pub struct Config {
     /// Service API keys, comma separated, each `name:secret`.
     #[arg(long = "api-keys", env = "EVENTBUS_API_KEYS", value_delimiter = ',')]
     pub api_keys: Vec<eventbus_auth::config::ApiKey>,
+    /// A file of service API keys (`name:secret`, one per line or comma separated).
+    #[arg(long = "api-keys-file", env = "EVENTBUS_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Channels (patterns, comma separated) whose joins and leaves become events on
     /// `presence.<channel>` (the demo page's channels by default).
     #[arg(
@@ -107,6 +110,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth_config.dev = config.dev;
     auth_config.internal = internal.clone();
     auth_config.api_keys = config.api_keys.clone();
+    auth_config.api_keys_file = config.api_keys_file.clone();
     auth_config.presence_events = config.presence_events.clone();
     auth_config.store_url = Some(store_url.clone());
     auth_config.settings = config.auth.clone();

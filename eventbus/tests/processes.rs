@@ -19,22 +19,36 @@ async fn service(name: &str, port: u16, envs: &[(&str, &str)]) -> Process {
     Process::start(EVENTBUS, &[name], &all, port).await
 }
 
+/// As deployed on Kubernetes: secrets (API keys, the NATS password) come from files.
 #[tokio::test]
 async fn every_service_in_its_own_process() {
-    let nats = NatsServer::start().await;
+    let nats = NatsServer::start_with_user("bus", "nats-password-of-the-test").await;
     let dir = tempfile::tempdir().expect("temp dir");
+    let secret = |name: &str, value: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{value}\n")).expect("write secret");
+        path.to_str().expect("path").to_owned()
+    };
+    let nats_password_file = secret("nats-password", "nats-password-of-the-test");
+    let api_keys_file = secret(
+        "api-keys",
+        &format!(
+            "# the services' keys\n{API_KEY_NAME}:{API_KEY_SECRET}\nother:another-secret-0123456789"
+        ),
+    );
     let (store_port, auth_port, ingest_port, gateway_port) =
         (free_port(), free_port(), free_port(), free_port());
     let store_url = format!("http://127.0.0.1:{store_port}");
     let auth_url = format!("http://127.0.0.1:{auth_port}");
     let data = dir.path().join("store");
     let keys = dir.path().join("auth");
-    let api_keys = format!("{API_KEY_NAME}:{API_KEY_SECRET}");
     let nats_url = nats.url();
     let common = [
         ("EVENTBUS_NATS_URL", nats_url.as_str()),
         ("EVENTBUS_STORE_URL", store_url.as_str()),
         ("EVENTBUS_AUTH_URL", auth_url.as_str()),
+        ("EVENTBUS_NATS_USER", "bus"),
+        ("EVENTBUS_NATS_PASSWORD_FILE", nats_password_file.as_str()),
     ];
 
     let _store = service(
@@ -52,7 +66,7 @@ async fn every_service_in_its_own_process() {
         auth_port,
         &[
             ("EVENTBUS_AUTH_KEYS_DIR", keys.to_str().expect("path")),
-            ("EVENTBUS_API_KEYS", &api_keys),
+            ("EVENTBUS_API_KEYS_FILE", &api_keys_file),
         ],
     )
     .await;

@@ -246,6 +246,7 @@ async fn services_reach_the_store_auth_and_nats_over_tls() {
         subject_prefix: eventbus_router::subject::DEFAULT_PREFIX.to_owned(),
         nats_user: None,
         nats_password: None,
+        nats_password_file: None,
     };
     let shutdown = Shutdown::new();
     let bind = || async {

@@ -21,12 +21,16 @@ pub struct Args {
     /// subjects can show subscribers events, so production NATS requires credentials.
     #[arg(long = "nats-user", env = "EVENTBUS_NATS_USER")]
     pub nats_user: Option<String>,
+    /// NATS password of the bus (prefer --nats-password-file).
     #[arg(
         long = "nats-password",
         env = "EVENTBUS_NATS_PASSWORD",
         hide_env_values = true
     )]
     pub nats_password: Option<String>,
+    /// A file holding the NATS password (a mounted Secret), instead of EVENTBUS_NATS_PASSWORD.
+    #[arg(long = "nats-password-file", env = "EVENTBUS_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Args {
@@ -40,6 +44,7 @@ impl std::fmt::Debug for Args {
                 "nats_password",
                 &self.nats_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("nats_password_file", &self.nats_password_file)
             .finish()
     }
 }
@@ -47,7 +52,17 @@ impl std::fmt::Debug for Args {
 impl Args {
     /// Connects to NATS; a `tls://` URL is dialled over TLS trusting `trust`.
     pub async fn connect(&self, trust: &crate::tls::Trust) -> anyhow::Result<Arc<dyn Backbone>> {
-        let credentials = match (&self.nats_user, &self.nats_password) {
+        let from_file = match &self.nats_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|err| anyhow::anyhow!("cannot read {}: {err}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let password = self.nats_password.clone().or(from_file);
+        let credentials = match (&self.nats_user, &password) {
             (Some(user), Some(password)) => Some((user.clone(), password.clone())),
             (None, None) => None,
             _ => {

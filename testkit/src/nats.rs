@@ -14,6 +14,17 @@ impl NatsServer {
         Self::start_with(Vec::new()).await
     }
 
+    /// A server requiring this user and password of every client.
+    pub async fn start_with_user(user: &str, password: &str) -> NatsServer {
+        Self::start_with(vec![
+            "--user".into(),
+            user.into(),
+            "--pass".into(),
+            password.into(),
+        ])
+        .await
+    }
+
     /// A server requiring TLS with this certificate and key (PEM); clients dial `tls://`.
     pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> NatsServer {
         let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_owned();
