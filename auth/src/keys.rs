@@ -205,3 +205,104 @@ fn decode_hex(text: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Signing here, verifying with the library ingest and gateways use: one round trip.
+    use std::time::Duration;
+
+    use super::*;
+    use eventbus_auth_client::claims::{Claims, ISSUER, TokenError, now_s};
+    use eventbus_auth_client::verifier::{StaticKeys, Verifier};
+    use eventbus_router::Role;
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            sub: "alice".into(),
+            role: Role::Client,
+            iss: ISSUER.into(),
+            iat: now_s(),
+            exp,
+            subscribe: vec!["orders".into()],
+            publish: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn verifies_own_tokens_and_refuses_the_rest() {
+        let ring = KeyRing::ephemeral();
+        let verifier = Verifier::new(StaticKeys(ring.jwks()));
+        let token = ring.sign(&claims(now_s() + 60)).unwrap();
+        let verified = verifier.verify(&token).await.unwrap();
+        assert_eq!(verified.grant.identity, "alice");
+        assert_eq!(verified.grant.subscribe, vec!["orders".to_string()]);
+
+        let expired = ring.sign(&claims(now_s() - 1)).unwrap();
+        assert_eq!(
+            verifier.verify(&expired).await.unwrap_err(),
+            TokenError::Expired
+        );
+
+        let other = KeyRing::ephemeral();
+        let foreign = other.sign(&claims(now_s() + 60)).unwrap();
+        assert_eq!(
+            verifier.verify(&foreign).await.unwrap_err(),
+            TokenError::UnknownKey
+        );
+
+        let mut tampered = token.clone();
+        let payload_at = tampered.find('.').unwrap() + 2;
+        tampered.replace_range(
+            payload_at..payload_at + 1,
+            if &token[payload_at..payload_at + 1] == "A" {
+                "B"
+            } else {
+                "A"
+            },
+        );
+        assert!(verifier.verify(&tampered).await.is_err());
+        assert_eq!(
+            verifier.verify("not a token").await.unwrap_err(),
+            TokenError::Malformed
+        );
+
+        let mut bad_sub = claims(now_s() + 60);
+        bad_sub.sub = "a.b".into();
+        let bad = ring.sign(&bad_sub).unwrap();
+        assert!(matches!(
+            verifier.verify(&bad).await,
+            Err(TokenError::InvalidClaims(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_still_dies_at_its_exp() {
+        let ring = KeyRing::ephemeral();
+        let verifier = Verifier::new(StaticKeys(ring.jwks()));
+        let exp = now_s() + 1;
+        let token = ring.sign(&claims(exp)).unwrap();
+        assert!(verifier.verify(&token).await.is_ok());
+        assert!(verifier.verify(&token).await.is_ok(), "from the cache");
+        // Waiting for the clock itself, which is the condition under test.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while now_s() < exp {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            verifier.verify(&token).await.unwrap_err(),
+            TokenError::Expired
+        );
+    }
+
+    #[test]
+    fn keys_persist_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = KeyRing::load_or_create(dir.path()).unwrap();
+        let second = KeyRing::load_or_create(dir.path()).unwrap();
+        assert_eq!(
+            first.jwks().keys[0].common.key_id,
+            second.jwks().keys[0].common.key_id
+        );
+    }
+}

@@ -1,16 +1,17 @@
 //! The identity service of eventbus: it issues JWTs (service tokens for API keys, client tokens
 //! minted by services), signs them with Ed25519 keys that it publishes as a JWKS, and serves that key
-//! set over HTTP and gRPC. It also holds the small verification library (`Verifier`) that ingest and
-//! gateway use to check tokens locally; auth itself is never on the path of an event.
+//! set over HTTP and gRPC. Tokens are checked where they are used, by `eventbus-auth-client`'s
+//! verifier; auth also keeps the presence registry and, for now, delivers webhooks.
 #![forbid(unsafe_code)]
 
-pub mod claims;
+use eventbus_auth_client::claims;
 pub mod config;
 pub mod destinations;
 mod http;
 pub mod keys;
 pub mod presence;
-pub mod verifier;
+use eventbus_auth_client::verifier::{StaticKeys, Verifier};
+use eventbus_auth_client::{Verified, verifier};
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -21,10 +22,8 @@ use eventbus_runtime::Shutdown;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-pub use claims::{Claims, TokenError, Verified};
 pub use config::Config;
 pub use keys::KeyRing;
-pub use verifier::{GrpcKeySource, KeySource, StaticKeys, Verifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,7 +47,8 @@ impl pb::auth_server::Auth for AuthService {
         request: tonic::Request<pb::PresenceReport>,
     ) -> Result<tonic::Response<pb::PresenceReply>, tonic::Status> {
         let report = request.into_inner();
-        presence::check_report(&report).map_err(tonic::Status::invalid_argument)?;
+        eventbus_auth_client::presence::check_report(&report)
+            .map_err(tonic::Status::invalid_argument)?;
         self.presence.apply(report);
         Ok(tonic::Response::new(pb::PresenceReply {}))
     }
@@ -99,7 +99,7 @@ pub fn service(config: &Config) -> Result<Service, Error> {
     }
     let store = match &config.store_url {
         Some(url) => Some(
-            eventbus_store::StoreClient::new(url, credential.clone(), &config.trust)
+            eventbus_store_client::StoreClient::new(url, credential.clone(), &config.trust)
                 .map_err(|err| Error::Config(err.to_string()))?,
         ),
         None if !config.presence_events.is_empty() => {

@@ -16,7 +16,7 @@ use eventbus_router::Grant;
 use eventbus_router::pattern::{matches, validate_pattern};
 
 use crate::destinations::{Guard, Resolver};
-use eventbus_store::StoreClient;
+use eventbus_store_client::StoreClient;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -409,7 +409,7 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
             let after = hook.positions.get(&channel).copied().unwrap_or(0);
             let page = match store.read(&channel, after, 100, false).await {
                 Ok(page) => page,
-                Err(eventbus_store::StoreError::Truncated { first, .. }) => {
+                Err(eventbus_store_client::StoreError::Truncated { first, .. }) => {
                     // Retention removed events before they were delivered: say so, go on.
                     {
                         let mut hooks = webhooks.lock();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use eventbus_auth::presence::{Entry, Reporter};
+use eventbus_auth_client::presence::{Entry, Reporter};
 
 const SECRET: &str = "presence-test-internal-credential";
 const API_KEY: &str = "ops:ops-secret-0123456789";
@@ -31,7 +31,7 @@ async fn a_report_larger_than_auth_takes_arrives_whole_in_chunks() {
         Duration::from_secs(60),
     )
     .expect("reporter");
-    let entries = eventbus_auth::presence::MAX_REPORT_ENTRIES + 5_000;
+    let entries = eventbus_auth_client::presence::MAX_REPORT_ENTRIES + 5_000;
     let memberships: Vec<_> = (0..entries)
         .map(|n| {
             reporter.join(Entry {

@@ -9,7 +9,8 @@ use std::time::Instant;
 use eventbus_model::{Accepted, Limits, parse_event};
 use eventbus_router::InProcessBackbone;
 use eventbus_runtime::Shutdown;
-use eventbus_store::{Config, StoreClient};
+use eventbus_store::Config;
+use eventbus_store_client::StoreClient;
 use serde_json::json;
 
 use crate::median;

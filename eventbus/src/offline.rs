@@ -7,9 +7,9 @@
 
 use std::path::PathBuf;
 
-use eventbus_auth::claims::{Claims, ISSUER, TokenError, now_s};
 use eventbus_auth::keys::KeyRing;
-use eventbus_auth::verifier::{StaticKeys, Verifier};
+use eventbus_auth_client::claims::{Claims, ISSUER, TokenError, now_s};
+use eventbus_auth_client::verifier::{StaticKeys, Verifier};
 use eventbus_router::Role;
 use serde_json::{Value, json};
 

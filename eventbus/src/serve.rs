@@ -255,7 +255,8 @@ async fn wait_for_store<T>(
     shutdown: &Shutdown,
     store: &tokio::task::JoinHandle<T>,
 ) -> anyhow::Result<()> {
-    let client = eventbus_store::StoreClient::new(url, credential.clone(), &Default::default())?;
+    let client =
+        eventbus_store_client::StoreClient::new(url, credential.clone(), &Default::default())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match client.head("healthz").await {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use eventbus_auth::Verified;
-use eventbus_auth::claims::now_s;
+use eventbus_auth_client::Verified;
+use eventbus_auth_client::claims::now_s;
 use eventbus_model::{EventError, event_frame};
 use eventbus_router::pattern::is_pattern;
 use futures_util::SinkExt;
@@ -102,7 +102,7 @@ struct Sub {
     _interest: Interest,
     _counted: Counted,
     /// Channel subscriptions count in presence until they end.
-    _presence: Option<eventbus_auth::presence::Membership>,
+    _presence: Option<eventbus_auth_client::presence::Membership>,
 }
 
 struct Conn {
@@ -706,11 +706,13 @@ impl Conn {
             head = Some(now);
             // The implicit inbox subscription (not announced) is nobody's business.
             if announce {
-                sub._presence = Some(self.gw.presence.join(eventbus_auth::presence::Entry {
-                    connection: self.id.clone(),
-                    identity: verified.grant.identity.clone(),
-                    channel: name.to_owned(),
-                }));
+                sub._presence = Some(self.gw.presence.join(
+                    eventbus_auth_client::presence::Entry {
+                        connection: self.id.clone(),
+                        identity: verified.grant.identity.clone(),
+                        channel: name.to_owned(),
+                    },
+                ));
             }
         }
         self.subs.insert(id, sub);
@@ -748,7 +750,7 @@ impl Conn {
                 .await
             {
                 Ok(page) => page,
-                Err(eventbus_store::StoreError::Truncated { first, .. }) => {
+                Err(eventbus_store_client::StoreError::Truncated { first, .. }) => {
                     return self.drop_truncated(id, channel, first).await;
                 }
                 Err(err) => return Err(self.store_failed(err).await),
@@ -785,7 +787,7 @@ impl Conn {
             let want = (upto - delivered).min(REFILL_PAGE) as u32;
             let page = match self.gw.store.read(channel, delivered, want, false).await {
                 Ok(page) => page,
-                Err(eventbus_store::StoreError::Truncated { first, .. }) => {
+                Err(eventbus_store_client::StoreError::Truncated { first, .. }) => {
                     return self.drop_truncated(id, channel, first).await;
                 }
                 Err(err) => return Err(self.store_failed(err).await),
@@ -821,7 +823,7 @@ impl Conn {
         self.send(frames::error(&err, None).into()).await
     }
 
-    async fn store_failed(&mut self, err: eventbus_store::StoreError) -> Ending {
+    async fn store_failed(&mut self, err: eventbus_store_client::StoreError) -> Ending {
         warn!(connection = %self.id, cause = %err, "store read failed during catch-up");
         let _ = self
             .refuse(

@@ -80,7 +80,7 @@ struct Topic {
 struct Inner {
     backbone: Arc<dyn Backbone>,
     /// For the tail check: channel heads and the events a lost backbone message stranded.
-    store: Option<eventbus_store::StoreClient>,
+    store: Option<eventbus_store_client::StoreClient>,
     topics: Mutex<HashMap<TopicKey, Topic>>,
     next_member: AtomicU64,
 }
@@ -134,7 +134,7 @@ impl Hub {
     /// whose backbone message was lost waits for the next event of its channel to reveal the gap.
     pub fn with_tail_check(
         backbone: Arc<dyn Backbone>,
-        store: eventbus_store::StoreClient,
+        store: eventbus_store_client::StoreClient,
         interval: std::time::Duration,
     ) -> Self {
         let hub = Self::build(backbone, Some(store));
@@ -142,7 +142,10 @@ impl Hub {
         hub
     }
 
-    fn build(backbone: Arc<dyn Backbone>, store: Option<eventbus_store::StoreClient>) -> Self {
+    fn build(
+        backbone: Arc<dyn Backbone>,
+        store: Option<eventbus_store_client::StoreClient>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 backbone,

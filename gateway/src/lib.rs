@@ -39,13 +39,13 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use eventbus_auth::{GrpcKeySource, TokenError, Verifier};
+use eventbus_auth_client::{GrpcKeySource, TokenError, Verifier};
 use eventbus_model::Limits;
 use eventbus_router::Backbone;
 use eventbus_runtime::Shutdown;
 use eventbus_runtime::cors::Origins;
 use eventbus_runtime::problem::{Kind, Problem, bearer};
-use eventbus_store::StoreClient;
+use eventbus_store_client::StoreClient;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -78,7 +78,7 @@ pub(crate) struct Gateway {
     hello_timeout: Duration,
     ping_interval: Duration,
     id: String,
-    presence: eventbus_auth::presence::Reporter,
+    presence: eventbus_auth_client::presence::Reporter,
     next_connection: AtomicU64,
     shutdown: Shutdown,
     connections: TaskTracker,
@@ -93,7 +93,7 @@ pub struct Service {
 pub struct Drain {
     connections: TaskTracker,
     grace: Duration,
-    presence: eventbus_auth::presence::Reporter,
+    presence: eventbus_auth_client::presence::Reporter,
 }
 
 impl Drain {
@@ -133,7 +133,7 @@ pub fn service(
         .id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned());
-    let presence = eventbus_auth::presence::Reporter::start(
+    let presence = eventbus_auth_client::presence::Reporter::start(
         &config.upstream.auth_url,
         credential.clone(),
         &config.upstream.trust,

@@ -55,7 +55,7 @@ pub async fn history(
         .read(&channel, after, limit, compact)
         .await
         .map_err(|err| match err {
-            eventbus_store::StoreError::OutOfRange(message) => invalid("after", &message),
+            eventbus_store_client::StoreError::OutOfRange(message) => invalid("after", &message),
             other => store_problem(other),
         })?;
     let body = page_json("", &page.events, after, page.head);

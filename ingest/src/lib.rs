@@ -29,11 +29,11 @@ pub mod decoders {
 use std::sync::Arc;
 
 use axum::routing::{get, post};
-use eventbus_auth::{GrpcKeySource, TokenError, Verified, Verifier};
+use eventbus_auth_client::{GrpcKeySource, TokenError, Verified, Verifier};
 use eventbus_model::Limits;
 use eventbus_runtime::Shutdown;
 use eventbus_runtime::problem::{Kind, Problem, bearer};
-use eventbus_store::StoreClient;
+use eventbus_store_client::StoreClient;
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -111,7 +111,7 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
     // Ready while the store answers: without it no publish can be made durable.
     let credential = config.upstream.credential().map_err(Error::Config)?;
-    let store = eventbus_store::StoreClient::new(
+    let store = eventbus_store_client::StoreClient::new(
         &config.upstream.store_url,
         credential,
         &config.upstream.trust,

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use eventbus_model::EventError;
 use eventbus_runtime::problem::{Kind, Problem};
-use eventbus_store::StoreError;
+use eventbus_store_client::StoreError;
 use serde_json::{Value, json};
 use tracing::warn;
 

@@ -73,6 +73,15 @@ pub struct Accepted {
     pub body: Vec<u8>,
 }
 
+/// What the store answered for one appended event: its seq, or the first answer's for a retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub channel: String,
+    pub id: String,
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
 /// Parses one event from JSON text, on behalf of the authenticated `source`.
 pub fn parse_event(json: &[u8], source: &str, limits: &Limits) -> Result<Accepted, EventError> {
     let fields: BTreeMap<String, Box<RawValue>> = match serde_json::from_slice(json) {

@@ -10,6 +10,6 @@ pub mod event;
 pub mod names;
 pub mod stored;
 
-pub use event::{Accepted, EventError, Limits, parse_event, parse_events};
+pub use event::{Accepted, Appended, EventError, Limits, parse_event, parse_events};
 pub use names::{NameError, validate_channel, validate_identity};
 pub use stored::{StoredEvent, event_frame, seq_of, with_seq};

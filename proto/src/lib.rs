@@ -4,6 +4,15 @@
 
 pub mod store {
     tonic::include_proto!("eventbus.store.v1");
+
+    /// gRPC metadata marking a refusal by quota (retrying will not help).
+    pub const QUOTA_METADATA: &str = "eventbus-quota";
+    /// gRPC metadata carrying the first retained seq of a truncated read.
+    pub const FIRST_SEQ_METADATA: &str = "eventbus-first-seq";
+    /// Most events one Append may carry.
+    pub const MAX_APPEND_EVENTS: usize = 10_000;
+    /// Largest gRPC message between the store and its clients.
+    pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 }
 
 pub mod auth {

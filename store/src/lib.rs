@@ -4,7 +4,6 @@
 //! port. It knows nothing of tokens: its callers (ingest, gateway) authorise.
 #![forbid(unsafe_code)]
 
-pub mod client;
 pub mod config;
 pub mod log;
 mod service;
@@ -16,7 +15,6 @@ use eventbus_runtime::Shutdown;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-pub use client::{StoreClient, StoreError};
 pub use config::{Config, Settings};
 pub use log::{Log, LogError};
 

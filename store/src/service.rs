@@ -9,15 +9,9 @@ use tonic::{Request, Response, Status};
 
 use crate::log::{Entry, Log, LogError};
 
-/// gRPC metadata marking a refusal by quota (retrying will not help).
-pub const QUOTA_METADATA: &str = "eventbus-quota";
-/// gRPC metadata carrying the first retained seq of a truncated read.
-pub const FIRST_SEQ_METADATA: &str = "eventbus-first-seq";
-
-/// Most events one Append may carry.
-pub const MAX_APPEND_EVENTS: usize = 10_000;
-/// Largest gRPC message the store accepts.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+use eventbus_proto::store::{
+    FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
+};
 
 pub fn server(log: Arc<Log>) -> StoreServer<Service> {
     StoreServer::new(Service { log })

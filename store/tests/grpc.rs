@@ -6,7 +6,8 @@ use eventbus_model::{Accepted, Limits, parse_event};
 use eventbus_router::InProcessBackbone;
 use eventbus_runtime::Shutdown;
 use eventbus_runtime::internal::Credential;
-use eventbus_store::{Config, StoreClient, StoreError};
+use eventbus_store::Config;
+use eventbus_store_client::{StoreClient, StoreError};
 
 /// Waits until the store answers (it opens its log first).
 async fn until_serving(store: &StoreClient) {

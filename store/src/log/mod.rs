@@ -169,13 +169,7 @@ pub struct Entry {
     pub body: Bytes,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    pub channel: String,
-    pub id: String,
-    pub seq: u64,
-    pub duplicate: bool,
-}
+pub use eventbus_model::Appended;
 
 #[derive(Debug, Clone)]
 pub struct ReadResult {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use eventbus_model::{Accepted, StoredEvent};
+use eventbus_model::{Accepted, Appended, StoredEvent};
 use eventbus_proto::store as pb;
 use eventbus_proto::store::store_client::StoreClient as GrpcClient;
 use eventbus_runtime::internal::Credential;
@@ -11,7 +11,7 @@ use eventbus_runtime::tls::Trust;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::service::MAX_MESSAGE_BYTES;
+use eventbus_proto::store::{FIRST_SEQ_METADATA, MAX_MESSAGE_BYTES, QUOTA_METADATA};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -46,13 +46,11 @@ impl From<tonic::Status> for StoreError {
         let message = status.message().to_owned();
         let first = status
             .metadata()
-            .get(crate::service::FIRST_SEQ_METADATA)
+            .get(FIRST_SEQ_METADATA)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         if status.code() == tonic::Code::ResourceExhausted
-            && status
-                .metadata()
-                .contains_key(crate::service::QUOTA_METADATA)
+            && status.metadata().contains_key(QUOTA_METADATA)
         {
             return StoreError::Quota(message);
         }
@@ -79,14 +77,6 @@ impl StoreError {
             _ => StoreError::Internal(message),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    pub channel: String,
-    pub id: String,
-    pub seq: u64,
-    pub duplicate: bool,
 }
 
 #[derive(Debug, Clone)]
