@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::Gateway;
+use crate::follow::{self, Follow, Missed, Start, Step};
 use crate::frames::{self, FrameError, Request};
 use crate::hub::{Interest, Live, Mailbox};
 use eventbus_runtime::metrics::metrics;
@@ -46,8 +47,6 @@ pub const CLOUDEVENTS_PROTOCOL: &str = "cloudevents.json";
 const MAX_WRITE_BATCH: usize = 256;
 /// Most publishes of one connection waiting for the store at once.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
-/// Events asked of the store per read during catch-up and gap refill.
-const REFILL_PAGE: u64 = 1000;
 
 /// One unit of a gauge for as long as it lives.
 struct Counted(prometheus_client::metrics::gauge::Gauge);
@@ -62,6 +61,19 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// Why a subscribe did not happen: a refusal the client is told in an error frame, or the end of
+/// the connection.
+enum NotSubscribed {
+    Refused(FrameError),
+    Ended(Ending),
+}
+
+impl From<Ending> for NotSubscribed {
+    fn from(ending: Ending) -> Self {
+        NotSubscribed::Ended(ending)
     }
 }
 
@@ -97,8 +109,9 @@ enum Kind {
 struct Sub {
     name: String,
     kind: Kind,
-    /// Last seq delivered, per channel.
-    delivered: HashMap<String, u64>,
+    /// Its position in each channel (one for a channel subscription; a pattern's or a group's
+    /// grow as their channels appear).
+    positions: HashMap<String, Follow>,
     _interest: Interest,
     _counted: Counted,
     /// Channel subscriptions count in presence until they end.
@@ -383,8 +396,8 @@ impl Conn {
                 .await
             {
                 Ok(()) => Ok(()),
-                Err(Err(ending)) => Err(ending),
-                Err(Ok(refused)) => self.refuse(refused, reference).await,
+                Err(NotSubscribed::Ended(ending)) => Err(ending),
+                Err(NotSubscribed::Refused(refused)) => self.refuse(refused, reference).await,
             },
             Request::Unsubscribe { channel } => match self.by_name.remove(&channel) {
                 Some(id) => {
@@ -448,8 +461,8 @@ impl Conn {
             .await?;
         // Every identity hears its inbox live from the moment it is authenticated.
         match self.subscribe(&inbox, None, false, None, None, false).await {
-            Ok(()) | Err(Ok(_)) => Ok(()),
-            Err(Err(ending)) => Err(ending),
+            Ok(()) | Err(NotSubscribed::Refused(_)) => Ok(()),
+            Err(NotSubscribed::Ended(ending)) => Err(ending),
         }
     }
 
@@ -600,7 +613,7 @@ impl Conn {
         Ok(())
     }
 
-    /// Subscribes; `Err(Ok(_))` is a refusal to report, `Err(Err(_))` ends the connection.
+    /// Subscribes: interest first, then the channel's bounds, then its history if asked.
     async fn subscribe(
         &mut self,
         name: &str,
@@ -609,8 +622,9 @@ impl Conn {
         group: Option<&str>,
         reference: Option<&RawValue>,
         announce: bool,
-    ) -> Result<(), Result<FrameError, Ending>> {
-        let refuse = |code, message: String| Err(Ok(FrameError::new(code, message)));
+    ) -> Result<(), NotSubscribed> {
+        let refuse =
+            |code, message: String| Err(NotSubscribed::Refused(FrameError::new(code, message)));
         let Some(verified) = &self.verified else {
             return refuse("unauthorized", "send hello first".into());
         };
@@ -671,7 +685,7 @@ impl Conn {
         let mut sub = Sub {
             name: name.to_owned(),
             kind,
-            delivered: HashMap::new(),
+            positions: HashMap::new(),
             _interest: interest,
             _counted: Counted::new(&metrics().subscriptions),
             _presence: None,
@@ -688,21 +702,22 @@ impl Conn {
                     );
                 }
             };
-            if let Some(after) = after
-                && after > now
-            {
-                return refuse(
-                    "after_beyond_head",
-                    format!("after={after} is beyond the head of {name:?} ({now})"),
-                );
-            }
-            // Never skip silently: the client learns that history is gone and from where it is kept.
-            if let Some(after) = after
-                && after + 1 < first
-            {
-                return Err(Ok(truncated(name, first)));
-            }
-            sub.delivered.insert(name.to_owned(), after.unwrap_or(now));
+            let position = match Follow::start(after, first, now) {
+                Ok(position) => position,
+                Err(Start::BeyondHead { head }) => {
+                    return refuse(
+                        "after_beyond_head",
+                        format!(
+                            "after={} is beyond the head of {name:?} ({head})",
+                            after.unwrap_or(0)
+                        ),
+                    );
+                }
+                Err(Start::Truncated { first }) => {
+                    return Err(NotSubscribed::Refused(truncated(name, first)));
+                }
+            };
+            sub.positions.insert(name.to_owned(), position);
             head = Some(now);
             // The implicit inbox subscription (not announced) is nobody's business.
             if announce {
@@ -720,96 +735,83 @@ impl Conn {
         if announce {
             let answer = json!({"op": "subscribed", "channel": name, "head": head});
             self.send(frames::with_ref(answer, reference).into())
-                .await
-                .map_err(Err)?;
+                .await?;
         }
-        if let (Some(after), Some(head)) = (after, head) {
-            let caught_up = if compact {
-                self.catch_up_compacted(id, name, after).await
-            } else {
-                self.refill(id, name, head).await
-            };
-            caught_up.map_err(Err)?;
+        if let (Some(_), Some(head)) = (after, head) {
+            self.catch_up(id, name, head, compact).await?;
         }
         Ok(())
     }
 
-    /// Delivers the compacted history after `after`, then stands at the head it was read at.
-    async fn catch_up_compacted(
+    /// Catches subscription `id` up in `channel` from the log: up to `upto`, or (compacted) the
+    /// latest event per key up to the head. See [`follow`] for the rule and what can go wrong.
+    async fn catch_up(
         &mut self,
         id: u64,
         channel: &str,
-        after: u64,
+        upto: u64,
+        compacted: bool,
     ) -> Result<(), Ending> {
-        let mut cursor = after;
-        loop {
-            let page = match self
-                .gw
-                .store
-                .read(channel, cursor, REFILL_PAGE as u32, true)
-                .await
-            {
-                Ok(page) => page,
-                Err(eventbus_store_client::StoreError::Truncated { first, .. }) => {
-                    return self.drop_truncated(id, channel, first).await;
+        let Some(mut position) = self
+            .subs
+            .get(&id)
+            .and_then(|s| s.positions.get(channel).copied())
+        else {
+            return Ok(());
+        };
+        let store = self.gw.store.clone();
+        let outcome = if compacted {
+            let mut cursor = position.last();
+            loop {
+                match follow::compacted(&store, channel, cursor).await {
+                    Ok((events, end)) => {
+                        for event in &events {
+                            self.send(frame_of(&event.json, self.cloudevents)?).await?;
+                            metrics().events_out.inc();
+                            cursor = event.seq;
+                        }
+                        self.flush().await?;
+                        if let Some(head) = end {
+                            position = position.caught_up(cursor, head);
+                            break Ok(());
+                        }
+                    }
+                    Err(missed) => break Err(missed),
                 }
-                Err(err) => return Err(self.store_failed(err).await),
-            };
-            for event in &page.events {
-                self.send(frame_of(&event.json, self.cloudevents)?).await?;
-                metrics().events_out.inc();
-                cursor = event.seq;
             }
-            self.flush().await?;
-            if (page.events.len() as u64) < REFILL_PAGE {
-                if let Some(sub) = self.subs.get_mut(&id) {
-                    sub.delivered
-                        .insert(channel.to_owned(), page.head.max(cursor));
+        } else {
+            loop {
+                match follow::missing(&store, channel, &position, upto).await {
+                    Ok(events) if events.is_empty() => break Ok(()),
+                    Ok(events) => {
+                        for event in &events {
+                            self.send(frame_of(&event.json, self.cloudevents)?).await?;
+                            metrics().events_out.inc();
+                            position.delivered(event.seq);
+                        }
+                        // Written before the position is kept: a write error ends the connection.
+                        self.flush().await?;
+                        if let Some(sub) = self.subs.get_mut(&id) {
+                            sub.positions.insert(channel.to_owned(), position);
+                        }
+                    }
+                    Err(missed) => break Err(missed),
                 }
-                return Ok(());
             }
+        };
+        if let Some(sub) = self.subs.get_mut(&id) {
+            sub.positions.insert(channel.to_owned(), position);
         }
-    }
-
-    /// Delivers, from the store, everything after what was delivered up to and including `upto`.
-    async fn refill(&mut self, id: u64, channel: &str, upto: u64) -> Result<(), Ending> {
-        loop {
-            let Some(delivered) = self
-                .subs
-                .get(&id)
-                .and_then(|s| s.delivered.get(channel).copied())
-            else {
-                return Ok(());
-            };
-            if delivered >= upto {
-                return Ok(());
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(Missed::Truncated { first }) => self.drop_truncated(id, channel, first).await,
+            Err(Missed::Behind) => {
+                // The log has less than was announced: the position stays where the log ends,
+                // and the caller drops the announced event.
+                debug!(connection = %self.id, channel, upto, "the store has less than the backbone announced");
+                Ok(())
             }
-            let want = (upto - delivered).min(REFILL_PAGE) as u32;
-            let page = match self.gw.store.read(channel, delivered, want, false).await {
-                Ok(page) => page,
-                Err(eventbus_store_client::StoreError::Truncated { first, .. }) => {
-                    return self.drop_truncated(id, channel, first).await;
-                }
-                Err(err) => return Err(self.store_failed(err).await),
-            };
-            if page.events.is_empty() {
-                // A live event beyond what the store has: forged, or from a confused publisher.
-                // The subscription keeps what it has; the caller drops that event.
-                debug!(connection = %self.id, channel, delivered, upto, "the store has less than the backbone announced");
-                return Ok(());
-            }
-            let mut last = delivered;
-            for event in &page.events {
-                if event.seq == last + 1 && event.seq <= upto {
-                    self.send(frame_of(&event.json, self.cloudevents)?).await?;
-                    metrics().events_out.inc();
-                    last = event.seq;
-                }
-            }
-            if let Some(sub) = self.subs.get_mut(&id) {
-                sub.delivered.insert(channel.to_owned(), last);
-            }
-            self.flush().await?;
+            Err(Missed::Unreachable(err)) => Err(self.store_failed(err).await),
         }
     }
 
@@ -858,33 +860,44 @@ impl Conn {
         outcome
     }
 
-    /// Delivers one live event; true when a frame was written (false: already delivered).
+    /// Delivers one live event; true when a frame was written (false: dropped).
     async fn on_live(&mut self, live: Live) -> Result<bool, Ending> {
         let Some(sub) = self.subs.get(&live.subscription) else {
             // A subscription that ended while its events were queued.
             return Ok(false);
         };
         let delivery = &live.delivery;
-        let last = sub.delivered.get(&delivery.channel).copied();
-        match (sub.kind, last) {
-            (_, Some(last)) if delivery.seq <= last => return Ok(false),
-            (Kind::Channel | Kind::Pattern, Some(last)) if delivery.seq > last + 1 => {
-                debug!(connection = %self.id, channel = %delivery.channel, from = last, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
+        let step = match sub.positions.get(&delivery.channel) {
+            // A pattern's or a group's first event of a channel: its position starts there.
+            None => Step::Deliver,
+            Some(position) => match (sub.kind, position.step(delivery.seq)) {
+                // A group member sees a share of the events: gaps are expected, not refilled.
+                (Kind::Group, Step::Refill { .. }) => Step::Deliver,
+                (_, step) => step,
+            },
+        };
+        match step {
+            Step::Drop => return Ok(false),
+            Step::Deliver => {}
+            Step::Refill { upto } => {
+                debug!(connection = %self.id, channel = %delivery.channel, upto, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
                 metrics().gap_refills.inc();
                 // Boxed, like request handling: the store read is rare here and its future large.
-                Box::pin(self.refill(live.subscription, &delivery.channel, delivery.seq - 1))
-                    .await?;
+                Box::pin(self.catch_up(live.subscription, &delivery.channel, upto, false)).await?;
                 let Some(sub) = self.subs.get(&live.subscription) else {
                     return Ok(false);
                 };
                 // Delivering it now would skip seqs the log does not have, and every real event
                 // after: an event announced beyond the store's head is dropped and counted.
-                if sub.delivered.get(&delivery.channel).copied() != Some(delivery.seq - 1) {
+                if sub
+                    .positions
+                    .get(&delivery.channel)
+                    .is_none_or(|p| p.step(delivery.seq) != Step::Deliver)
+                {
                     metrics().backbone_beyond_head.inc();
                     return Ok(false);
                 }
             }
-            _ => {}
         }
         let frame = if self.cloudevents {
             bare_event(&delivery.frame)
@@ -893,12 +906,10 @@ impl Conn {
         };
         self.send(frame).await?;
         if let Some(sub) = self.subs.get_mut(&live.subscription) {
-            match sub.delivered.get_mut(&delivery.channel) {
-                Some(last) => *last = delivery.seq,
-                None => {
-                    sub.delivered.insert(delivery.channel.clone(), delivery.seq);
-                }
-            }
+            sub.positions
+                .entry(delivery.channel.clone())
+                .and_modify(|p| p.delivered(delivery.seq))
+                .or_insert(Follow::at(delivery.seq));
         }
         Ok(true)
     }

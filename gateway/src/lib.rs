@@ -6,6 +6,7 @@
 
 pub mod config;
 mod connection;
+mod follow;
 mod frames;
 pub mod hub;
 mod identities;

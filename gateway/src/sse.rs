@@ -3,9 +3,11 @@
 //! Every SSE message's `id` holds the position of every channel of the stream (`a:12,b:7`), so the
 //! browser's automatic reconnect (`Last-Event-ID`) resumes each channel exactly after what it
 //! delivered. The first message (`event: positions`) carries the starting positions, so even a stream
-//! that has delivered nothing resumes from where it began. The same rules as a WebSocket
-//! subscription: seq order, gaps refilled from the store, doubles dropped; a client that cannot
-//! keep up has its stream ended (the browser reconnects and resumes).
+//! that has delivered nothing resumes from where it began. The same delivery core as a WebSocket
+//! subscription ([`crate::follow`]): seq order, gaps refilled from the store, doubles dropped; a
+//! history let go while the stream runs is told (`event: error`, code `truncated`) before the
+//! stream ends; a client that cannot keep up has its stream ended (the browser reconnects and
+//! resumes).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -25,21 +27,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
 use crate::Gateway;
+use crate::follow::{self, Follow, Missed, Start, Step};
 use crate::hub::{Interest, Live, Mailbox};
 
 /// Most channels in one stream.
 const MAX_CHANNELS: usize = 64;
 /// SSE messages buffered for a stream before it counts as not keeping up.
 const OUT_BUFFER: usize = 256;
-const REFILL_PAGE: u32 = 1000;
 
 /// The positions of a stream, as carried in SSE ids: `channel:seq` pairs joined by `,`.
-pub fn encode_positions(positions: &[(String, u64)]) -> String {
-    positions
-        .iter()
-        .map(|(c, s)| format!("{c}:{s}"))
-        .collect::<Vec<_>>()
-        .join(",")
+pub fn encode_positions<'a>(positions: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    let mut id = String::new();
+    for (channel, seq) in positions {
+        if !id.is_empty() {
+            id.push(',');
+        }
+        id.push_str(channel);
+        id.push(':');
+        id.push_str(&seq.to_string());
+    }
+    id
 }
 
 /// Reads `Last-Event-ID`; channels it does not name (or a malformed id) are absent.
@@ -230,7 +237,7 @@ async fn open(
         slow: slow.clone(),
     };
     let mut interests = Vec::new();
-    let mut positions: Vec<(String, u64)> = Vec::new();
+    let mut positions: Vec<(String, Follow)> = Vec::new();
     let mut heads = Vec::new();
     for (i, channel) in query.channels.iter().enumerate() {
         if positions.iter().any(|(c, _)| c == channel) {
@@ -245,24 +252,22 @@ async fn open(
             })?;
         interests.push(interest);
         let (first, head) = gw.store.bounds(channel).await.map_err(store_problem)?;
-        let start = match resume.get(channel) {
-            Some(&after) if after > head => {
+        let after = resume.get(channel).copied();
+        let start = match Follow::start(after, first, head) {
+            Ok(start) => start,
+            Err(Start::BeyondHead { head }) => {
                 return Err(Problem::new(
                     Kind::InvalidRequest,
-                    format!("Last-Event-ID says {channel}:{after}, beyond its head {head}"),
+                    format!(
+                        "Last-Event-ID says {channel}:{}, beyond its head {head}",
+                        after.unwrap_or(0)
+                    ),
                 )
                 .with("channel", channel.as_str()));
             }
-            Some(&after) if after + 1 < first => {
-                return Err(Problem::new(
-                    Kind::Truncated,
-                    format!("{channel} keeps events from {first} on; {after} is gone"),
-                )
-                .with("channel", channel.as_str())
-                .with("first_seq", first));
+            Err(Start::Truncated { first }) => {
+                return Err(truncated(channel, first));
             }
-            Some(&after) => after,
-            None => head,
         };
         positions.push((channel.clone(), start));
         heads.push(head);
@@ -296,11 +301,23 @@ fn store_problem(err: StoreError) -> Problem {
     Problem::new(Kind::Unavailable, format!("cannot read the log: {err}"))
 }
 
+fn truncated(channel: &str, first: u64) -> Problem {
+    Problem::new(
+        Kind::Truncated,
+        format!(
+            "events of {channel:?} before seq {first} are no longer retained; resume with {channel}:{} to go on from there",
+            first - 1
+        ),
+    )
+    .with("channel", channel)
+    .with("first_seq", first)
+}
+
 struct Feeder {
     gw: Arc<Gateway>,
     verified: Verified,
-    /// Last seq delivered per channel, in the order of the query.
-    positions: Vec<(String, u64)>,
+    /// The position in each channel, in the order of the query.
+    positions: Vec<(String, Follow)>,
     out: mpsc::Sender<Result<Event, Infallible>>,
     slow: Arc<Notify>,
     _interests: Vec<Interest>,
@@ -327,37 +344,48 @@ impl Feeder {
         let start: serde_json::Map<String, serde_json::Value> = self
             .positions
             .iter()
-            .map(|(c, s)| (c.clone(), (*s).into()))
+            .map(|(c, p)| (c.clone(), p.last().into()))
             .collect();
         self.emit(
             Event::default()
                 .event("positions")
-                .id(encode_positions(&self.positions))
+                .id(self.id())
                 .data(serde_json::Value::Object(start).to_string()),
         )
         .await?;
         for (i, head) in heads.into_iter().enumerate() {
             self.refill(i, head).await?;
         }
-        let expires = tokio::time::Instant::now()
-            + Duration::from_secs(self.verified.expires_at.saturating_sub(now_s()));
-        let shutdown = self.gw.shutdown.clone();
+        // One timer for the stream, not one per event.
+        let expires = tokio::time::sleep_until(
+            tokio::time::Instant::now()
+                + Duration::from_secs(self.verified.expires_at.saturating_sub(now_s())),
+        );
+        tokio::pin!(expires);
+        let shutdown = self.gw.shutdown.wait();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = shutdown.wait() => return Err(End::Stop),
+                _ = &mut shutdown => return Err(End::Stop),
                 _ = self.slow.notified() => return Err(End::Stop),
-                _ = tokio::time::sleep_until(expires) => return Err(End::Stop),
+                _ = &mut expires => return Err(End::Stop),
                 item = live.recv() => {
                     let Some(item) = item else { return Err(End::Stop) };
                     let i = item.subscription as usize;
-                    let Some(&(_, last)) = self.positions.get(i) else { continue };
+                    let Some(&(_, position)) = self.positions.get(i) else { continue };
                     let delivery = &item.delivery;
-                    if delivery.seq <= last {
-                        continue;
-                    }
-                    if delivery.seq > last + 1 {
-                        eventbus_runtime::metrics::metrics().gap_refills.inc();
-                        self.refill(i, delivery.seq - 1).await?;
+                    match position.step(delivery.seq) {
+                        Step::Drop => continue,
+                        Step::Deliver => {}
+                        Step::Refill { upto } => {
+                            eventbus_runtime::metrics::metrics().gap_refills.inc();
+                            self.refill(i, upto).await?;
+                            if self.positions[i].1.step(delivery.seq) != Step::Deliver {
+                                // Announced beyond what the log has: dropped, as on WebSockets.
+                                eventbus_runtime::metrics::metrics().backbone_beyond_head.inc();
+                                continue;
+                            }
+                        }
                     }
                     let json = &delivery.frame.as_str()[EVENT_FRAME_PREFIX.len()..delivery.frame.len() - 1];
                     self.deliver(i, delivery.seq, json.to_owned()).await?;
@@ -366,40 +394,63 @@ impl Feeder {
         }
     }
 
-    /// Delivers channel `i`'s events from the store up to `upto`.
+    /// Delivers channel `i`'s events from the store up to `upto` (see [`follow::missing`]). A
+    /// history let go, or a log that cannot be read, is told to the client before the stream ends.
     async fn refill(&mut self, i: usize, upto: u64) -> Result<(), End> {
         loop {
-            let (channel, after) = self.positions[i].clone();
-            if after >= upto {
-                return Ok(());
-            }
-            let want = (upto - after).min(u64::from(REFILL_PAGE)) as u32;
-            let page = self
-                .gw
-                .store
-                .read(&channel, after, want, false)
-                .await
-                .map_err(|_| End::Stop)?;
-            if page.events.is_empty() {
-                return Ok(());
-            }
-            for event in page.events {
-                if event.seq == self.positions[i].1 + 1 && event.seq <= upto {
-                    let json = String::from_utf8_lossy(&event.json).into_owned();
-                    self.deliver(i, event.seq, json).await?;
+            let (channel, position) = self.positions[i].clone();
+            match follow::missing(&self.gw.store, &channel, &position, upto).await {
+                Ok(events) if events.is_empty() => return Ok(()),
+                Ok(events) => {
+                    for event in events {
+                        let json = String::from_utf8_lossy(&event.json).into_owned();
+                        self.deliver(i, event.seq, json).await?;
+                    }
+                }
+                Err(Missed::Behind) => return Ok(()),
+                Err(Missed::Truncated { first }) => {
+                    let problem = truncated(&channel, first);
+                    return self
+                        .fail("truncated", &problem.detail, &channel, Some(first))
+                        .await;
+                }
+                Err(Missed::Unreachable(err)) => {
+                    let detail = format!("cannot read the log: {err}; reconnect to resume");
+                    return self.fail("unavailable", &detail, &channel, None).await;
                 }
             }
         }
     }
 
+    /// Tells the client why the stream ends (`event: error`), then ends it.
+    async fn fail(
+        &self,
+        code: &str,
+        detail: &str,
+        channel: &str,
+        first_seq: Option<u64>,
+    ) -> Result<(), End> {
+        let mut data = serde_json::json!({"code": code, "message": detail, "channel": channel});
+        if let Some(first) = first_seq {
+            data["first_seq"] = first.into();
+        }
+        let _ = self
+            .emit(Event::default().event("error").data(data.to_string()))
+            .await;
+        Err(End::Stop)
+    }
+
     async fn deliver(&mut self, i: usize, seq: u64, json: String) -> Result<(), End> {
-        self.positions[i].1 = seq;
-        let event = Event::default()
-            .id(encode_positions(&self.positions))
-            .data(json);
+        self.positions[i].1.delivered(seq);
+        let event = Event::default().id(self.id()).data(json);
         self.emit(event).await?;
         eventbus_runtime::metrics::metrics().events_out.inc();
         Ok(())
+    }
+
+    /// The SSE id: every channel's position.
+    fn id(&self) -> String {
+        encode_positions(self.positions.iter().map(|(c, p)| (c.as_str(), p.last())))
     }
 
     async fn emit(&self, event: Event) -> Result<(), End> {
@@ -419,8 +470,7 @@ mod tests {
 
     #[test]
     fn positions_round_trip() {
-        let positions = vec![("a.b".to_owned(), 12), ("c".to_owned(), 0)];
-        let id = encode_positions(&positions);
+        let id = encode_positions([("a.b", 12), ("c", 0)]);
         assert_eq!(id, "a.b:12,c:0");
         let back = decode_positions(&id);
         assert_eq!(back.get("a.b"), Some(&12));
