@@ -56,6 +56,18 @@ impl TokenError {
     }
 }
 
+/// A token refusal, the same status on every HTTP endpoint: 503 while the signing keys cannot be
+/// fetched (retry), 401 otherwise.
+impl From<TokenError> for eventbus_runtime::problem::Problem {
+    fn from(err: TokenError) -> Self {
+        use eventbus_runtime::problem::{Kind, Problem};
+        match err {
+            TokenError::KeysUnavailable(_) => Problem::new(Kind::Unavailable, err.to_string()),
+            other => Problem::new(Kind::Unauthorized, other.to_string()),
+        }
+    }
+}
+
 pub fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

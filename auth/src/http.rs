@@ -234,10 +234,7 @@ impl PresenceApi {
     async fn caller(&self, headers: &HeaderMap) -> Result<crate::Verified, Problem> {
         let token = bearer(headers)
             .ok_or_else(|| Problem::new(Kind::Unauthorized, "send a token as Bearer"))?;
-        self.verifier
-            .verify(token)
-            .await
-            .map_err(|err| Problem::new(Kind::Unauthorized, err.to_string()))
+        self.verifier.verify(token).await.map_err(Problem::from)
     }
 }
 
@@ -254,13 +251,10 @@ pub async fn presence(
             "presence is kept per channel, not pattern",
         ));
     }
-    verified.grant.check_subscribe(&channel).map_err(|denied| {
-        let kind = match denied {
-            eventbus_router::Denied::InvalidChannel { .. } => Kind::InvalidRequest,
-            _ => Kind::Forbidden,
-        };
-        Problem::new(kind, denied.to_string())
-    })?;
+    verified
+        .grant
+        .check_subscribe(&channel)
+        .map_err(|denied| Problem::from(denied).with("channel", channel.as_str()))?;
     let members = api.registry.members(&channel);
     let connections: u32 = members.iter().map(|(_, n)| n).sum();
     Ok(Json(json!({

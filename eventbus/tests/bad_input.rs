@@ -523,3 +523,52 @@ async fn a_slow_consumer_is_closed_without_delaying_others() {
     );
     cluster.stop().await;
 }
+
+/// One refusal, one status, on every HTTP endpoint that reads a channel (history, SSE, presence,
+/// snapshots): a channel the token does not grant is 403, a malformed one 400, a bad token 401.
+#[tokio::test]
+async fn the_same_refusal_gets_the_same_status_everywhere() {
+    let cluster = Cluster::start().await;
+    let bus = cluster.endpoints.clone();
+    let service = bus.service_token().await;
+    let alice = bus
+        .auth
+        .client_token(&service, "alice", &["room.1"], &[])
+        .await;
+    let reads = |channel: &str| {
+        [
+            (
+                bus.api.clone(),
+                format!("/v1/channels/{channel}/events?after=0"),
+            ),
+            (bus.api.clone(), format!("/v1/channels/{channel}/snapshot")),
+            (bus.auth.clone(), format!("/v1/presence/{channel}")),
+        ]
+    };
+    let sse = |channel: &str| {
+        let ws = bus.ws.replace("ws://", "http://").replace("/v1/ws", "");
+        format!("{ws}/v1/sse?channel={channel}")
+    };
+    for (channel, token, status) in [
+        ("room.2", alice.as_str(), 403),
+        ("a..b", alice.as_str(), 400),
+        ("room.1", "not-a-token", 401),
+    ] {
+        for (http, path) in reads(channel) {
+            let answer = http.send(http.get(&path).bearer_auth(token)).await;
+            assert_eq!(
+                answer.status, status,
+                "{path} with {channel}: {}",
+                answer.body
+            );
+        }
+        let answer = reqwest::Client::new()
+            .get(sse(channel))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("sse");
+        assert_eq!(answer.status(), status, "SSE with {channel}");
+    }
+    cluster.stop().await;
+}

@@ -176,7 +176,7 @@ async fn sse_resumes_every_channel_through_last_event_id_exactly_once() {
     cluster.stop().await;
 }
 
-/// DESIGN §5: `after=N` with one channel reads its history from N, then live; a `Last-Event-ID`
+/// docs/protocol.md §6b: `after=N` with one channel reads its history from N, then live; a `Last-Event-ID`
 /// (the browser's reconnect) wins over it.
 #[tokio::test]
 async fn sse_after_reads_one_channel_from_a_seq() {

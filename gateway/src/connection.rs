@@ -1,5 +1,5 @@
 //! One WebSocket connection: authentication, subscriptions with catch-up, live delivery in seq
-//! order without gaps or doubles, publishing, and the close codes of DESIGN §4.
+//! order without gaps or doubles, publishing, and the close codes of docs/protocol.md §6.
 //!
 //! One task owns the connection. Live events arrive in a bounded queue fed by the hub; the task
 //! writes everything queued, then flushes once, so a busy connection gets few large writes.

@@ -1,4 +1,4 @@
-//! The WebSocket protocol's frames (DESIGN §4): parsing what clients send, field by field so that an
+//! The WebSocket protocol's frames (docs/protocol.md §6): parsing what clients send, field by field so that an
 //! error names what is wrong, and building what the gateway answers.
 
 use std::collections::BTreeMap;

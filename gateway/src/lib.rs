@@ -40,7 +40,7 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use eventbus_auth_client::{GrpcKeySource, TokenError, Verifier};
+use eventbus_auth_client::{GrpcKeySource, Verifier};
 use eventbus_model::Limits;
 use eventbus_router::Backbone;
 use eventbus_runtime::Shutdown;
@@ -157,9 +157,7 @@ pub fn service(
             .map_err(Error::Config)?,
         ),
         store,
-        limits: Limits {
-            max_event_bytes: config.events.max_event_bytes,
-        },
+        limits: config.events.model(),
         origins: Origins::new(&config.cors, config.dev),
         queue_len: config.settings.queue_len.max(1),
         max_subscriptions: config.settings.max_subscriptions,
@@ -217,10 +215,7 @@ async fn upgrade(
         None => None,
         Some(token) => match gateway.verifier.verify(&token).await {
             Ok(verified) => Some(verified),
-            Err(TokenError::KeysUnavailable(cause)) => {
-                return Problem::new(Kind::Unavailable, cause).into_response();
-            }
-            Err(err) => return Problem::new(Kind::Unauthorized, err.to_string()).into_response(),
+            Err(err) => return Problem::from(err).into_response(),
         },
     };
     let tracker = gateway.connections.clone();

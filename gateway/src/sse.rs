@@ -18,10 +18,9 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use eventbus_auth_client::Verified;
 use eventbus_auth_client::claims::now_s;
-use eventbus_auth_client::{TokenError, Verified};
 use eventbus_runtime::problem::{Kind, Problem, bearer};
-use eventbus_store_client::StoreError;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
@@ -63,7 +62,7 @@ struct Query {
     channels: Vec<String>,
     token: Option<String>,
     last_event_id: Option<String>,
-    /// History from after this seq, with one channel (DESIGN §5); `Last-Event-ID` wins over it.
+    /// History from after this seq, with one channel (docs/protocol.md §6b); `Last-Event-ID` wins over it.
     after: Option<u64>,
 }
 
@@ -184,13 +183,7 @@ async fn open(
                 "send a token as Bearer or as the token query parameter",
             )
         })?;
-    let verified = match gw.verifier.verify(&token).await {
-        Ok(verified) => verified,
-        Err(TokenError::KeysUnavailable(cause)) => {
-            return Err(Problem::new(Kind::Unavailable, cause));
-        }
-        Err(err) => return Err(Problem::new(Kind::Unauthorized, err.to_string())),
-    };
+    let verified = gw.verifier.verify(&token).await.map_err(Problem::from)?;
     let slot = gw.identities.take(&verified.grant.identity).ok_or_else(|| {
         Problem::new(
             Kind::Overloaded,
@@ -209,13 +202,10 @@ async fn open(
             )
             .with("channel", channel.as_str()));
         }
-        verified.grant.check_subscribe(channel).map_err(|denied| {
-            let kind = match denied {
-                eventbus_router::Denied::InvalidChannel { .. } => Kind::InvalidRequest,
-                _ => Kind::Forbidden,
-            };
-            Problem::new(kind, denied.to_string()).with("channel", channel.as_str())
-        })?;
+        verified
+            .grant
+            .check_subscribe(channel)
+            .map_err(|denied| Problem::from(denied).with("channel", channel.as_str()))?;
     }
     let resume = headers
         .get("last-event-id")
@@ -251,7 +241,7 @@ async fn open(
                 Problem::new(Kind::Unavailable, format!("cannot subscribe now: {err}"))
             })?;
         interests.push(interest);
-        let (first, head) = gw.store.bounds(channel).await.map_err(store_problem)?;
+        let (first, head) = gw.store.bounds(channel).await.map_err(Problem::from)?;
         let after = resume.get(channel).copied();
         let start = match Follow::start(after, first, head) {
             Ok(start) => start,
@@ -295,10 +285,6 @@ async fn open(
     // Proxies such as nginx must pass each message on at once.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
-}
-
-fn store_problem(err: StoreError) -> Problem {
-    Problem::new(Kind::Unavailable, format!("cannot read the log: {err}"))
 }
 
 fn truncated(channel: &str, first: u64) -> Problem {

@@ -56,7 +56,7 @@ pub async fn history(
         .await
         .map_err(|err| match err {
             eventbus_store_client::StoreError::OutOfRange(message) => invalid("after", &message),
-            other => store_problem(other),
+            other => Problem::from(other),
         })?;
     let body = page_json("", &page.events, after, page.head);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
@@ -72,14 +72,9 @@ fn parse_limit(value: &str) -> Result<u32, Problem> {
 
 /// May this grant read `channel`'s history (a single channel, subscribe permission)?
 pub fn check_readable(grant: &eventbus_router::Grant, channel: &str) -> Result<(), Problem> {
-    grant.check_subscribe(channel).map_err(|denied| {
-        let kind = match denied {
-            eventbus_router::Denied::InvalidChannel { .. }
-            | eventbus_router::Denied::PatternNotAllowed => Kind::InvalidRequest,
-            _ => Kind::Forbidden,
-        };
-        Problem::new(kind, denied.to_string()).with("channel", channel)
-    })?;
+    grant
+        .check_subscribe(channel)
+        .map_err(|denied| Problem::from(denied).with("channel", channel))?;
     if eventbus_router::pattern::is_pattern(channel) {
         return Err(invalid(
             "channel",

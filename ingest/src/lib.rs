@@ -29,7 +29,7 @@ pub mod decoders {
 use std::sync::Arc;
 
 use axum::routing::{get, post};
-use eventbus_auth_client::{GrpcKeySource, TokenError, Verified, Verifier};
+use eventbus_auth_client::{GrpcKeySource, Verified, Verifier};
 use eventbus_model::Limits;
 use eventbus_runtime::Shutdown;
 use eventbus_runtime::problem::{Kind, Problem, bearer};
@@ -61,10 +61,7 @@ impl Ingest {
         let token = bearer(headers).ok_or_else(|| {
             Problem::new(Kind::Unauthorized, "send a token as Authorization: Bearer")
         })?;
-        self.verifier.verify(token).await.map_err(|err| match err {
-            TokenError::KeysUnavailable(_) => Problem::new(Kind::Unavailable, err.to_string()),
-            other => Problem::new(Kind::Unauthorized, other.to_string()),
-        })
+        self.verifier.verify(token).await.map_err(Problem::from)
     }
 }
 
@@ -87,9 +84,7 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
             config.upstream.store_timeout(),
         )
         .map_err(|err| Error::Config(err.to_string()))?,
-        limits: Limits {
-            max_event_bytes: config.events.max_event_bytes,
-        },
+        limits: config.events.model(),
         max_batch_events: config.settings.max_batch_events,
         max_body_bytes: config.settings.max_body_bytes,
         rate: eventbus_runtime::rate::PublishRate::new(&config.publish_rate),

@@ -10,7 +10,6 @@ use eventbus_model::EventError;
 use eventbus_runtime::problem::{Kind, Problem};
 use eventbus_store_client::StoreError;
 use serde_json::{Value, json};
-use tracing::warn;
 
 use crate::{Ingest, binary_mode};
 
@@ -33,31 +32,9 @@ fn event_problem(index: Option<usize>, err: EventError) -> Problem {
     problem
 }
 
+/// What a publisher is told for a store error (one mapping, in the store client).
 pub fn store_problem(err: StoreError) -> Problem {
-    match err {
-        StoreError::Unavailable(_) | StoreError::Internal(_) => {
-            warn!(cause = %err, "store call failed");
-            Problem::new(Kind::Unavailable, format!("not stored, retry: {err}"))
-        }
-        StoreError::Quota(message) => {
-            let mut problem = Problem::new(Kind::Overloaded, message).with("outcome", "not-stored");
-            problem.retry_after_s = None;
-            problem
-        }
-        StoreError::Refused(message) => {
-            warn!(cause = %message, "store refused the append");
-            Problem::new(Kind::Unavailable, message).with("outcome", "not-stored")
-        }
-        StoreError::Unknown(_) => {
-            warn!(cause = %err, "append outcome unknown");
-            Problem::new(Kind::Unavailable, err.to_string()).with("outcome", "unknown")
-        }
-        StoreError::OutOfRange(message) => Problem::new(Kind::InvalidRequest, message),
-        StoreError::Truncated { first, message } => {
-            Problem::new(Kind::Truncated, message).with("first_seq", first)
-        }
-        StoreError::Invalid(message) => Problem::new(Kind::InvalidRequest, message),
-    }
+    Problem::from(err)
 }
 
 fn rate_problem(limited: eventbus_runtime::rate::Limited) -> Problem {
@@ -169,7 +146,7 @@ async fn publish_durably(ingest: Arc<Ingest>, request: Request) -> Result<Json<V
             .grant
             .check_publish(&event.channel)
             .map_err(|denied| {
-                Problem::new(Kind::Forbidden, denied.to_string())
+                Problem::from(denied)
                     .with("index", index)
                     .with("channel", event.channel.as_str())
             })?;

@@ -61,9 +61,10 @@ pub async fn put(
         .with("channel", channel.as_str()));
     }
     // Writing a channel's state is publishing about it.
-    verified.grant.check_publish(&channel).map_err(|denied| {
-        Problem::new(Kind::Forbidden, denied.to_string()).with("channel", channel.as_str())
-    })?;
+    verified
+        .grant
+        .check_publish(&channel)
+        .map_err(|denied| Problem::from(denied).with("channel", channel.as_str()))?;
     let body = axum::body::to_bytes(Body::new(request.into_body()), ingest.max_body_bytes)
         .await
         .map_err(|_| {

@@ -1,4 +1,4 @@
-//! Parsing and validation of published events (DESIGN §1).
+//! Parsing and validation of published events (docs/protocol.md §1).
 //!
 //! An event arrives as a JSON object from an untrusted publisher. Each known attribute is checked on
 //! its own so that an error names the field; `data` is kept as raw JSON text and never re-encoded.

@@ -2,7 +2,7 @@
 //! and how a stored event is laid out on the wire.
 //!
 //! Every service that touches an event goes through this crate, so the rules of the contract
-//! (`DESIGN.md` §1) are written once. It does no I/O and knows nothing of tokens or permissions: those
+//! (docs/protocol.md §1) are written once. It does no I/O and knows nothing of tokens or permissions: those
 //! live in the router crate.
 #![forbid(unsafe_code)]
 

@@ -1,4 +1,4 @@
-//! Syntax of channel names and identities (DESIGN §1, §2).
+//! Syntax of channel names and identities (docs/protocol.md §1, §2).
 
 /// Longest channel name, in bytes (names are ASCII).
 pub const MAX_CHANNEL_LEN: usize = 128;

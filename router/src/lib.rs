@@ -1,5 +1,5 @@
 //! The routing rules of eventbus as a library: subscription patterns, who may subscribe or publish
-//! where (DESIGN §2), how channels map to backbone subjects, and the backbone itself (NATS in
+//! where (docs/protocol.md §2), how channels map to backbone subjects, and the backbone itself (NATS in
 //! production, an in-process bus in the all-in-one mode).
 //!
 //! It holds no state of its own beyond a backbone connection, and it does not verify tokens: the

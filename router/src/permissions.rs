@@ -1,4 +1,4 @@
-//! Who may receive or publish what (DESIGN §2, §6.4).
+//! Who may receive or publish what (docs/protocol.md §2).
 
 use eventbus_model::names::{inbox_owner, presence_subject, validate_channel};
 use serde::{Deserialize, Serialize};

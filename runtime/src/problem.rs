@@ -110,6 +110,23 @@ impl Problem {
     }
 }
 
+/// A permission refusal, the same status wherever it happens (publish, history, snapshots, SSE,
+/// presence): a malformed target is the request's fault (400), the rest is not allowed (403).
+impl From<eventbus_router::Denied> for Problem {
+    fn from(denied: eventbus_router::Denied) -> Problem {
+        use eventbus_router::Denied;
+        let kind = match denied {
+            Denied::InvalidChannel { .. } | Denied::PatternNotAllowed => Kind::InvalidRequest,
+            Denied::ForeignInbox(_)
+            | Denied::NotSubscribable(_)
+            | Denied::NotPublishable(_)
+            | Denied::GroupNotAllowed
+            | Denied::Reserved(_) => Kind::Forbidden,
+        };
+        Problem::new(kind, denied.to_string())
+    }
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let mut response = (self.kind.status(), self.body().to_string()).into_response();

@@ -265,3 +265,40 @@ impl StoreClient {
         Ok(response.found.then_some((response.seq, response.data)))
     }
 }
+
+/// What a caller of the HTTP API is told for a store error, the same everywhere: retry later (503,
+/// with `outcome` when an append may or may not be stored), over quota (429), or the request's
+/// fault (400), or history let go (410 with `first_seq`).
+impl From<StoreError> for eventbus_runtime::problem::Problem {
+    fn from(err: StoreError) -> Self {
+        use eventbus_runtime::problem::{Kind, Problem};
+        match err {
+            StoreError::Unavailable(_) | StoreError::Internal(_) => {
+                tracing::warn!(cause = %err, "store call failed");
+                Problem::new(
+                    Kind::Unavailable,
+                    format!("the store could not answer; retry: {err}"),
+                )
+            }
+            StoreError::Quota(message) => {
+                let mut problem =
+                    Problem::new(Kind::Overloaded, message).with("outcome", "not-stored");
+                problem.retry_after_s = None;
+                problem
+            }
+            StoreError::Refused(message) => {
+                tracing::warn!(cause = %message, "store refused the append");
+                Problem::new(Kind::Unavailable, message).with("outcome", "not-stored")
+            }
+            StoreError::Unknown(_) => {
+                tracing::warn!(cause = %err, "append outcome unknown");
+                Problem::new(Kind::Unavailable, err.to_string()).with("outcome", "unknown")
+            }
+            StoreError::OutOfRange(message) => Problem::new(Kind::InvalidRequest, message),
+            StoreError::Truncated { first, message } => {
+                Problem::new(Kind::Truncated, message).with("first_seq", first)
+            }
+            StoreError::Invalid(message) => Problem::new(Kind::InvalidRequest, message),
+        }
+    }
+}
