@@ -37,21 +37,6 @@ impl std::str::FromStr for ApiKey {
     }
 }
 
-/// Where webhooks may deliver, and whom they trust over TLS: one definition for the auth service
-/// and the all-in-one.
-#[derive(clap::Args, Debug, Clone, Default)]
-#[group(id = "destinations")]
-pub struct Destinations {
-    /// Internal networks webhooks may be delivered to anyway (CIDRs, comma separated): outside
-    /// development mode, loopback, private, link-local and metadata addresses are refused.
-    #[arg(
-        long = "webhook-allow-networks",
-        env = "EVENTBUS_WEBHOOK_ALLOW_NETWORKS",
-        value_delimiter = ','
-    )]
-    pub allow_networks: Vec<ipnet::IpNet>,
-}
-
 /// `keys` and those in `file` (one `name:secret` per line or comma separated; `#` comments).
 pub fn api_keys(keys: &[ApiKey], file: Option<&std::path::Path>) -> Result<Vec<ApiKey>, String> {
     let mut all = keys.to_vec();
@@ -74,7 +59,7 @@ pub fn api_keys(keys: &[ApiKey], file: Option<&std::path::Path>) -> Result<Vec<A
     Ok(all)
 }
 
-/// Token lifetimes and webhook delivery: auth's settings beyond its addresses and directories,
+/// Token lifetimes: auth's settings beyond its addresses and directories,
 /// which the all-in-one `serve` takes as well.
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "auth_settings")]
@@ -93,22 +78,6 @@ pub struct Settings {
         default_value_t = 86_400
     )]
     pub max_ttl_s: u64,
-    /// Failed attempts in a row after which a webhook is marked dead.
-    #[arg(
-        long = "webhook-max-attempts",
-        env = "EVENTBUS_WEBHOOK_MAX_ATTEMPTS",
-        default_value_t = 10
-    )]
-    pub webhook_max_attempts: u32,
-    /// How often a webhook looks for new events, in milliseconds.
-    #[arg(
-        long = "webhook-poll-ms",
-        env = "EVENTBUS_WEBHOOK_POLL_MS",
-        default_value_t = 250
-    )]
-    pub webhook_poll_ms: u64,
-    #[command(flatten)]
-    pub destinations: Destinations,
 }
 
 impl Default for Settings {
@@ -117,7 +86,7 @@ impl Default for Settings {
     }
 }
 
-/// The auth service: where it listens and keeps its keys and webhooks, and its [`Settings`].
+/// The auth service: where it listens and keeps its keys, and its [`Settings`].
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address for HTTP (`/v1/tokens`, `/v1/jwks`), gRPC and the health endpoints.
@@ -152,17 +121,10 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub presence_events: Vec<String>,
-    /// gRPC address of the store, where presence events are written and webhooks read from.
+    /// gRPC address of the store, where presence events are written.
     #[arg(long = "store-url", env = "EVENTBUS_STORE_URL")]
     pub store_url: Option<String>,
-    /// Directory of the webhook registrations and their delivery positions.
-    #[arg(
-        long = "webhooks-dir",
-        env = "EVENTBUS_WEBHOOKS_DIR",
-        default_value = "./data/webhooks"
-    )]
-    pub webhooks_dir: PathBuf,
-    /// Token lifetimes and webhook delivery.
+    /// Token lifetimes.
     #[command(flatten)]
     pub settings: Settings,
     #[command(flatten)]
@@ -180,12 +142,9 @@ pub struct Config {
 impl Config {
     /// Defaults with keys in `keys_dir`, for tests and the all-in-one mode.
     pub fn with_keys_dir(keys_dir: PathBuf) -> Self {
-        // `<data>/auth` keeps its webhooks in `<data>/webhooks`.
-        let webhooks_dir = keys_dir.with_file_name("webhooks");
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             keys_dir,
-            webhooks_dir,
             ..eventbus_runtime::config::defaults()
         }
     }

@@ -226,7 +226,6 @@ pub async fn issue(
 pub struct PresenceApi {
     pub registry: crate::presence::Registry,
     pub verifier: Verifier,
-    pub webhooks: crate::webhooks::Webhooks,
 }
 
 impl PresenceApi {
@@ -290,99 +289,6 @@ pub async fn admin_stats(
             .collect::<Vec<_>>(),
         "channels_with_subscribers": channels,
     })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookRequest {
-    url: String,
-    channels: Vec<String>,
-    secret: String,
-}
-
-impl PresenceApi {
-    /// The identity of a service token (webhooks are for services).
-    async fn service(&self, headers: &HeaderMap) -> Result<String, Problem> {
-        Ok(self.service_grant(headers).await?.identity)
-    }
-
-    /// The grant of a service token.
-    async fn service_grant(&self, headers: &HeaderMap) -> Result<Grant, Problem> {
-        let verified = self.caller(headers).await?;
-        if verified.grant.role != Role::Service {
-            return Err(Problem::new(
-                Kind::Forbidden,
-                "webhooks are for service tokens",
-            ));
-        }
-        Ok(verified.grant)
-    }
-}
-
-/// `POST /v1/webhooks` `{url, channels, secret}`: 201 with the registration (secret left out).
-pub async fn register_webhook(
-    State(api): State<Arc<PresenceApi>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<(axum::http::StatusCode, Json<Value>), Problem> {
-    let grant = api.service_grant(&headers).await?;
-    let request: WebhookRequest = serde_json::from_slice(&body)
-        .map_err(|err| Problem::new(Kind::InvalidRequest, format!("invalid webhook: {err}")))?;
-    use crate::webhooks::WebhookError;
-    let hook = api
-        .webhooks
-        .register(&grant, request.url, request.channels, request.secret)
-        .await
-        .map_err(|err| match err {
-            WebhookError::Invalid { field, .. } => invalid(field, err.to_string()),
-            WebhookError::Forbidden(message) => {
-                Problem::new(Kind::Forbidden, message).with("field", "channels")
-            }
-            other => Problem::new(Kind::Unavailable, other.to_string()),
-        })?;
-    Ok((axum::http::StatusCode::CREATED, Json(hook.public())))
-}
-
-/// `GET /v1/webhooks`: the caller's webhooks.
-pub async fn list_webhooks(
-    State(api): State<Arc<PresenceApi>>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Problem> {
-    let owner = api.service(&headers).await?;
-    let hooks: Vec<Value> = api
-        .webhooks
-        .list(&owner)
-        .iter()
-        .map(|h| h.public())
-        .collect();
-    Ok(Json(json!({ "webhooks": hooks })))
-}
-
-/// `GET /v1/webhooks/{id}`: one webhook, with its state, positions and last error.
-pub async fn get_webhook(
-    State(api): State<Arc<PresenceApi>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, Problem> {
-    let owner = api.service(&headers).await?;
-    api.webhooks
-        .get(&owner, &id)
-        .map(|h| Json(h.public()))
-        .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
-}
-
-/// `DELETE /v1/webhooks/{id}`: 204.
-pub async fn delete_webhook(
-    State(api): State<Arc<PresenceApi>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<axum::http::StatusCode, Problem> {
-    let owner = api.service(&headers).await?;
-    match api.webhooks.delete(&owner, &id) {
-        Ok(true) => Ok(axum::http::StatusCode::NO_CONTENT),
-        Ok(false) => Err(Problem::new(Kind::NotFound, "no such webhook")),
-        Err(err) => Err(Problem::new(Kind::Unavailable, err.to_string())),
-    }
 }
 
 pub async fn jwks(State(issuer): State<Arc<Issuer>>) -> Json<jsonwebtoken::jwk::JwkSet> {

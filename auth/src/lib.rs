@@ -1,18 +1,16 @@
 //! The identity service of eventbus: it issues JWTs (service tokens for API keys, client tokens
 //! minted by services), signs them with Ed25519 keys that it publishes as a JWKS, and serves that key
 //! set over HTTP and gRPC. Tokens are checked where they are used, by `eventbus-auth-client`'s
-//! verifier; auth also keeps the presence registry and, for now, delivers webhooks.
+//! verifier; auth also keeps the presence registry.
 #![forbid(unsafe_code)]
 
 use eventbus_auth_client::claims;
 pub mod config;
-pub mod destinations;
 mod http;
 pub mod keys;
 pub mod presence;
 use eventbus_auth_client::verifier::{StaticKeys, Verifier};
 use eventbus_auth_client::{Verified, verifier};
-pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -110,25 +108,9 @@ pub fn service(config: &Config) -> Result<Service, Error> {
         None => None,
     };
     let registry = presence::Registry::new(store.clone(), config.presence_events.clone());
-    let webhooks = webhooks::Webhooks::start(
-        webhooks::Settings {
-            dir: config.webhooks_dir.clone(),
-            max_attempts: config.settings.webhook_max_attempts.max(1),
-            poll: std::time::Duration::from_millis(config.settings.webhook_poll_ms.max(10)),
-            timeout: std::time::Duration::from_secs(10),
-            guard: std::sync::Arc::new(destinations::Guard {
-                open: config.dev,
-                allow: config.settings.destinations.allow_networks.clone(),
-            }),
-            trust: config.trust.clone(),
-        },
-        store,
-    )
-    .map_err(|err| Error::Config(err.to_string()))?;
     let presence_api = Arc::new(http::PresenceApi {
         registry: registry.clone(),
         verifier: Verifier::new(StaticKeys(ring.jwks())),
-        webhooks,
     });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
     let public = axum::Router::new()
@@ -139,14 +121,6 @@ pub fn service(config: &Config) -> Result<Service, Error> {
             axum::Router::new()
                 .route("/v1/presence/{channel}", get(http::presence))
                 .route("/v1/admin/stats", get(http::admin_stats))
-                .route(
-                    "/v1/webhooks",
-                    post(http::register_webhook).get(http::list_webhooks),
-                )
-                .route(
-                    "/v1/webhooks/{id}",
-                    get(http::get_webhook).delete(http::delete_webhook),
-                )
                 .with_state(presence_api),
         )
         .layer(origins.layer());

@@ -29,6 +29,11 @@ enum Command {
         #[command(flatten)]
         config: eventbus_auth::Config,
     },
+    /// Webhook delivery and its API.
+    Hooks {
+        #[command(flatten)]
+        config: eventbus_hooks::Config,
+    },
     /// The HTTP publishing API.
     Ingest {
         #[command(flatten)]
@@ -126,6 +131,10 @@ async fn run(command: Command) {
             Command::Auth { config } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
                 eventbus_auth::run(config, listener, shutdown).await?;
+            }
+            Command::Hooks { config } => {
+                let listener = eventbus_runtime::bind(config.listen).await?;
+                eventbus_hooks::run(config, listener, shutdown).await?;
             }
             Command::Ingest { config } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;

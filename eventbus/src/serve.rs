@@ -54,6 +54,8 @@ pub struct Config {
     #[command(flatten)]
     pub gateway: eventbus_gateway::Settings,
     #[command(flatten)]
+    pub hooks: eventbus_hooks::Settings,
+    #[command(flatten)]
     pub events: eventbus_runtime::limits::EventLimits,
     #[command(flatten)]
     pub cors: eventbus_runtime::cors::Args,
@@ -143,6 +145,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     ingest_config.cors = config.cors.clone();
     let ingest = eventbus_ingest::routes(&ingest_config)?;
 
+    let mut hooks_config = eventbus_hooks::Config::new(
+        store_url.clone(),
+        auth_url.clone(),
+        config.data.join("webhooks"),
+    );
+    hooks_config.dev = config.dev;
+    hooks_config.settings = config.hooks.clone();
+    hooks_config.upstream.internal = internal.clone();
+    hooks_config.upstream.trust = config.trust.clone();
+    hooks_config.cors = config.cors.clone();
+    let hooks = eventbus_hooks::routes(&hooks_config)?;
+
     let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
     gateway_config.dev = config.dev;
     gateway_config.settings = config.gateway.clone();
@@ -171,6 +185,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let app = auth
         .public
         .merge(ingest)
+        .merge(hooks)
         .merge(gateway.routes)
         .merge(eventbus_runtime::health_routes(move || {
             store_ready.load(std::sync::atomic::Ordering::Relaxed)

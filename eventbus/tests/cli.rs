@@ -12,7 +12,8 @@ use eventbus_testkit::cluster::API_KEY_SECRET;
 #[test]
 fn every_subcommand_has_help() {
     for sub in [
-        "serve", "store", "auth", "ingest", "gateway", "token", "keygen", "pub", "tail", "webhooks",
+        "serve", "store", "auth", "ingest", "gateway", "hooks", "token", "keygen", "pub", "tail",
+        "webhooks",
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
             .args([sub, "--help"])
@@ -96,7 +97,7 @@ fn cli(url: &str, args: &[&str]) -> Command {
 async fn pub_and_tail_round_trip_with_reliable_exit_codes() {
     // The webhook added below points at loopback, which production mode refuses unless allowed.
     let bus = AllInOne::start_with(tempfile::tempdir().expect("temp dir"), false, |c| {
-        c.auth.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")]
+        c.hooks.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")]
     })
     .await;
     let url = bus.endpoints.api.base.clone();

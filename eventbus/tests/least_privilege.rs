@@ -275,7 +275,7 @@ fn recording(
 }
 
 fn allow_loopback(config: &mut eventbus::serve::Config) {
-    config.auth.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.hooks.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
 }
 
 async fn register(bus: &AllInOne, token: &str, url: &str, channels: Value) -> (u16, Value) {

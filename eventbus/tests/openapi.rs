@@ -14,6 +14,7 @@ const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const SOURCES: &[&str] = &[
     "ingest/src/lib.rs",
     "auth/src/lib.rs",
+    "hooks/src/lib.rs",
     "gateway/src/lib.rs",
     "runtime/src/lib.rs",
     "eventbus/src/serve.rs",

@@ -19,7 +19,7 @@ const SECRET: &str = "webhook-secret-0123456789";
 
 /// The receivers here listen on loopback, which production mode refuses unless allowed.
 fn allow_loopback(config: &mut eventbus::serve::Config) {
-    config.auth.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.hooks.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
 }
 
 #[derive(Default)]
@@ -52,7 +52,10 @@ async fn start_receiver(receiver: Arc<Receiver>) -> String {
                     .and_then(|r| r.split(',').next())
                     .and_then(|t| t.parse().ok())
                     .expect("t=");
-                assert_eq!(header, eventbus_auth::webhooks::signature(SECRET, t, &body));
+                assert_eq!(
+                    header,
+                    eventbus_hooks::webhooks::signature(SECRET, t, &body)
+                );
                 assert_eq!(headers["content-type"], "application/cloudevents+json");
                 let event: Value = serde_json::from_slice(&body).expect("JSON");
                 receiver.accepted.lock().expect("lock").push(event);
@@ -160,7 +163,7 @@ async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bus = AllInOne::start_with(dir, false, |c| {
         allow_loopback(c);
-        c.auth.webhook_max_attempts = 2
+        c.hooks.webhook_max_attempts = 2
     })
     .await;
     let api = bus.endpoints.api.clone();

@@ -3,11 +3,12 @@
 //! default, which is written once, on the flag (`#[arg(default_value…)]`): the code takes its
 //! defaults from the same place ([`defaults`]).
 //!
-//! The file has a section per role (`[serve]`, `[store]`, `[auth]`, `[ingest]`, `[gateway]`);
+//! The file has a section per role (`[serve]`, `[store]`, `[auth]`, `[ingest]`, `[gateway]`,
+//! `[hooks]`);
 //! its keys are the flags' names in snake case (`--segment-bytes` is `segment_bytes`). Keys at
 //! the top, before any section, apply to every role that has that setting (the NATS URL, TLS
 //! files, HTTP limits...); a role's section overrides them. `serve` runs every role, so it also
-//! takes the settings of `[store]`, `[auth]`, `[ingest]` and `[gateway]` it shares with them (the
+//! takes the settings of the other roles' sections it shares with them (the
 //! same setting: the same variable), then its own `[serve]`. An unknown section or key, a value
 //! of the wrong type, or one setting given two different values for `serve` is an error that
 //! names the file and the key.
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use clap::{Arg, ArgAction, Command};
 
 /// The roles, in the order `serve` reads their sections.
-pub const ROLES: [&str; 5] = ["store", "auth", "ingest", "gateway", "serve"];
+pub const ROLES: [&str; 6] = ["store", "auth", "ingest", "gateway", "hooks", "serve"];
 
 /// The defaults of a settings group, as its flags declare them (environment not consulted).
 pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
@@ -424,7 +425,7 @@ pub fn generate(command: &Command) -> String {
          # Use: eventbus <role> --config FILE (or EVENTBUS_CONFIG=FILE). Flags and EVENTBUS_*\n\
          # variables override this file. Keys here at the top apply to every role that has the\n\
          # setting; a role's section overrides them. `serve` runs every role: it takes the\n\
-         # settings of [store], [auth], [ingest] and [gateway] too, then [serve].\n",
+         # settings of [store], [auth], [ingest], [gateway] and [hooks] too, then [serve].\n",
     );
     let mut printed: Vec<(String, Vec<std::ffi::OsString>)> = Vec::new();
     let mut by_key: Vec<&Arg> = top.values().copied().collect();

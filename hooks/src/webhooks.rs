@@ -488,7 +488,7 @@ async fn deliver(
             webhooks.kill(&hook.id, why);
             return Err(());
         }
-        let timestamp = crate::claims::now_s();
+        let timestamp = eventbus_auth_client::claims::now_s();
         let outcome = webhooks
             .inner
             .http

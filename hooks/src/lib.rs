@@ -1,0 +1,91 @@
+//! Webhooks as their own service: services register `{url, channels, secret}` at `/v1/webhooks`;
+//! the hooks service POSTs each matching event to the URL as a signed CloudEvent, in seq order per
+//! channel, at least once, within the grant of the token that registered it and only to
+//! destinations the operator allows. It reads events from the store and checks tokens against
+//! auth's keys, like ingest: it is on no other service's path.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod destinations;
+mod http;
+pub mod webhooks;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use eventbus_auth_client::{GrpcKeySource, Verifier};
+use eventbus_runtime::Shutdown;
+use eventbus_store_client::StoreClient;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::{Config, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("server error: {0}")]
+    Serve(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The webhook API's routes, for [`run`] and for the all-in-one listener; delivery starts with
+/// them (so it needs a Tokio runtime).
+pub fn routes(config: &Config) -> Result<axum::Router, Error> {
+    let credential = config.upstream.credential().map_err(Error::Config)?;
+    let store = StoreClient::with_timeout(
+        &config.upstream.store_url,
+        credential.clone(),
+        &config.upstream.trust,
+        config.upstream.store_timeout(),
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
+    let webhooks = webhooks::Webhooks::start(
+        webhooks::Settings {
+            dir: config.webhooks_dir.clone(),
+            max_attempts: config.settings.webhook_max_attempts.max(1),
+            poll: std::time::Duration::from_millis(config.settings.webhook_poll_ms.max(10)),
+            timeout: std::time::Duration::from_secs(10),
+            guard: Arc::new(destinations::Guard {
+                open: config.dev,
+                allow: config.settings.destinations.allow_networks.clone(),
+            }),
+            trust: config.upstream.trust.clone(),
+        },
+        Some(store),
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
+    let api = Arc::new(http::Api {
+        webhooks,
+        verifier: Verifier::new(
+            GrpcKeySource::new(
+                &config.upstream.auth_url,
+                credential,
+                &config.upstream.trust,
+            )
+            .map_err(Error::Config)?,
+        ),
+    });
+    let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
+    Ok(axum::Router::new()
+        .route(
+            "/v1/webhooks",
+            post(http::register_webhook).get(http::list_webhooks),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            get(http::get_webhook).delete(http::delete_webhook),
+        )
+        .with_state(api)
+        .layer(origins.layer()))
+}
+
+/// Runs the hooks service on `listener` until `shutdown`.
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    let app = routes(&config)?.merge(eventbus_runtime::health_routes(|| true));
+    let tls = config.tls.acceptor().map_err(Error::Config)?;
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), dir = %config.webhooks_dir.display(), "hooks listening");
+    eventbus_runtime::http::serve(listener, app, &config.http, tls, shutdown.wait()).await?;
+    info!("hooks stopped");
+    Ok(())
+}
