@@ -78,7 +78,7 @@ fn probe_exits_by_the_answer() {
     assert_eq!(probe(&url), Some(1), "503");
     server.join().expect("server");
     assert_eq!(probe(&url), Some(1), "nobody listening");
-    assert_eq!(probe("https://example.com/"), Some(1), "only http");
+    assert_eq!(probe("ftp://127.0.0.1/"), Some(1), "http and https only");
 }
 
 fn cli(url: &str, args: &[&str]) -> Command {

@@ -102,6 +102,20 @@ async fn https_and_wss_on_one_port_and_a_replaced_certificate_is_picked_up() {
     assert_eq!(cert, first);
     let (_, alpn) = ca.handshake(addr, &[b"http/1.1"]).await.expect("TLS");
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    // A container's healthcheck probes the TLS port on 127.0.0.1, where the name never matches.
+    let probed = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args([
+            "probe",
+            &format!("https://127.0.0.1:{}/readyz", addr.port()),
+        ])
+        .output()
+        .await
+        .expect("run eventbus probe");
+    assert!(
+        probed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probed.stderr)
+    );
 
     let service = https.token(Some(API_KEY_SECRET), json!({})).await;
     let wss = format!("wss://localhost:{}/v1/ws", addr.port());
