@@ -151,11 +151,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         config.data.join("webhooks"),
     );
     hooks_config.dev = config.dev;
+    // One process, one replica: a restart takes its own lease back at once.
+    hooks_config.id = Some("all-in-one".into());
     hooks_config.settings = config.hooks.clone();
     hooks_config.upstream.internal = internal.clone();
     hooks_config.upstream.trust = config.trust.clone();
     hooks_config.cors = config.cors.clone();
-    let hooks = eventbus_hooks::routes(&hooks_config)?;
+    let hooks = eventbus_hooks::routes(&hooks_config, shutdown.clone()).await?;
 
     let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
     gateway_config.dev = config.dev;

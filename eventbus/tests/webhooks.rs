@@ -349,3 +349,55 @@ async fn concurrent_registrations_and_deliveries_keep_the_webhook_file_whole() {
     assert_eq!(found, ids);
     bus.stop().await;
 }
+
+/// Webhook state lives in the store under the bus's own channels (`_bus.`): no token reads them,
+/// listing does not show them, and they never reach subscribers (their secrets among them).
+#[tokio::test]
+async fn the_bus_own_state_is_out_of_every_token_s_reach() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
+    let service = bus.endpoints.service_token().await;
+    let (mut ws, _) = eventbus_testkit::ws::Ws::hello(&bus.endpoints.ws, &service).await;
+    ws.subscribe(json!({"channel": ">"})).await;
+    let url = start_receiver(Arc::default()).await;
+    let api = &bus.endpoints.api;
+    let registered = api
+        .send(
+            api.post("/v1/webhooks")
+                .bearer_auth(&service)
+                .json(&json!({"url": url, "channels": ["x.*"], "secret": SECRET})),
+        )
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    // The store commits in order: once the marker arrives, the registration went by before it.
+    api.publish(&service, &json!({"channel": "marker", "type": "t"}))
+        .await;
+    loop {
+        let frame = ws.recv().await;
+        let channel = frame["event"]["channel"].as_str().unwrap_or("");
+        assert!(!channel.starts_with("_bus."), "a subscriber saw {frame}");
+        if channel == "marker" {
+            break;
+        }
+    }
+    for channel in [
+        "_bus.hooks.registrations",
+        "_bus.hooks.progress",
+        "_bus.hooks.lease",
+    ] {
+        let read = api.history(&service, channel, "after=0").await;
+        assert_eq!(read.status, 403, "{channel}: {}", read.body);
+        let written = api
+            .publish(&service, &json!({"channel": channel, "type": "t"}))
+            .await;
+        assert_eq!(written.status, 403, "{channel}: {}", written.body);
+    }
+    let listed = api
+        .send(
+            api.get("/v1/channels?prefix=_&limit=100")
+                .bearer_auth(&service),
+        )
+        .await;
+    assert_eq!(listed.body["channels"], json!([]), "{}", listed.body);
+    bus.stop().await;
+}

@@ -55,13 +55,18 @@ pub struct Config {
         default_value = "127.0.0.1:7006"
     )]
     pub listen: SocketAddr,
-    /// Directory of the webhook registrations and their delivery positions.
+    /// Where a version before 0.2 kept webhook registrations: a `webhooks.json` found there is
+    /// moved into the store at start (registrations and positions are kept in the store).
     #[arg(
         long = "webhooks-dir",
         env = "EVENTBUS_WEBHOOKS_DIR",
         default_value = "./data/webhooks"
     )]
     pub webhooks_dir: PathBuf,
+    /// This replica's name in the delivery lease; a replica that restarts under the same name
+    /// delivers again at once (default: the host name, which is the pod's name on Kubernetes).
+    #[arg(long = "id", env = "EVENTBUS_HOOKS_ID")]
+    pub id: Option<String>,
     #[command(flatten)]
     pub upstream: eventbus_runtime::upstream::Args,
     #[command(flatten)]

@@ -91,6 +91,8 @@ pub async fn list_webhooks(
     let hooks: Vec<Value> = api
         .webhooks
         .list(&owner)
+        .await
+        .map_err(|err| Problem::new(Kind::Unavailable, err.to_string()))?
         .iter()
         .map(|h| h.public())
         .collect();
@@ -106,6 +108,8 @@ pub async fn get_webhook(
     let owner = api.service(&headers).await?;
     api.webhooks
         .get(&owner, &id)
+        .await
+        .map_err(|err| Problem::new(Kind::Unavailable, err.to_string()))?
         .map(|h| Json(h.public()))
         .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
 }
@@ -117,7 +121,7 @@ pub async fn delete_webhook(
     headers: HeaderMap,
 ) -> Result<axum::http::StatusCode, Problem> {
     let owner = api.service(&headers).await?;
-    match api.webhooks.delete(&owner, &id) {
+    match api.webhooks.delete(&owner, &id).await {
         Ok(true) => Ok(axum::http::StatusCode::NO_CONTENT),
         Ok(false) => Err(Problem::new(Kind::NotFound, "no such webhook")),
         Err(err) => Err(Problem::new(Kind::Unavailable, err.to_string())),

@@ -8,6 +8,8 @@
 pub mod config;
 pub mod destinations;
 mod http;
+pub mod lease;
+pub mod state;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -29,9 +31,9 @@ pub enum Error {
     Config(String),
 }
 
-/// The webhook API's routes, for [`run`] and for the all-in-one listener; delivery starts with
-/// them (so it needs a Tokio runtime).
-pub fn routes(config: &Config) -> Result<axum::Router, Error> {
+/// The webhook API's routes, for [`run`] and for the all-in-one listener; this replica delivers
+/// while it holds the lease (see [`lease`]).
+pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router, Error> {
     let credential = config.upstream.credential().map_err(Error::Config)?;
     let store = StoreClient::with_timeout(
         &config.upstream.store_url,
@@ -42,7 +44,6 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
     .map_err(|err| Error::Config(err.to_string()))?;
     let webhooks = webhooks::Webhooks::start(
         webhooks::Settings {
-            dir: config.webhooks_dir.clone(),
             max_attempts: config.settings.webhook_max_attempts.max(1),
             poll: std::time::Duration::from_millis(config.settings.webhook_poll_ms.max(10)),
             timeout: std::time::Duration::from_secs(10),
@@ -52,8 +53,12 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
             }),
             trust: config.upstream.trust.clone(),
         },
-        Some(store),
+        store,
+        config.id.clone().unwrap_or_else(default_id),
+        Some(&config.webhooks_dir),
+        shutdown,
     )
+    .await
     .map_err(|err| Error::Config(err.to_string()))?;
     let api = Arc::new(http::Api {
         webhooks,
@@ -80,11 +85,23 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         .layer(origins.layer()))
 }
 
+/// The host name (the pod's on Kubernetes), else a random name.
+fn default_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
+}
+
 /// Runs the hooks service on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
-    let app = routes(&config)?.merge(eventbus_runtime::health_routes(|| true));
+    let app = routes(&config, shutdown.clone())
+        .await?
+        .merge(eventbus_runtime::health_routes(|| true));
     let tls = config.tls.acceptor().map_err(Error::Config)?;
-    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), dir = %config.webhooks_dir.display(), "hooks listening");
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), "hooks listening");
     eventbus_runtime::http::serve(listener, app, &config.http, tls, shutdown.wait()).await?;
     info!("hooks stopped");
     Ok(())

@@ -1,78 +1,62 @@
 //! Webhooks: services register `{url, channels, secret}`; the bus POSTs each matching event to the
 //! URL as a structured CloudEvent, signed, in seq order per channel, at least once.
 //!
-//! Registrations and delivery positions live in one JSON file (written to a temporary file,
-//! fsynced, renamed), so they survive restarts; a position moves only after the receiver answered
-//! 2xx, so a crash can repeat a delivery but never skip one. Each webhook has its own task: a slow
-//! or dead receiver delays nobody else. New events are found by polling the store's channel heads
-//! (one call per webhook per interval), so delivery lags commits by up to that interval.
+//! Registrations and delivery positions are kept in the store ([`crate::state`]), so any replica
+//! serves the API and none needs a volume. One replica delivers at a time, the holder of the lease
+//! ([`crate::lease`]); when it dies, another takes over from the positions it saved. A position is
+//! saved only after the receiver answered 2xx, so a takeover or a crash can repeat a delivery but
+//! never skip one. Each webhook has its own task: a slow or dead receiver delays nobody else. New
+//! events are found by polling the store's channel heads, so delivery lags commits by up to that
+//! interval.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_router::Grant;
 use eventbus_router::pattern::{matches, validate_pattern};
-
-use crate::destinations::{Guard, Resolver};
 use eventbus_store_client::StoreClient;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::destinations::{Guard, Resolver};
+use crate::lease::{self, Lease, now_ms};
+pub use crate::state::State;
+use crate::state::{Kept, Progress, Registration};
 
 pub const SIGNATURE_HEADER: &str = "X-Eventbus-Signature";
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    Active,
-    /// Gave up after `max_attempts` failures in a row; `last_error` says why.
-    Dead,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A webhook as the API shows it: what was registered, and how far delivery got.
+#[derive(Debug, Clone)]
 pub struct Webhook {
-    pub id: String,
-    pub owner: String,
-    pub url: String,
-    pub channels: Vec<String>,
-    pub secret: String,
-    pub state: State,
-    pub last_error: Option<String>,
-    /// Failed attempts in a row for the event being delivered.
-    pub failures: u32,
-    pub delivered: u64,
-    /// Last seq delivered, per channel.
-    pub positions: BTreeMap<String, u64>,
-    /// The subscribe patterns of the token that registered it: every delivery stays within them.
-    /// (Registrations from before grants were kept have none; their channels stand for it.)
-    #[serde(default)]
-    pub grant: Vec<String>,
-    /// Events waiting for this webhook at its last look (not saved).
-    #[serde(skip)]
+    pub registration: Registration,
+    pub progress: Progress,
+    /// Events waiting for it at the holder's last look (0 on other replicas).
     pub backlog: u64,
 }
 
 impl Webhook {
     /// Whether the grant it was registered with covers `channel`.
     pub fn allows(&self, channel: &str) -> bool {
-        let grant = if self.grant.is_empty() {
-            &self.channels
+        let r = &self.registration;
+        let grant = if r.grant.is_empty() {
+            &r.channels
         } else {
-            &self.grant
+            &r.grant
         };
         grant.iter().any(|pattern| matches(pattern, channel))
     }
 
     /// What the API shows: everything but the secret.
     pub fn public(&self) -> serde_json::Value {
+        let (r, p) = (&self.registration, &self.progress);
         serde_json::json!({
-            "id": self.id, "url": self.url, "channels": self.channels, "owner": self.owner,
-            "state": self.state, "last_error": self.last_error, "failures": self.failures,
-            "delivered": self.delivered, "positions": self.positions, "backlog": self.backlog,
+            "id": r.id, "url": r.url, "channels": r.channels, "owner": r.owner,
+            "state": p.state, "last_error": p.last_error, "failures": p.failures,
+            "delivered": p.delivered, "positions": p.positions, "backlog": self.backlog,
         })
     }
 }
@@ -86,8 +70,6 @@ pub enum WebhookError {
     },
     #[error("{0}")]
     Forbidden(String),
-    #[error("webhooks need the store (EVENTBUS_STORE_URL)")]
-    NoStore,
     #[error("cannot save the webhooks: {0}")]
     Io(String),
     #[error("the store did not answer: {0}")]
@@ -97,7 +79,6 @@ pub enum WebhookError {
 /// Settings of delivery.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub dir: PathBuf,
     pub max_attempts: u32,
     pub poll: Duration,
     pub timeout: Duration,
@@ -109,13 +90,13 @@ pub struct Settings {
 
 struct Inner {
     settings: Settings,
-    store: Option<StoreClient>,
-    hooks: Mutex<BTreeMap<String, Webhook>>,
-    /// Held across serialise, write, fsync and rename: one writer of the file at a time, and the
-    /// state written last is the newest.
-    saving: Mutex<()>,
-    tasks: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    kept: Kept,
     http: reqwest::Client,
+    /// The holder's working copy of every active webhook (empty on other replicas).
+    hooks: Mutex<BTreeMap<String, Webhook>>,
+    tasks: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    /// Unix ms until which this replica may deliver (its lease, less the margin).
+    deliver_until: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -152,16 +133,16 @@ fn literal_prefix(pattern: &str) -> &str {
 }
 
 impl Webhooks {
-    /// Loads the registrations in `settings.dir` and starts delivering for the active ones.
-    pub fn start(settings: Settings, store: Option<StoreClient>) -> Result<Self, WebhookError> {
-        std::fs::create_dir_all(&settings.dir).map_err(|e| WebhookError::Io(e.to_string()))?;
-        let path = settings.dir.join("webhooks.json");
-        let hooks: BTreeMap<String, Webhook> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(WebhookError::Io(e.to_string())),
-        };
+    /// Starts the replica `instance`: it serves the API at once and delivers while it holds the
+    /// lease. Registrations from a webhooks file of an earlier version (in `legacy`) are moved
+    /// into the store first.
+    pub async fn start(
+        settings: Settings,
+        store: StoreClient,
+        instance: String,
+        legacy: Option<&std::path::Path>,
+        shutdown: eventbus_runtime::Shutdown,
+    ) -> Result<Self, WebhookError> {
         let mut http = reqwest::Client::builder()
             .timeout(settings.timeout)
             // A redirect would lead past the destination check: a 3xx is a failed delivery.
@@ -172,25 +153,21 @@ impl Webhooks {
         http =
             http.use_preconfigured_tls(settings.trust.client_config().map_err(WebhookError::Io)?);
         let http = http.build().map_err(|e| WebhookError::Io(e.to_string()))?;
+        let kept = Kept::new(store);
+        if let Some(dir) = legacy {
+            import_legacy(&kept, dir).await?;
+        }
         let webhooks = Webhooks {
             inner: Arc::new(Inner {
                 settings,
-                store,
-                hooks: Mutex::new(hooks),
-                saving: Mutex::new(()),
-                tasks: Mutex::default(),
+                kept,
                 http,
+                hooks: Mutex::default(),
+                tasks: Mutex::default(),
+                deliver_until: AtomicU64::new(0),
             }),
         };
-        let active: Vec<String> = webhooks
-            .lock()
-            .values()
-            .filter(|h| h.state == State::Active)
-            .map(|h| h.id.clone())
-            .collect();
-        for id in active {
-            webhooks.spawn(id);
-        }
+        tokio::spawn(lead(webhooks.clone(), instance, shutdown));
         Ok(webhooks)
     }
 
@@ -198,21 +175,8 @@ impl Webhooks {
         self.inner.hooks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self) -> Result<(), WebhookError> {
-        let _one_writer = self.inner.saving.lock().unwrap_or_else(|p| p.into_inner());
-        let bytes = serde_json::to_vec_pretty(&*self.lock())
-            .map_err(|e| WebhookError::Io(e.to_string()))?;
-        let dir = &self.inner.settings.dir;
-        let tmp = dir.join(".webhooks.json.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, dir.join("webhooks.json"))?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| WebhookError::Io(e.to_string()))
+    fn store(&self) -> &StoreClient {
+        self.inner.kept.store()
     }
 
     /// Registers a webhook for the holder of `grant`, within it; it starts at the channels'
@@ -226,7 +190,6 @@ impl Webhooks {
     ) -> Result<Webhook, WebhookError> {
         let owner = grant.identity.as_str();
         let invalid = |field, message: String| WebhookError::Invalid { field, message };
-        let store = self.inner.store.clone().ok_or(WebhookError::NoStore)?;
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
             return Err(invalid("url", "an http:// or https:// URL".into()));
         }
@@ -255,78 +218,136 @@ impl Webhooks {
             .map_err(|why| invalid("url", why))?;
         let mut positions = BTreeMap::new();
         for pattern in &channels {
-            for (channel, head) in list(&store, pattern).await? {
+            for (channel, head) in list(self.store(), pattern).await? {
                 positions.insert(channel, head);
             }
         }
-        let hook = Webhook {
+        let registration = Registration {
             id: uuid::Uuid::now_v7().simple().to_string(),
             owner: owner.to_owned(),
             url,
             channels,
             secret,
-            state: State::Active,
-            last_error: None,
-            failures: 0,
-            delivered: 0,
-            positions,
             grant: grant.subscribe.clone(),
+        };
+        let progress = Progress {
+            positions,
+            ..Progress::default()
+        };
+        // Progress first: a holder that sees the registration finds where to start.
+        let kept = &self.inner.kept;
+        kept.put_progress(&registration.id, &progress)
+            .await
+            .map_err(store_error)?;
+        kept.put_registration(&registration)
+            .await
+            .map_err(store_error)?;
+        let hook = Webhook {
+            registration,
+            progress,
             backlog: 0,
         };
-        self.lock().insert(hook.id.clone(), hook.clone());
-        self.save()?;
-        self.spawn(hook.id.clone());
+        // The holder starts at once rather than at its next look.
+        if self.may_deliver() {
+            self.lock()
+                .insert(hook.registration.id.clone(), hook.clone());
+            self.spawn(hook.registration.id.clone());
+        }
         Ok(hook)
     }
 
-    pub fn list(&self, owner: &str) -> Vec<Webhook> {
-        self.lock()
-            .values()
-            .filter(|h| h.owner == owner)
-            .cloned()
-            .collect()
+    /// Every webhook, as kept in the store, with the holder's backlog when this replica holds.
+    async fn all(&self) -> Result<BTreeMap<String, Webhook>, WebhookError> {
+        let kept = &self.inner.kept;
+        let registrations = kept.registrations().await.map_err(store_error)?;
+        let mut progress = kept.progress().await.map_err(store_error)?;
+        let working = self.lock().clone();
+        Ok(registrations
+            .into_iter()
+            .map(|(id, registration)| {
+                let backlog = working.get(&id).map_or(0, |w| w.backlog);
+                let progress = progress.remove(&id).unwrap_or_default();
+                (
+                    id,
+                    Webhook {
+                        registration,
+                        progress,
+                        backlog,
+                    },
+                )
+            })
+            .collect())
     }
 
-    pub fn get(&self, owner: &str, id: &str) -> Option<Webhook> {
-        self.lock().get(id).filter(|h| h.owner == owner).cloned()
+    pub async fn list(&self, owner: &str) -> Result<Vec<Webhook>, WebhookError> {
+        Ok(self
+            .all()
+            .await?
+            .into_values()
+            .filter(|h| h.registration.owner == owner)
+            .collect())
     }
 
-    pub fn delete(&self, owner: &str, id: &str) -> Result<bool, WebhookError> {
-        let removed = {
-            let mut hooks = self.lock();
-            match hooks.get(id) {
-                Some(h) if h.owner == owner => hooks.remove(id).is_some(),
-                _ => false,
-            }
-        };
-        if removed {
-            if let Some(task) = self
-                .inner
-                .tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id)
-            {
-                task.abort();
-            }
-            self.save()?;
+    pub async fn get(&self, owner: &str, id: &str) -> Result<Option<Webhook>, WebhookError> {
+        Ok(self
+            .all()
+            .await?
+            .remove(id)
+            .filter(|h| h.registration.owner == owner))
+    }
+
+    pub async fn delete(&self, owner: &str, id: &str) -> Result<bool, WebhookError> {
+        if self.get(owner, id).await?.is_none() {
+            return Ok(false);
         }
-        Ok(removed)
+        self.inner
+            .kept
+            .delete_registration(id)
+            .await
+            .map_err(store_error)?;
+        // The holder stops its task at its next look; stop it here at once when it is this one.
+        self.stop(id);
+        Ok(true)
+    }
+
+    fn stop(&self, id: &str) {
+        self.lock().remove(id);
+        if let Some(task) = self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            task.abort();
+        }
+    }
+
+    fn stop_all(&self) {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in ids {
+            self.stop(&id);
+        }
+    }
+
+    /// Saves one webhook's progress from the working copy.
+    async fn save(&self, id: &str) {
+        let Some(progress) = self.lock().get(id).map(|h| h.progress.clone()) else {
+            return;
+        };
+        if let Err(err) = self.inner.kept.put_progress(id, &progress).await {
+            warn!(webhook = %id, cause = %err, "webhook progress not saved; it may be delivered again");
+        }
     }
 
     /// Marks a webhook dead for `why`, and saves it.
-    fn kill(&self, id: &str, why: String) {
-        {
-            let mut hooks = self.lock();
-            if let Some(h) = hooks.get_mut(id) {
-                warn!(webhook = %id, %why, "webhook stopped");
-                h.state = State::Dead;
-                h.last_error = Some(why);
-            }
+    async fn kill(&self, id: &str, why: String) {
+        if let Some(h) = self.lock().get_mut(id) {
+            warn!(webhook = %id, %why, "webhook stopped");
+            h.progress.state = State::Dead;
+            h.progress.last_error = Some(why);
         }
-        if let Err(err) = self.save() {
-            warn!(%err, "webhook state not saved");
-        }
+        self.save(id).await;
     }
 
     /// Records one webhook's backlog and publishes the sum over all of them.
@@ -343,17 +364,168 @@ impl Webhooks {
             .set(total as i64);
     }
 
+    /// Whether this replica may deliver now (it holds the lease, with the margin left).
+    fn may_deliver(&self) -> bool {
+        now_ms() < self.inner.deliver_until.load(Ordering::Relaxed)
+    }
+
     fn spawn(&self, id: String) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if tasks.get(&id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
         let task = tokio::spawn(deliver_loop(self.clone(), id.clone()));
-        self.inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, task);
+        tasks.insert(id, task);
     }
 }
 
-/// Channels matching `pattern`, with heads.
+fn store_error(err: eventbus_store_client::StoreError) -> WebhookError {
+    WebhookError::Store(err.to_string())
+}
+
+/// Moves the registrations of a webhooks file (versions before the store kept them) into the
+/// store, once: the file is renamed `webhooks.json.imported` after.
+async fn import_legacy(kept: &Kept, dir: &std::path::Path) -> Result<(), WebhookError> {
+    #[derive(serde::Deserialize)]
+    struct Legacy {
+        id: String,
+        owner: String,
+        url: String,
+        channels: Vec<String>,
+        secret: String,
+        #[serde(default)]
+        state: State,
+        #[serde(default)]
+        last_error: Option<String>,
+        #[serde(default)]
+        delivered: u64,
+        #[serde(default)]
+        positions: BTreeMap<String, u64>,
+        #[serde(default)]
+        grant: Vec<String>,
+    }
+    let path = dir.join("webhooks.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(WebhookError::Io(format!("{}: {e}", path.display()))),
+    };
+    let hooks: BTreeMap<String, Legacy> = serde_json::from_slice(&bytes)
+        .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?;
+    for (_, hook) in hooks {
+        let progress = Progress {
+            state: hook.state,
+            last_error: hook.last_error,
+            failures: 0,
+            delivered: hook.delivered,
+            positions: hook.positions,
+        };
+        kept.put_progress(&hook.id, &progress)
+            .await
+            .map_err(store_error)?;
+        kept.put_registration(&Registration {
+            id: hook.id,
+            owner: hook.owner,
+            url: hook.url,
+            channels: hook.channels,
+            secret: hook.secret,
+            grant: hook.grant,
+        })
+        .await
+        .map_err(store_error)?;
+    }
+    std::fs::rename(&path, dir.join("webhooks.json.imported"))
+        .map_err(|e| WebhookError::Io(format!("{}: {e}", path.display())))?;
+    info!(file = %path.display(), "webhook registrations moved into the store");
+    Ok(())
+}
+
+/// The lease, looked at every [`lease::LOOK_EVERY`]: while this replica holds it, every active
+/// webhook has a delivery task; when it loses it, they stop.
+async fn lead(webhooks: Webhooks, instance: String, shutdown: eventbus_runtime::Shutdown) {
+    let mut lease = Lease::new(instance);
+    let mut holding = false;
+    let stopping = shutdown.wait();
+    tokio::pin!(stopping);
+    loop {
+        let holds = match lease.look(&webhooks.inner.kept).await {
+            Ok(holds) => holds,
+            Err(err) => {
+                debug!(cause = %err, "cannot look at the webhook lease now");
+                lease.holds(now_ms())
+            }
+        };
+        if holds {
+            let until = now_ms() + lease::LENGTH.as_millis() as u64 / 2;
+            webhooks.inner.deliver_until.store(until, Ordering::Relaxed);
+            if !holding {
+                info!("this replica now delivers webhooks");
+                holding = true;
+            }
+            if let Err(err) = refresh(&webhooks).await {
+                debug!(%err, "cannot read the webhooks now");
+            }
+        } else {
+            webhooks.inner.deliver_until.store(0, Ordering::Relaxed);
+            if holding {
+                info!("this replica no longer delivers webhooks");
+                holding = false;
+                webhooks.stop_all();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(lease::LOOK_EVERY) => {}
+            _ = &mut stopping => {
+                webhooks.inner.deliver_until.store(0, Ordering::Relaxed);
+                webhooks.stop_all();
+                if let Err(err) = lease.release(&webhooks.inner.kept).await {
+                    debug!(cause = %err, "cannot give the webhook lease up; it runs out by itself");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The holder's working copy follows the store: new webhooks start, deleted ones stop.
+async fn refresh(webhooks: &Webhooks) -> Result<(), WebhookError> {
+    let kept = &webhooks.inner.kept;
+    let registrations = kept.registrations().await.map_err(store_error)?;
+    let known: Vec<String> = webhooks.lock().keys().cloned().collect();
+    for id in known.iter().filter(|id| !registrations.contains_key(*id)) {
+        webhooks.stop(id);
+    }
+    let new: Vec<&String> = registrations
+        .keys()
+        .filter(|id| !known.contains(id))
+        .collect();
+    if !new.is_empty() {
+        let mut progress = kept.progress().await.map_err(store_error)?;
+        let mut hooks = webhooks.lock();
+        for id in new {
+            hooks.insert(
+                id.clone(),
+                Webhook {
+                    registration: registrations[id].clone(),
+                    progress: progress.remove(id).unwrap_or_default(),
+                    backlog: 0,
+                },
+            );
+        }
+    }
+    let active: Vec<String> = webhooks
+        .lock()
+        .values()
+        .filter(|h| h.progress.state == State::Active)
+        .map(|h| h.registration.id.clone())
+        .collect();
+    for id in active {
+        webhooks.spawn(id);
+    }
+    Ok(())
+}
+
+/// Channels matching `pattern`, with heads (the bus's own channels never match).
 async fn list(store: &StoreClient, pattern: &str) -> Result<Vec<(String, u64)>, WebhookError> {
     let mut out = Vec::new();
     let mut after = String::new();
@@ -366,34 +538,37 @@ async fn list(store: &StoreClient, pattern: &str) -> Result<Vec<(String, u64)>, 
         if let Some((last, _)) = page.last() {
             after = last.clone();
         }
-        out.extend(page.into_iter().filter(|(c, _)| matches(pattern, c)));
+        out.extend(
+            page.into_iter()
+                .filter(|(c, _)| matches(pattern, c) && !eventbus_model::names::is_system(c)),
+        );
         if done {
             return Ok(out);
         }
     }
 }
 
-/// One webhook's delivery: find channels with events past its positions, POST them in order.
+/// One webhook's delivery while this replica holds the lease: find channels with events past its
+/// positions, POST them in order.
 async fn deliver_loop(webhooks: Webhooks, id: String) {
-    let Some(store) = webhooks.inner.store.clone() else {
-        return;
-    };
     let settings = webhooks.inner.settings.clone();
+    let store = webhooks.store().clone();
     loop {
+        if !webhooks.may_deliver() {
+            return;
+        }
         let Some(hook) = webhooks.lock().get(&id).cloned() else {
             return;
         };
-        if hook.state != State::Active {
+        if hook.progress.state != State::Active {
             return;
         }
         let mut behind = Vec::new();
-        for pattern in &hook.channels {
+        for pattern in &hook.registration.channels {
             match list(&store, pattern).await {
-                Ok(found) => behind.extend(
-                    found
-                        .into_iter()
-                        .filter(|(c, head)| *head > hook.positions.get(c).copied().unwrap_or(0)),
-                ),
+                Ok(found) => behind.extend(found.into_iter().filter(|(c, head)| {
+                    *head > hook.progress.positions.get(c).copied().unwrap_or(0)
+                })),
                 Err(err) => debug!(%err, "webhook: cannot list channels now"),
             }
         }
@@ -401,58 +576,62 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
         behind.dedup();
         let backlog: u64 = behind
             .iter()
-            .map(|(c, head)| head - hook.positions.get(c).copied().unwrap_or(0))
+            .map(|(c, head)| head - hook.progress.positions.get(c).copied().unwrap_or(0))
             .sum();
         webhooks.set_backlog(&id, backlog);
         let mut progressed = false;
         for (channel, _) in behind {
-            let after = hook.positions.get(&channel).copied().unwrap_or(0);
+            let after = hook.progress.positions.get(&channel).copied().unwrap_or(0);
             let page = match store.read(&channel, after, 100, false).await {
                 Ok(page) => page,
                 Err(eventbus_store_client::StoreError::Truncated { first, .. }) => {
                     // Retention removed events before they were delivered: say so, go on.
-                    {
-                        let mut hooks = webhooks.lock();
-                        if let Some(h) = hooks.get_mut(&id) {
-                            h.positions.insert(channel.clone(), first.saturating_sub(1));
-                            h.last_error = Some(format!(
-                                "{channel}: events {}..{} were removed by retention before delivery",
-                                after + 1,
-                                first.saturating_sub(1)
-                            ));
-                        }
+                    if let Some(h) = webhooks.lock().get_mut(&id) {
+                        h.progress
+                            .positions
+                            .insert(channel.clone(), first.saturating_sub(1));
+                        h.progress.last_error = Some(format!(
+                            "{channel}: events {}..{} were removed by retention before delivery",
+                            after + 1,
+                            first.saturating_sub(1)
+                        ));
                     }
-                    let _ = webhooks.save();
+                    webhooks.save(&id).await;
                     progressed = true;
                     continue;
                 }
                 Err(_) => continue,
             };
             if !hook.allows(&channel) {
-                webhooks.kill(
-                    &id,
-                    format!("{channel} is outside the grant it was registered with"),
-                );
+                webhooks
+                    .kill(
+                        &id,
+                        format!("{channel} is outside the grant it was registered with"),
+                    )
+                    .await;
                 return;
             }
             for event in page.events {
+                if !webhooks.may_deliver() {
+                    return;
+                }
                 match deliver(&webhooks, &hook, &event.json, &settings).await {
                     Ok(()) => {
                         progressed = true;
-                        let mut hooks = webhooks.lock();
-                        let Some(h) = hooks.get_mut(&id) else { return };
-                        h.positions.insert(channel.clone(), event.seq);
-                        h.failures = 0;
-                        h.last_error = None;
-                        h.delivered += 1;
+                        {
+                            let mut hooks = webhooks.lock();
+                            let Some(h) = hooks.get_mut(&id) else { return };
+                            h.progress.positions.insert(channel.clone(), event.seq);
+                            h.progress.failures = 0;
+                            h.progress.last_error = None;
+                            h.progress.delivered += 1;
+                        }
+                        webhooks.save(&id).await;
                     }
                     Err(()) => {
-                        let _ = webhooks.save();
+                        webhooks.save(&id).await;
                         return;
                     }
-                }
-                if let Err(err) = webhooks.save() {
-                    warn!(%err, "webhook position not saved; it may be delivered again");
                 }
             }
         }
@@ -474,27 +653,32 @@ fn with_causes(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// POSTs one event, retrying with backoff and jitter; `Err` once the webhook is dead.
+/// POSTs one event, retrying with backoff and jitter; `Err` once the webhook is dead (or this
+/// replica lost the lease).
 async fn deliver(
     webhooks: &Webhooks,
     hook: &Webhook,
     body: &[u8],
     settings: &Settings,
 ) -> Result<(), ()> {
+    let id = &hook.registration.id;
     let mut attempt = 0u32;
     loop {
         // Literal addresses never reach the resolver's check: checked here, at every delivery.
-        if let Err(why) = settings.guard.check_literal(&hook.url) {
-            webhooks.kill(&hook.id, why);
+        if let Err(why) = settings.guard.check_literal(&hook.registration.url) {
+            webhooks.kill(id, why).await;
             return Err(());
         }
         let timestamp = eventbus_auth_client::claims::now_s();
         let outcome = webhooks
             .inner
             .http
-            .post(&hook.url)
+            .post(&hook.registration.url)
             .header("content-type", "application/cloudevents+json")
-            .header(SIGNATURE_HEADER, signature(&hook.secret, timestamp, body))
+            .header(
+                SIGNATURE_HEADER,
+                signature(&hook.registration.secret, timestamp, body),
+            )
             .body(body.to_vec())
             .send()
             .await;
@@ -506,18 +690,20 @@ async fn deliver(
         attempt += 1;
         eventbus_runtime::metrics::metrics().webhook_failures.inc();
         let dead = attempt >= settings.max_attempts;
-        {
-            let mut hooks = webhooks.lock();
-            if let Some(h) = hooks.get_mut(&hook.id) {
-                h.failures = attempt;
-                h.last_error = Some(error.clone());
-                if dead {
-                    h.state = State::Dead;
-                }
+        if let Some(h) = webhooks.lock().get_mut(id) {
+            h.progress.failures = attempt;
+            h.progress.last_error = Some(error.clone());
+            if dead {
+                h.progress.state = State::Dead;
             }
         }
+        // Kept at once, so that the API (on any replica) shows why deliveries fail.
+        webhooks.save(id).await;
         if dead {
-            warn!(webhook = %hook.id, %error, attempts = attempt, "webhook dead after repeated failures");
+            warn!(webhook = %id, %error, attempts = attempt, "webhook dead after repeated failures");
+            return Err(());
+        }
+        if !webhooks.may_deliver() {
             return Err(());
         }
         // Exponential from 250 ms, capped at 60 s, with equal jitter.

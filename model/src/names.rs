@@ -67,6 +67,16 @@ pub fn inbox_of(identity: &str) -> String {
 /// joins and leaves `<channel>`. Nobody publishes there but the bus.
 pub const PRESENCE_PREFIX: &str = "presence.";
 
+/// Channels under this prefix hold the bus's own state (webhook registrations, their delivery
+/// positions, leases): services reach them through the store's internal API only. No token may
+/// read or write them, and the store never puts them on the backbone.
+pub const SYSTEM_PREFIX: &str = "_bus.";
+
+/// Whether `channel` is one of the bus's own.
+pub fn is_system(channel: &str) -> bool {
+    channel.starts_with(SYSTEM_PREFIX)
+}
+
 /// The presence channel of `channel` (None when the name would be too long).
 pub fn presence_of(channel: &str) -> Option<String> {
     let name = format!("{PRESENCE_PREFIX}{channel}");

@@ -46,7 +46,7 @@ pub enum Denied {
     NotPublishable(String),
     #[error("only services may join queue groups")]
     GroupNotAllowed,
-    #[error("{0:?} is written by the bus itself (presence events)")]
+    #[error("{0:?} is the bus's own (presence events, internal state)")]
     Reserved(String),
 }
 
@@ -89,6 +89,9 @@ impl Grant {
             };
         }
         validate_channel(target).map_err(|err| invalid(err.to_string()))?;
+        if eventbus_model::names::is_system(target) {
+            return Err(Denied::Reserved(target.to_owned()));
+        }
         if let Some(owner) = inbox_owner(target) {
             if owner == self.identity {
                 return Ok(());
@@ -114,7 +117,7 @@ impl Grant {
 
     /// May the holder publish to `channel` (a concrete, already validated channel)?
     pub fn check_publish(&self, channel: &str) -> Result<(), Denied> {
-        if presence_subject(channel).is_some() {
+        if presence_subject(channel).is_some() || eventbus_model::names::is_system(channel) {
             return Err(Denied::Reserved(channel.to_owned()));
         }
         if self.publish.iter().any(|allowed| matches(allowed, channel)) {
@@ -163,6 +166,20 @@ mod tests {
         let service = grant(Role::Service, &[">"], &[">"]);
         assert!(service.check_publish("presence.chat").is_err());
         assert_eq!(service.check_subscribe("presence.>"), Ok(()));
+    }
+
+    #[test]
+    fn the_bus_own_channels_are_nobody_s() {
+        let service = grant(Role::Service, &[">"], &[">"]);
+        assert!(matches!(
+            service.check_subscribe("_bus.hooks.registrations"),
+            Err(Denied::Reserved(_))
+        ));
+        assert!(matches!(
+            service.check_publish("_bus.hooks.lease"),
+            Err(Denied::Reserved(_))
+        ));
+        assert_eq!(service.check_subscribe("bus.x"), Ok(()));
     }
 
     #[test]

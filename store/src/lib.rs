@@ -145,6 +145,10 @@ pub async fn run(
 }
 
 async fn publish(backbone: &dyn Backbone, event: &eventbus_model::StoredEvent) {
+    // The bus's own state (webhook secrets among it) never leaves the store but through its API.
+    if eventbus_model::names::is_system(&event.channel) {
+        return;
+    }
     // At-most-once by design: a lost publish is repaired by the gateways from the log.
     if let Err(err) = backbone.publish(event).await {
         warn!(channel = %event.channel, seq = event.seq, cause = %err, "backbone publish failed");
