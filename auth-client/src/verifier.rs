@@ -30,6 +30,12 @@ pub struct GrpcKeySource {
 }
 
 impl GrpcKeySource {
+    /// Auth's keys as a service reaches them: the URL, credential and trust of its upstream
+    /// settings.
+    pub fn for_upstream(upstream: &eventbus_runtime::upstream::Args) -> Result<Self, String> {
+        Self::new(&upstream.auth_url, upstream.credential()?, &upstream.trust)
+    }
+
     /// `url` is the auth service's address, e.g. `http://127.0.0.1:7002`; nothing is dialled yet.
     pub fn new(
         url: &str,

@@ -123,13 +123,8 @@ pub fn service(
 ) -> Result<Service, Error> {
     let connections = TaskTracker::new();
     let credential = config.upstream.credential().map_err(Error::Config)?;
-    let store = StoreClient::with_timeout(
-        &config.upstream.store_url,
-        credential.clone(),
-        &config.upstream.trust,
-        config.upstream.store_timeout(),
-    )
-    .map_err(|err| Error::Config(err.to_string()))?;
+    let store = StoreClient::for_upstream(&config.upstream)
+        .map_err(|err| Error::Config(err.to_string()))?;
     let id = config
         .id
         .clone()
@@ -149,12 +144,7 @@ pub fn service(
             Duration::from_secs(config.settings.tail_check_s.max(1)),
         ),
         verifier: Verifier::new(
-            GrpcKeySource::new(
-                &config.upstream.auth_url,
-                credential,
-                &config.upstream.trust,
-            )
-            .map_err(Error::Config)?,
+            GrpcKeySource::for_upstream(&config.upstream).map_err(Error::Config)?,
         ),
         store,
         limits: config.events.model(),
@@ -243,13 +233,8 @@ pub async fn run(
 ) -> Result<(), Error> {
     let ready_backbone = backbone.clone();
     // Ready while NATS is connected and the store answers (catch-up and gap refill need it).
-    let credential = config.upstream.credential().map_err(Error::Config)?;
-    let probe_store = StoreClient::new(
-        &config.upstream.store_url,
-        credential,
-        &config.upstream.trust,
-    )
-    .map_err(|err| Error::Config(err.to_string()))?;
+    let probe_store = StoreClient::for_upstream(&config.upstream)
+        .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(Duration::from_secs(2), move || {
         let store = probe_store.clone();
         async move { store.head("readyz").await.is_ok() }

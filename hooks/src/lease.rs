@@ -100,19 +100,8 @@ impl Lease {
             Some((_, until)) => *until < now,
         };
         if due {
-            let claim = Claim {
-                holder: self.me.clone(),
-                at_ms: now,
-                until_ms: now + LENGTH.as_millis() as u64,
-                prev: self.last,
-            };
-            kept.append(
-                LEASE,
-                None,
-                serde_json::to_value(&claim).unwrap_or_default(),
-                false,
-            )
-            .await?;
+            self.claim(kept, now, now + LENGTH.as_millis() as u64)
+                .await?;
             self.catch_up(kept).await?;
         }
         Ok(self.holds(now_ms()))
@@ -126,20 +115,20 @@ impl Lease {
             return Ok(());
         }
         let now = now_ms();
+        // A lease of its own that ends as it is claimed.
+        self.claim(kept, now, now).await
+    }
+
+    /// Appends this replica's claim, made at `at_ms` having read up to `self.last`.
+    async fn claim(&self, kept: &Kept, at_ms: u64, until_ms: u64) -> Result<(), StoreError> {
         let claim = Claim {
             holder: self.me.clone(),
-            at_ms: now,
-            until_ms: now,
+            at_ms,
+            until_ms,
             prev: self.last,
         };
-        kept.append(
-            LEASE,
-            None,
-            serde_json::to_value(&claim).unwrap_or_default(),
-            false,
-        )
-        .await?;
-        Ok(())
+        let data = serde_json::to_value(&claim).unwrap_or_default();
+        kept.append(LEASE, None, data, false).await.map(|_| ())
     }
 
     /// Whether this replica holds the lease at `now` with the margin left.

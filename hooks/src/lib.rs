@@ -34,14 +34,8 @@ pub enum Error {
 /// The webhook API's routes, for [`run`] and for the all-in-one listener; this replica delivers
 /// while it holds the lease (see [`lease`]).
 pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router, Error> {
-    let credential = config.upstream.credential().map_err(Error::Config)?;
-    let store = StoreClient::with_timeout(
-        &config.upstream.store_url,
-        credential.clone(),
-        &config.upstream.trust,
-        config.upstream.store_timeout(),
-    )
-    .map_err(|err| Error::Config(err.to_string()))?;
+    let store = StoreClient::for_upstream(&config.upstream)
+        .map_err(|err| Error::Config(err.to_string()))?;
     let webhooks = webhooks::Webhooks::start(
         webhooks::Settings {
             max_attempts: config.settings.webhook_max_attempts.max(1),
@@ -63,12 +57,7 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
     let api = Arc::new(http::Api {
         webhooks,
         verifier: Verifier::new(
-            GrpcKeySource::new(
-                &config.upstream.auth_url,
-                credential,
-                &config.upstream.trust,
-            )
-            .map_err(Error::Config)?,
+            GrpcKeySource::for_upstream(&config.upstream).map_err(Error::Config)?,
         ),
     });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);

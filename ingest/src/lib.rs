@@ -67,23 +67,12 @@ impl Ingest {
 
 /// The public routes of ingest, for [`run`] and for the all-in-one listener.
 pub fn routes(config: &Config) -> Result<axum::Router, Error> {
-    let credential = config.upstream.credential().map_err(Error::Config)?;
     let ingest = Arc::new(Ingest {
         verifier: Verifier::new(
-            GrpcKeySource::new(
-                &config.upstream.auth_url,
-                credential.clone(),
-                &config.upstream.trust,
-            )
-            .map_err(Error::Config)?,
+            GrpcKeySource::for_upstream(&config.upstream).map_err(Error::Config)?,
         ),
-        store: StoreClient::with_timeout(
-            &config.upstream.store_url,
-            credential,
-            &config.upstream.trust,
-            config.upstream.store_timeout(),
-        )
-        .map_err(|err| Error::Config(err.to_string()))?,
+        store: StoreClient::for_upstream(&config.upstream)
+            .map_err(|err| Error::Config(err.to_string()))?,
         limits: config.events.model(),
         max_batch_events: config.settings.max_batch_events,
         max_body_bytes: config.settings.max_body_bytes,
@@ -105,13 +94,8 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
 /// Runs ingest on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
     // Ready while the store answers: without it no publish can be made durable.
-    let credential = config.upstream.credential().map_err(Error::Config)?;
-    let store = eventbus_store_client::StoreClient::new(
-        &config.upstream.store_url,
-        credential,
-        &config.upstream.trust,
-    )
-    .map_err(|err| Error::Config(err.to_string()))?;
+    let store = StoreClient::for_upstream(&config.upstream)
+        .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(std::time::Duration::from_secs(2), move || {
         let store = store.clone();
         async move { store.head("readyz").await.is_ok() }

@@ -101,6 +101,18 @@ impl StoreClient {
         Self::with_timeout(url, credential, trust, Duration::from_secs(10))
     }
 
+    /// The store as a service reaches it: the URL, credential, trust and timeout of its upstream
+    /// settings.
+    pub fn for_upstream(upstream: &eventbus_runtime::upstream::Args) -> Result<Self, StoreError> {
+        let credential = upstream.credential().map_err(StoreError::Invalid)?;
+        Self::with_timeout(
+            &upstream.store_url,
+            credential,
+            &upstream.trust,
+            upstream.store_timeout(),
+        )
+    }
+
     /// As [`StoreClient::new`], waiting at most `timeout` for each answer.
     pub fn with_timeout(
         url: &str,

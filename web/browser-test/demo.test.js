@@ -8,37 +8,10 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
-
-const here = dirname(fileURLToPath(import.meta.url));
-const root = join(here, "..", "..");
-const BIN = process.env.EVENTBUS_BIN ?? join(root, "target", "debug", "eventbus");
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const WAIT = 20000;
-
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-
-async function until(what, check, timeout = WAIT) {
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    try {
-      const value = await check();
-      if (value) return value;
-    } catch {}
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+import { BIN, CHROMIUM, CHROMIUM_ARGS, freePort, root, until } from "./support.js";
 
 class Bus {
   constructor(port, data) {
@@ -84,8 +57,7 @@ test("two pages share a board across a server crash, and a late page gets the co
   await bus.start();
   browser = await chromium.launch({
     executablePath: CHROMIUM,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync"],
+    args: CHROMIUM_ARGS,
   });
   const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
   const [a, b] = [await context.newPage(), await context.newPage()];

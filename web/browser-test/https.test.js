@@ -9,38 +9,11 @@ import { spawn } from "node:child_process";
 import { createHash, X509Certificate } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { request } from "node:https";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
 import selfsigned from "selfsigned";
-
-const here = dirname(fileURLToPath(import.meta.url));
-const root = join(here, "..", "..");
-const BIN = process.env.EVENTBUS_BIN ?? join(root, "target", "debug", "eventbus");
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const WAIT = 20000;
-
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-
-async function until(what, check, timeout = WAIT) {
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    try {
-      const value = await check();
-      if (value) return value;
-    } catch {}
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+import { BIN, CHROMIUM, CHROMIUM_ARGS, freePort, until } from "./support.js";
 
 /** GET over https trusting `ca` alone; resolves to the status code. */
 const getStatus = (url, ca) =>
@@ -82,8 +55,7 @@ test("the demo page over https and wss, served with a configuration file and a c
   const spki = createHash("sha256").update(new X509Certificate(pems.cert).publicKey.export({ type: "spki", format: "der" })).digest("base64");
   browser = await chromium.launch({
     executablePath: CHROMIUM,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync", `--ignore-certificate-errors-spki-list=${spki}`],
+    args: [...CHROMIUM_ARGS, `--ignore-certificate-errors-spki-list=${spki}`],
   });
   const context = await browser.newContext();
   const [a, b] = [await context.newPage(), await context.newPage()];
