@@ -131,6 +131,17 @@ impl Lease {
         kept.append(LEASE, None, data, false).await.map(|_| ())
     }
 
+    /// Until when this replica may deliver: the end of its lease less the margin (0 when it does
+    /// not hold it).
+    pub fn deliver_until(&self) -> u64 {
+        match &self.holder {
+            Some((holder, until)) if *holder == self.me => {
+                until.saturating_sub(MARGIN.as_millis() as u64)
+            }
+            _ => 0,
+        }
+    }
+
     /// Whether this replica holds the lease at `now` with the margin left.
     pub fn holds(&self, now: u64) -> bool {
         matches!(&self.holder, Some((holder, until))

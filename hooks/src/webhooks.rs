@@ -300,11 +300,18 @@ impl Webhooks {
         if self.get(owner, id).await?.is_none() {
             return Ok(false);
         }
-        self.inner
-            .kept
-            .delete_registration(id)
-            .await
-            .map_err(store_error)?;
+        let kept = &self.inner.kept;
+        kept.delete_registration(id).await.map_err(store_error)?;
+        // Its progress goes too (a write by a delivery still in flight may bring it back; only
+        // registrations make webhooks, so that is harmless).
+        kept.append(
+            crate::state::PROGRESS,
+            Some(id),
+            serde_json::Value::Null,
+            true,
+        )
+        .await
+        .map_err(store_error)?;
         // The holder stops its task at its next look; stop it here at once when it is this one.
         self.stop(id);
         Ok(true)
@@ -456,8 +463,11 @@ async fn lead(webhooks: Webhooks, instance: String, shutdown: eventbus_runtime::
             }
         };
         if holds {
-            let until = now_ms() + lease::LENGTH.as_millis() as u64 / 2;
-            webhooks.inner.deliver_until.store(until, Ordering::Relaxed);
+            // Never past the lease itself: a holder cut off from the store stops in time.
+            webhooks
+                .inner
+                .deliver_until
+                .store(lease.deliver_until(), Ordering::Relaxed);
             if !holding {
                 info!("this replica now delivers webhooks");
                 holding = true;
