@@ -42,6 +42,15 @@ struct Bus {
 
 impl Bus {
     async fn start(dir: &std::path::Path, ca: &TestCa, pem: &Files) -> Bus {
+        Self::start_with(dir, ca, pem, |_| {}).await
+    }
+
+    async fn start_with(
+        dir: &std::path::Path,
+        ca: &TestCa,
+        pem: &Files,
+        tune: impl FnOnce(&mut eventbus::serve::Config),
+    ) -> Bus {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -54,6 +63,7 @@ impl Bus {
         ];
         config.tls.tls_cert = Some(pem.cert.clone());
         config.tls.tls_key = Some(pem.key.clone());
+        tune(&mut config);
         let shutdown = Shutdown::new();
         let task = tokio::spawn(eventbus::serve::run(config, listener, shutdown.clone()));
         let https = Http::with_client(
@@ -218,6 +228,46 @@ async fn the_cli_publishes_and_tails_over_https_and_wss() {
         "{}",
         String::from_utf8_lossy(&untrusted.stderr)
     );
+    bus.stop().await;
+}
+
+/// A hostile client against the TLS port: connections that never finish their handshake hold no
+/// place for good (the header timeout bounds the handshake too), and an honest https request is
+/// answered meanwhile.
+#[tokio::test]
+async fn unfinished_tls_handshakes_are_bounded_like_half_sent_requests() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new();
+    let pem = files(dir.path());
+    ca.write_server_pair(&pem.cert, &pem.key);
+    let bus = Bus::start_with(dir.path(), &ca, &pem, |c| {
+        c.http.header_timeout_s = 2;
+        c.http.max_connections = 64;
+    })
+    .await;
+    // Half the cap in connections that open TCP and never send a ClientHello.
+    let mut silent = Vec::new();
+    for _ in 0..32 {
+        silent.push(
+            tokio::net::TcpStream::connect(bus.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let answer = bus.https.send(bus.https.get("/healthz")).await;
+    assert_eq!(
+        answer.status, 200,
+        "an honest request behind silent handshakes"
+    );
+    for (i, stream) in silent.iter_mut().enumerate() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 16];
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .is_ok_and(|read| matches!(read, Ok(0) | Err(_)));
+        assert!(closed, "silent handshake {i} was never closed");
+    }
     bus.stop().await;
 }
 
