@@ -401,3 +401,66 @@ async fn the_bus_own_state_is_out_of_every_token_s_reach() {
     assert_eq!(listed.body["channels"], json!([]), "{}", listed.body);
     bus.stop().await;
 }
+
+/// Narrowed tokens against the webhook API of the hooks service: a client token has none of it,
+/// a narrowed service token registers only within its grant, and nobody sees or deletes another
+/// owner's webhook.
+#[tokio::test]
+async fn the_webhook_api_gives_each_token_its_own_and_no_more() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, allow_loopback).await;
+    let api = &bus.endpoints.api;
+    let auth = &bus.endpoints.auth;
+    let service = bus.endpoints.service_token().await;
+    let narrow = auth
+        .token(
+            Some(&service),
+            json!({"subscribe": ["billing.*"], "publish": ["billing.*"]}),
+        )
+        .await;
+    let client = auth
+        .client_token(&service, "alice", &["billing.a"], &[])
+        .await;
+    let url = start_receiver(Arc::default()).await;
+    let register = |token: String, channels: Value| {
+        let body = json!({"url": url, "channels": channels, "secret": SECRET});
+        api.send(api.post("/v1/webhooks").bearer_auth(token).json(&body))
+    };
+
+    assert_eq!(
+        register(client.clone(), json!(["billing.a"])).await.status,
+        403
+    );
+    let listed = api.send(api.get("/v1/webhooks").bearer_auth(&client)).await;
+    assert_eq!(listed.status, 403);
+    assert_eq!(
+        register(narrow.clone(), json!(["inbox.*"])).await.status,
+        403
+    );
+    assert_eq!(register(narrow.clone(), json!([">"])).await.status, 403);
+
+    let own = register(service.clone(), json!(["orders.*"])).await;
+    assert_eq!(own.status, 201, "{}", own.body);
+    let id = own.body["id"].as_str().expect("id");
+    // Another identity is another owner.
+    let other_client = auth.client_token(&service, "mallory", &["x.a"], &[]).await;
+    for token in [&client, &other_client] {
+        let shown = api
+            .send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(token))
+            .await;
+        assert!(matches!(shown.status.as_u16(), 403 | 404), "{}", shown.body);
+        let deleted = api
+            .send(api.delete(&format!("/v1/webhooks/{id}")).bearer_auth(token))
+            .await;
+        assert!(
+            matches!(deleted.status.as_u16(), 403 | 404),
+            "{}",
+            deleted.body
+        );
+    }
+    let still = api
+        .send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(&service))
+        .await;
+    assert_eq!(still.status, 200, "the owner still has it");
+    bus.stop().await;
+}
