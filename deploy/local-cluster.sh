@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The topology of deploy/compose.yaml as plain processes, for machines without a container engine:
-# nats-server, store, auth, two hooks, ingest and two gateways, each started with the environment compose.yaml
+# nats-server, store, two auth, two hooks, ingest and two gateways, each started with the environment compose.yaml
 # gives it (read from that file), host names replaced by 127.0.0.1. The entry proxy is replaced
-# by direct ports: ingest :7003, auth :7002, hooks :7006 and :7007, gateway-a :7004, gateway-b :7005.
+# by direct ports: ingest :7003, auth :7002 and :7008 (the services use the first), hooks :7006 and
+# :7007, gateway-a :7004, gateway-b :7005.
 #
 #   cargo build --release -p eventbus && deploy/local-cluster.sh      # Ctrl-C stops everything
 #
@@ -72,7 +73,8 @@ nats_password=$(grep -E '^EVENTBUS_NATS_PASSWORD=' "$envfile" | cut -d= -f2-)
 nats-server --addr 127.0.0.1 --port "$nats_port" ${nats_user:+--user "$nats_user" --pass "$nats_password"} >"$data/nats.log" 2>&1 &
 pids+=($!)
 run store store 7001
-run auth auth 7002
+run auth-a auth 7002
+run auth-b auth 7008
 run hooks-a hooks 7006
 run hooks-b hooks 7007
 run ingest ingest 7003

@@ -4,9 +4,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Build scripts run single-threaded, so setting the variable cannot race; it is how prost-build
     // is told which protoc to run.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    tonic_prost_build::configure()
-        .bytes(".")
-        .compile_protos(&["protos/store.proto", "protos/auth.proto"], &["protos"])?;
+    tonic_prost_build::configure().bytes(".").compile_protos(
+        &[
+            "protos/store.proto",
+            "protos/auth.proto",
+            "protos/presence.proto",
+        ],
+        &["protos"],
+    )?;
     println!("cargo:rerun-if-changed=protos");
     Ok(())
 }

@@ -1,11 +1,17 @@
 //! A gateway's side of presence: connections tell the [`Reporter`] what they join and leave; it
-//! reports the changes, and everything it holds every third of its ttl, to auth over gRPC (in
-//! chunks under the message limit). [`check_report`] is the rule auth applies to what it receives.
+//! publishes the changes, and everything it holds every third of its ttl, on the backbone's
+//! presence topic, numbered and in chunks; every auth replica folds them into the same registry.
+//! A replica that misses a number (the backbone is at-most-once) or starts late asks for a full
+//! report on the resync topic, and the gateway sends one at once. [`decode_report`] is the rule a
+//! listener applies to what it receives.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_proto::auth as pb;
+use eventbus_proto::presence::{self as pb, REPORTS_TOPIC, RESYNC_TOPIC};
+use eventbus_router::{Backbone, Messages};
+use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -43,7 +49,7 @@ enum Change {
     Flush(oneshot::Sender<()>),
 }
 
-/// A gateway's side: connections tell it what they join and leave; it reports to auth.
+/// A gateway's side: connections tell it what they join and leave; it reports on the backbone.
 #[derive(Clone)]
 pub struct Reporter {
     tx: mpsc::UnboundedSender<Change>,
@@ -64,23 +70,12 @@ impl Drop for Membership {
 }
 
 impl Reporter {
-    /// Starts reporting for gateway `gateway` to the auth service at `auth_url`.
-    pub fn start(
-        auth_url: &str,
-        credential: eventbus_runtime::internal::Credential,
-        trust: &eventbus_runtime::tls::Trust,
-        gateway: String,
-        ttl: Duration,
-    ) -> Result<Self, String> {
-        let endpoint = eventbus_runtime::tls::grpc_endpoint(auth_url, trust)
-            .map_err(|err| format!("auth URL {auth_url:?}: {err}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5));
-        let client =
-            pb::auth_client::AuthClient::with_interceptor(endpoint.connect_lazy(), credential);
+    /// Starts reporting for gateway `gateway` on `backbone`; entries expire `ttl` after the last
+    /// report unless renewed.
+    pub fn start(backbone: Arc<dyn Backbone>, gateway: String, ttl: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(report_loop(client, gateway, ttl, rx));
-        Ok(Reporter { tx })
+        tokio::spawn(report_loop(backbone, gateway, ttl, rx));
+        Reporter { tx }
     }
 
     /// Reports that `entry` joined; the leave is reported when the result is dropped.
@@ -92,7 +87,7 @@ impl Reporter {
         }
     }
 
-    /// Sends what is pending now, and waits (at most `wait`) until auth has it.
+    /// Sends what is pending now, and waits (at most `wait`) until it has left on the backbone.
     pub async fn flush(&self, wait: Duration) {
         let (done, acked) = oneshot::channel();
         if self.tx.send(Change::Flush(done)).is_ok() {
@@ -101,45 +96,85 @@ impl Reporter {
     }
 }
 
-/// Entries per report: a report stays well under the gRPC message limit (4 MiB) and under what
-/// auth accepts ([`MAX_REPORT_ENTRIES`]) whatever the gateway holds.
+/// Entries per report at most, and bytes: a report stays well under NATS's default message limit
+/// (1 MiB) and under what a listener accepts ([`MAX_REPORT_ENTRIES`]) whatever the gateway holds.
 const CHUNK_ENTRIES: usize = 10_000;
-/// Most entries auth takes in one report.
+const CHUNK_BYTES: usize = 256 * 1024;
+/// Most entries a listener takes in one report.
 pub const MAX_REPORT_ENTRIES: usize = 20_000;
 /// The ttl a report may ask for, in seconds.
 pub const REPORT_TTL_S: std::ops::RangeInclusive<u32> = 1..=3600;
 
-/// Sends one report as several: the first replaces (when `full`), the rest add to it.
+/// The next chunk of `entries`: as many as fit the limits (at least one).
+fn take_chunk(
+    entries: &mut Vec<pb::PresenceEntry>,
+    room: &mut usize,
+    bytes: &mut usize,
+) -> Vec<pb::PresenceEntry> {
+    let mut n = 0;
+    while n < entries.len() && *room > 0 {
+        let size = entries[n].encoded_len() + 4;
+        if *bytes + size > CHUNK_BYTES && (*bytes > 0 || n > 0) {
+            *room = 0;
+            break;
+        }
+        *bytes += size;
+        *room -= 1;
+        n += 1;
+    }
+    entries.drain(..n).collect()
+}
+
+/// Sends one report as several, numbered from `number + 1`: the first replaces (when `full`),
+/// the rest add to it. Returns the last number used.
 async fn send_in_chunks(
-    client: &mut pb::auth_client::AuthClient<
-        tonic::service::interceptor::InterceptedService<
-            tonic::transport::Channel,
-            eventbus_runtime::internal::Credential,
-        >,
-    >,
+    backbone: &dyn Backbone,
     gateway: &str,
     ttl_s: u32,
     full: bool,
+    mut number: u64,
     mut joined: Vec<pb::PresenceEntry>,
     mut left: Vec<pb::PresenceEntry>,
-) -> Result<(), tonic::Status> {
+) -> Result<u64, eventbus_router::BackboneError> {
     let mut first = true;
     loop {
-        let take_joined = joined.len().min(CHUNK_ENTRIES);
-        let take_left = left.len().min(CHUNK_ENTRIES - take_joined);
+        let (mut room, mut bytes) = (CHUNK_ENTRIES, 0);
+        let joined_now = take_chunk(&mut joined, &mut room, &mut bytes);
+        let left_now = take_chunk(&mut left, &mut room, &mut bytes);
+        number += 1;
         let report = pb::PresenceReport {
             gateway: gateway.to_owned(),
             ttl_s,
             full: full && first,
-            joined: joined.drain(..take_joined).collect(),
-            left: left.drain(..take_left).collect(),
+            joined: joined_now,
+            left: left_now,
+            number,
         };
-        client.report_presence(report).await?;
+        backbone
+            .send(REPORTS_TOPIC, report.encode_to_vec().into())
+            .await?;
         first = false;
         if joined.is_empty() && left.is_empty() {
-            return Ok(());
+            return Ok(number);
         }
     }
+}
+
+/// A request for a full report from `gateway`, or from every gateway when `None`.
+pub fn resync_request(gateway: Option<&str>) -> bytes::Bytes {
+    pb::PresenceResync {
+        gateway: gateway.unwrap_or_default().to_owned(),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// A report as received: decoded, and one a gateway could have sent (bounded ttl and size, names
+/// that are identities and channels). Anything else is refused whole.
+pub fn decode_report(payload: &[u8]) -> Result<pb::PresenceReport, String> {
+    let report = pb::PresenceReport::decode(payload).map_err(|err| err.to_string())?;
+    check_report(&report)?;
+    Ok(report)
 }
 
 /// Whether a report is one a gateway could have sent: bounded ttl and size, names that are
@@ -171,13 +206,14 @@ pub fn check_report(report: &pb::PresenceReport) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a resync request asks `gateway` for a full report.
+fn asks(payload: &[u8], gateway: &str) -> bool {
+    pb::PresenceResync::decode(payload)
+        .is_ok_and(|request| request.gateway.is_empty() || request.gateway == gateway)
+}
+
 async fn report_loop(
-    mut client: pb::auth_client::AuthClient<
-        tonic::service::interceptor::InterceptedService<
-            tonic::transport::Channel,
-            eventbus_runtime::internal::Credential,
-        >,
-    >,
+    backbone: Arc<dyn Backbone>,
     gateway: String,
     ttl: Duration,
     mut rx: mpsc::UnboundedReceiver<Change>,
@@ -187,9 +223,17 @@ async fn report_loop(
     let (mut joined, mut left): (Vec<Entry>, Vec<Entry>) = (Vec::new(), Vec::new());
     let mut full = true;
     let mut failing = false;
+    let mut number = 0;
     let mut keepalive = tokio::time::interval(ttl / 3);
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut resync: Option<Messages> = None;
     loop {
+        if resync.is_none() {
+            match backbone.listen(RESYNC_TOPIC).await {
+                Ok(messages) => resync = Some(messages),
+                Err(err) => debug!(%err, "cannot listen for presence resync requests yet"),
+            }
+        }
         tokio::select! {
             change = rx.recv() => {
                 let Some(change) = change else { return };
@@ -199,7 +243,7 @@ async fn report_loop(
                     match change {
                         Change::Joined(e) => {
                             current.insert((e.connection.clone(), e.channel.clone()), e.clone());
-                            // Left and joined again before a report: auth's view stays right.
+                            // Left and joined again before a report: the listeners' view stays right.
                             match left.iter().position(|l| *l == e) {
                                 Some(i) => { left.swap_remove(i); }
                                 None => joined.push(e),
@@ -219,6 +263,15 @@ async fn report_loop(
                 }
             }
             _ = keepalive.tick() => full = true,
+            request = async { resync.as_mut()?.next().await }, if resync.is_some() => match request {
+                Some(payload) => {
+                    if asks(&payload, &gateway) {
+                        debug!("a presence listener asked for a full report");
+                        full = true;
+                    }
+                }
+                None => resync = None,
+            },
         }
         if !full && joined.is_empty() && left.is_empty() {
             for done in waiting.drain(..) {
@@ -239,23 +292,28 @@ async fn report_loop(
         };
         joined.clear();
         left.clear();
-        match send_in_chunks(&mut client, &gateway, ttl_s, full, all_joined, all_left).await {
-            Ok(_) => {
+        match send_in_chunks(
+            &*backbone, &gateway, ttl_s, full, number, all_joined, all_left,
+        )
+        .await
+        {
+            Ok(last) => {
                 if failing {
-                    debug!("presence reports reach auth again");
+                    debug!("presence reports leave on the backbone again");
                 }
+                number = last;
                 full = false;
                 failing = false;
                 for done in waiting.drain(..) {
                     let _ = done.send(());
                 }
             }
-            Err(status) => {
+            Err(err) => {
                 if !failing {
-                    warn!(error = %status.message(), "cannot report presence to auth; will send everything once it answers");
+                    warn!(%err, "cannot report presence on the backbone; will send everything once it takes messages");
                 }
                 failing = true;
-                // What was lost is resent as a whole next time.
+                // What was lost is resent as a whole next time (a full report may take any number).
                 full = true;
                 waiting.clear();
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -283,6 +341,7 @@ mod tests {
             full: false,
             joined: vec![entry("c1", "alice", "room.a")],
             left: vec![],
+            number: 1,
         };
         assert!(check_report(&good).is_ok());
         let bad = |change: &dyn Fn(&mut pb::PresenceReport)| {

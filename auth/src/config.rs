@@ -124,6 +124,10 @@ pub struct Config {
     /// gRPC address of the store, where presence events are written.
     #[arg(long = "store-url", env = "EVENTBUS_STORE_URL")]
     pub store_url: Option<String>,
+    /// This replica's name in the lease of the one that writes presence events (default: the
+    /// host name and process id; on Kubernetes the pod's name and pid 1).
+    #[arg(long = "id", env = "EVENTBUS_AUTH_ID")]
+    pub id: Option<String>,
     /// Token lifetimes.
     #[command(flatten)]
     pub settings: Settings,

@@ -1,7 +1,8 @@
 //! The identity service of eventbus: it issues JWTs (service tokens for API keys, client tokens
 //! minted by services), signs them with Ed25519 keys that it publishes as a JWKS, and serves that key
 //! set over HTTP and gRPC. Tokens are checked where they are used, by `eventbus-auth-client`'s
-//! verifier; auth also keeps the presence registry.
+//! verifier; auth also answers who is present where, from the gateways' reports on the backbone
+//! ([`presence`]). Every replica holds the same keys and the same registry, so any number may run.
 #![forbid(unsafe_code)]
 
 use eventbus_auth_client::claims;
@@ -35,22 +36,10 @@ pub enum Error {
 
 struct AuthService {
     ring: Arc<KeyRing>,
-    presence: presence::Registry,
 }
 
 #[tonic::async_trait]
 impl pb::auth_server::Auth for AuthService {
-    async fn report_presence(
-        &self,
-        request: tonic::Request<pb::PresenceReport>,
-    ) -> Result<tonic::Response<pb::PresenceReply>, tonic::Status> {
-        let report = request.into_inner();
-        eventbus_auth_client::presence::check_report(&report)
-            .map_err(tonic::Status::invalid_argument)?;
-        self.presence.apply(report);
-        Ok(tonic::Response::new(pb::PresenceReply {}))
-    }
-
     async fn get_keys(
         &self,
         _: tonic::Request<pb::GetKeysRequest>,
@@ -69,7 +58,13 @@ pub struct Service {
     pub internal: axum::Router,
 }
 
-pub fn service(config: &Config) -> Result<Service, Error> {
+/// Builds the auth service; its presence registry follows the reports on `backbone` until
+/// `shutdown`.
+pub fn service(
+    config: &Config,
+    backbone: Arc<dyn eventbus_router::Backbone>,
+    shutdown: Shutdown,
+) -> Result<Service, Error> {
     let credential = config.internal.credential().map_err(Error::Config)?;
     let ring = Arc::new(KeyRing::load_or_create(&config.keys_dir)?);
     if config.dev {
@@ -107,7 +102,16 @@ pub fn service(config: &Config) -> Result<Service, Error> {
         }
         None => None,
     };
-    let registry = presence::Registry::new(store.clone(), config.presence_events.clone());
+    let registry = presence::Registry::start(
+        backbone,
+        store,
+        config.presence_events.clone(),
+        config
+            .id
+            .clone()
+            .unwrap_or_else(eventbus_runtime::replica_id),
+        shutdown,
+    );
     let presence_api = Arc::new(http::PresenceApi {
         registry: registry.clone(),
         verifier: Verifier::new(StaticKeys(ring.jwks())),
@@ -124,21 +128,23 @@ pub fn service(config: &Config) -> Result<Service, Error> {
                 .with_state(presence_api),
         )
         .layer(origins.layer());
-    // Keys and presence reports are for the other services only: they hold the credential.
+    // Keys are for the other services only: they hold the credential.
     let internal = eventbus_runtime::internal::require(
-        tonic::service::Routes::new(pb::auth_server::AuthServer::new(AuthService {
-            ring,
-            presence: registry,
-        }))
-        .into_axum_router(),
+        tonic::service::Routes::new(pb::auth_server::AuthServer::new(AuthService { ring }))
+            .into_axum_router(),
         credential,
     );
     Ok(Service { public, internal })
 }
 
-/// Runs the auth service on `listener` until `shutdown`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
-    let service = service(&config)?;
+/// Runs the auth service on `listener` until `shutdown`, following presence on `backbone`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    backbone: Arc<dyn eventbus_router::Backbone>,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    let service = service(&config, backbone, shutdown.clone())?;
     let app = service
         .public
         .merge(service.internal)

@@ -24,10 +24,12 @@ enum Command {
         #[command(flatten)]
         backbone: eventbus_runtime::backbone::Args,
     },
-    /// The identity service: tokens and signing keys.
+    /// The identity service: tokens, signing keys and presence.
     Auth {
         #[command(flatten)]
         config: eventbus_auth::Config,
+        #[command(flatten)]
+        backbone: eventbus_runtime::backbone::Args,
     },
     /// Webhook delivery and its API.
     Hooks {
@@ -128,9 +130,10 @@ async fn run(command: Command) {
                 let backbone = backbone.connect(&config.trust).await?;
                 eventbus_store::run(config, listener, backbone, shutdown).await?;
             }
-            Command::Auth { config } => {
+            Command::Auth { config, backbone } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;
-                eventbus_auth::run(config, listener, shutdown).await?;
+                let backbone = backbone.connect(&config.trust).await?;
+                eventbus_auth::run(config, listener, backbone, shutdown).await?;
             }
             Command::Hooks { config } => {
                 let listener = eventbus_runtime::bind(config.listen).await?;

@@ -118,7 +118,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth_config.settings = config.auth.clone();
     auth_config.cors = config.cors.clone();
     auth_config.trust = config.trust.clone();
-    let auth = eventbus_auth::service(&auth_config)?;
+    // One process, one replica: a restart takes its own presence lease back at once.
+    auth_config.id = Some("all-in-one".into());
+    let auth = eventbus_auth::service(&auth_config, backbone.clone(), shutdown.clone())?;
     let auth_listener = loopback().await?;
     let auth_url = format!("http://{}", auth_listener.local_addr()?);
     let auth_internal = tokio::spawn({

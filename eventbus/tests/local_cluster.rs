@@ -1,6 +1,6 @@
 //! The compose topology as plain processes (`deploy/local-cluster.sh`, which takes each service's
 //! environment from deploy/compose.yaml): an event published through ingest reaches subscribers on
-//! both gateways, and presence (configured by deploy/.env.example) sees them.
+//! both gateways, and presence (configured by deploy/.env.example) sees them, from either auth.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -93,6 +93,16 @@ async fn the_compose_topology_runs_as_processes_end_to_end() {
         (history.status == 200 && history.body["events"][0]["key"] == "tester").then_some(())
     })
     .await;
+    // Both auth replicas know who is there: the gateways' reports reach each over NATS.
+    for auth in [&auth, &Http::new("http://127.0.0.1:7008")] {
+        eventually("both auth replicas to see the tester", || async {
+            let answer = auth
+                .send(auth.get("/v1/presence/rooms.hall").bearer_auth(&service))
+                .await;
+            (answer.status == 200 && answer.body["count"] == 1).then_some(())
+        })
+        .await;
+    }
     a.close().await;
     b.close().await;
     drop(topology);

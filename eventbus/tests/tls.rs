@@ -346,7 +346,13 @@ async fn services_reach_the_store_auth_and_nats_over_tls() {
             .parse()
             .expect("api key"),
     ];
-    tokio::spawn(eventbus_auth::run(auth, listener, shutdown.clone()));
+    let auth_backbone = backbone.connect(&trust).await.expect("auth to NATS");
+    tokio::spawn(eventbus_auth::run(
+        auth,
+        listener,
+        auth_backbone,
+        shutdown.clone(),
+    ));
 
     let (listener, ingest_url) = bind().await;
     let mut ingest = eventbus_ingest::Config::new(store_url.clone(), auth_url.clone());

@@ -110,7 +110,7 @@ impl Drain {
                 "grace period over, dropping the remaining connections"
             );
         }
-        // The leaves of the closed connections reach auth now rather than at expiry.
+        // The leaves of the closed connections are reported now rather than found at expiry.
         self.presence.flush(Duration::from_secs(2)).await;
     }
 }
@@ -122,7 +122,6 @@ pub fn service(
     shutdown: Shutdown,
 ) -> Result<Service, Error> {
     let connections = TaskTracker::new();
-    let credential = config.upstream.credential().map_err(Error::Config)?;
     let store = StoreClient::for_upstream(&config.upstream)
         .map_err(|err| Error::Config(err.to_string()))?;
     let id = config
@@ -130,13 +129,10 @@ pub fn service(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned());
     let presence = eventbus_auth_client::presence::Reporter::start(
-        &config.upstream.auth_url,
-        credential.clone(),
-        &config.upstream.trust,
+        backbone.clone(),
         id.clone(),
         Duration::from_secs(config.settings.presence_ttl_s.max(1)),
-    )
-    .map_err(Error::Config)?;
+    );
     let gateway = Arc::new(Gateway {
         hub: hub::Hub::with_tail_check(
             backbone,

@@ -64,7 +64,8 @@ pub struct Config {
     )]
     pub webhooks_dir: PathBuf,
     /// This replica's name in the delivery lease; a replica that restarts under the same name
-    /// delivers again at once (default: the host name, which is the pod's name on Kubernetes).
+    /// delivers again at once (default: the host name and process id; on Kubernetes the pod's
+    /// name and pid 1, the same after a restart).
     #[arg(long = "id", env = "EVENTBUS_HOOKS_ID")]
     pub id: Option<String>,
     #[command(flatten)]

@@ -8,7 +8,6 @@
 pub mod config;
 pub mod destinations;
 mod http;
-pub mod lease;
 pub mod state;
 pub mod webhooks;
 
@@ -32,7 +31,7 @@ pub enum Error {
 }
 
 /// The webhook API's routes, for [`run`] and for the all-in-one listener; this replica delivers
-/// while it holds the lease (see [`lease`]).
+/// while it holds the lease (see [`eventbus_store_client::lease`]).
 pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router, Error> {
     let store = StoreClient::for_upstream(&config.upstream)
         .map_err(|err| Error::Config(err.to_string()))?;
@@ -48,7 +47,10 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
             trust: config.upstream.trust.clone(),
         },
         store,
-        config.id.clone().unwrap_or_else(default_id),
+        config
+            .id
+            .clone()
+            .unwrap_or_else(eventbus_runtime::replica_id),
         Some(&config.webhooks_dir),
         shutdown,
     )
@@ -72,16 +74,6 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
         )
         .with_state(api)
         .layer(origins.layer()))
-}
-
-/// The host name (the pod's on Kubernetes), else a random name.
-fn default_id() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
 }
 
 /// Runs the hooks service on `listener` until `shutdown`.

@@ -3,11 +3,10 @@
 //! never on the backbone).
 //! - registrations: one compacted key per webhook (a tombstone deletes it);
 //! - progress: one compacted key per webhook: positions, state, failures, last error;
-//! - lease: who delivers now (see [`crate::lease`]).
+//! - lease: who delivers now (see [`eventbus_store_client::lease`]).
 
 use std::collections::BTreeMap;
 
-use eventbus_model::Limits;
 use eventbus_store_client::{StoreClient, StoreError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -15,8 +14,6 @@ use serde::{Deserialize, Serialize};
 pub const REGISTRATIONS: &str = "_bus.hooks.registrations";
 pub const PROGRESS: &str = "_bus.hooks.progress";
 pub const LEASE: &str = "_bus.hooks.lease";
-/// The source of the events the bus writes itself.
-const SOURCE: &str = "eventbus";
 
 /// What a service registered: fixed for the webhook's life.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,21 +71,9 @@ impl Kept {
         data: serde_json::Value,
         deleted: bool,
     ) -> Result<u64, StoreError> {
-        let mut event =
-            serde_json::json!({"channel": channel, "type": "eventbus.hooks", "data": data});
-        if let Some(key) = key {
-            event["key"] = key.into();
-        }
-        if deleted {
-            event["deleted"] = true.into();
-        }
-        let limits = Limits {
-            max_event_bytes: 1024 * 1024,
-        };
-        let accepted = eventbus_model::parse_event(event.to_string().as_bytes(), SOURCE, &limits)
-            .map_err(|err| StoreError::Invalid(err.to_string()))?;
-        let appended = self.store.append(vec![accepted]).await?;
-        Ok(appended.first().map_or(0, |a| a.seq))
+        self.store
+            .append_own(channel, "eventbus.hooks", key, data, deleted)
+            .await
     }
 
     pub async fn put_registration(&self, registration: &Registration) -> Result<(), StoreError> {

@@ -3,7 +3,7 @@
 //!
 //! Registrations and delivery positions are kept in the store ([`crate::state`]), so any replica
 //! serves the API and none needs a volume. One replica delivers at a time, the holder of the lease
-//! ([`crate::lease`]); when it dies, another takes over from the positions it saved. A position is
+//! ([`eventbus_store_client::lease`]); when it dies, another takes over from the positions it saved. A position is
 //! saved only after the receiver answered 2xx, so a takeover or a crash can repeat a delivery but
 //! never skip one. Each webhook has its own task: a slow or dead receiver delays nobody else. New
 //! events are found by polling the store's channel heads, so delivery lags commits by up to that
@@ -23,9 +23,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::destinations::{Guard, Resolver};
-use crate::lease::{self, Lease, now_ms};
 pub use crate::state::State;
 use crate::state::{Kept, Progress, Registration};
+use eventbus_store_client::lease::{self, Lease, now_ms};
 
 pub const SIGNATURE_HEADER: &str = "X-Eventbus-Signature";
 
@@ -450,12 +450,12 @@ async fn import_legacy(kept: &Kept, dir: &std::path::Path) -> Result<(), Webhook
 /// The lease, looked at every [`lease::LOOK_EVERY`]: while this replica holds it, every active
 /// webhook has a delivery task; when it loses it, they stop.
 async fn lead(webhooks: Webhooks, instance: String, shutdown: eventbus_runtime::Shutdown) {
-    let mut lease = Lease::new(instance);
+    let mut lease = Lease::new(instance, crate::state::LEASE);
     let mut holding = false;
     let stopping = shutdown.wait();
     tokio::pin!(stopping);
     loop {
-        let holds = match lease.look(&webhooks.inner.kept).await {
+        let holds = match lease.look(webhooks.inner.kept.store()).await {
             Ok(holds) => holds,
             Err(err) => {
                 debug!(cause = %err, "cannot look at the webhook lease now");
@@ -488,7 +488,7 @@ async fn lead(webhooks: Webhooks, instance: String, shutdown: eventbus_runtime::
             _ = &mut stopping => {
                 webhooks.inner.deliver_until.store(0, Ordering::Relaxed);
                 webhooks.stop_all();
-                if let Err(err) = lease.release(&webhooks.inner.kept).await {
+                if let Err(err) = lease.release(webhooks.inner.kept.store()).await {
                     debug!(cause = %err, "cannot give the webhook lease up; it runs out by itself");
                 }
                 return;

@@ -1,4 +1,5 @@
-//! The gRPC contracts between eventbus services (tonic/prost), generated at build time from
+//! The gRPC contracts between eventbus services, and the messages they send one another over the
+//! backbone (tonic/prost), generated at build time from
 //! `protos/` with a vendored `protoc`. The public JSON event model is not re-declared here: events
 //! travel as the opaque JSON bytes the model crate produced.
 
@@ -17,4 +18,14 @@ pub mod store {
 
 pub mod auth {
     tonic::include_proto!("eventbus.auth.v1");
+}
+
+/// Presence reports, carried on the backbone rather than over gRPC (no service is generated).
+pub mod presence {
+    tonic::include_proto!("eventbus.presence.v1");
+
+    /// The backbone topic of gateways' reports.
+    pub const REPORTS_TOPIC: &str = "presence.reports";
+    /// The backbone topic of requests for a full report.
+    pub const RESYNC_TOPIC: &str = "presence.resync";
 }

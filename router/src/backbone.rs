@@ -1,6 +1,10 @@
 //! The backbone carries committed events from the store to the gateways. It is at-most-once and
 //! never the source of truth: a gateway repairs what it loses from the store, so a full queue here
 //! drops a message rather than slowing the publisher.
+//!
+//! It also carries the services' messages to one another (presence reports), on topics apart from
+//! every channel: on NATS, `<prefix>-internal.<topic>`, which no channel pattern matches. These are
+//! at-most-once too; their users number them and ask again for what they missed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,6 +43,17 @@ impl Subscription {
     }
 }
 
+/// The messages sent to one topic from the moment of listening; dropping it ends the interest.
+pub struct Messages {
+    stream: Pin<Box<dyn Stream<Item = bytes::Bytes> + Send>>,
+}
+
+impl Messages {
+    pub async fn next(&mut self) -> Option<bytes::Bytes> {
+        self.stream.next().await
+    }
+}
+
 #[async_trait]
 pub trait Backbone: Send + Sync + 'static {
     /// Hands one committed event to the backbone; events of one channel must be given in `seq` order.
@@ -52,6 +67,11 @@ pub trait Backbone: Send + Sync + 'static {
     ) -> Result<Subscription, BackboneError>;
     /// Whether the backbone is usable now (for readiness).
     fn is_connected(&self) -> bool;
+    /// Sends `payload` to every listener of `topic` (a message between services, not an event);
+    /// `Ok` once it has left this process.
+    async fn send(&self, topic: &str, payload: bytes::Bytes) -> Result<(), BackboneError>;
+    /// Every message sent to `topic` from now on.
+    async fn listen(&self, topic: &str) -> Result<Messages, BackboneError>;
 }
 
 /// Depth of each in-process subscription's queue: past it, messages are dropped like on NATS.
@@ -63,12 +83,16 @@ struct Member {
     tx: mpsc::Sender<BackboneMessage>,
 }
 
+/// A listener of one topic.
+type Listener = (String, mpsc::Sender<bytes::Bytes>);
+
 /// The backbone of the all-in-one mode: an in-process fan-out with NATS's semantics (subject
 /// patterns, queue groups, at-most-once).
 #[derive(Clone, Default)]
 pub struct InProcessBackbone {
     members: Arc<std::sync::Mutex<Vec<Member>>>,
     next_pick: Arc<AtomicUsize>,
+    listeners: Arc<std::sync::Mutex<Vec<Listener>>>,
 }
 
 impl InProcessBackbone {
@@ -126,6 +150,31 @@ impl Backbone for InProcessBackbone {
 
     fn is_connected(&self) -> bool {
         true
+    }
+
+    async fn send(&self, topic: &str, payload: bytes::Bytes) -> Result<(), BackboneError> {
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        listeners.retain(|(_, tx)| !tx.is_closed());
+        for (_, tx) in listeners.iter().filter(|(t, _)| t == topic) {
+            if tx.try_send(payload.clone()).is_err() {
+                debug!(topic, "in-process listener behind, message dropped");
+            }
+        }
+        Ok(())
+    }
+
+    async fn listen(&self, topic: &str) -> Result<Messages, BackboneError> {
+        let (tx, rx) = mpsc::channel(IN_PROCESS_QUEUE);
+        self.listeners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((topic.to_owned(), tx));
+        Ok(Messages {
+            stream: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        })
     }
 }
 
@@ -265,6 +314,30 @@ impl Backbone for NatsBackbone {
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    async fn send(&self, topic: &str, payload: bytes::Bytes) -> Result<(), BackboneError> {
+        self.client
+            .publish(subject::internal(&self.prefix, topic), payload)
+            .await
+            .map_err(|err| BackboneError::Publish(err.to_string()))?;
+        // Out of the client's buffer before `Ok`: a service that stops right after (a gateway
+        // reporting its last leaves) does not take the message with it.
+        self.client
+            .flush()
+            .await
+            .map_err(|err| BackboneError::Publish(err.to_string()))
+    }
+
+    async fn listen(&self, topic: &str) -> Result<Messages, BackboneError> {
+        let subscriber = self
+            .client
+            .subscribe(subject::internal(&self.prefix, topic))
+            .await
+            .map_err(|err| BackboneError::Subscribe(err.to_string()))?;
+        Ok(Messages {
+            stream: Box::pin(subscriber.map(|message| message.payload)),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -308,5 +381,26 @@ mod tests {
             group_total, 4,
             "each event reaches exactly one group member"
         );
+    }
+
+    #[tokio::test]
+    async fn in_process_messages_reach_every_listener_of_their_topic_only() {
+        let bus = InProcessBackbone::new();
+        let mut first = bus.listen("presence.reports").await.unwrap();
+        let mut second = bus.listen("presence.reports").await.unwrap();
+        let mut other = bus.listen("presence.resync").await.unwrap();
+        let mut events = bus.subscribe(">", None).await.unwrap();
+        bus.send("presence.reports", bytes::Bytes::from_static(b"r1"))
+            .await
+            .unwrap();
+        bus.send("presence.resync", bytes::Bytes::from_static(b"s1"))
+            .await
+            .unwrap();
+        assert_eq!(first.next().await.unwrap(), "r1");
+        assert_eq!(second.next().await.unwrap(), "r1");
+        assert_eq!(other.next().await.unwrap(), "s1");
+        drop(bus);
+        assert!(first.next().await.is_none());
+        assert!(events.next().await.is_none(), "no message is an event");
     }
 }

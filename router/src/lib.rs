@@ -12,7 +12,8 @@ pub mod permissions;
 pub mod subject;
 
 pub use backbone::{
-    Backbone, BackboneError, BackboneMessage, InProcessBackbone, NatsBackbone, Subscription,
+    Backbone, BackboneError, BackboneMessage, InProcessBackbone, Messages, NatsBackbone,
+    Subscription,
 };
 pub use pattern::{PatternError, covers, matches, validate_pattern};
 pub use permissions::{Denied, Grant, Role};

@@ -8,6 +8,12 @@ pub fn for_channel(prefix: &str, channel_or_pattern: &str) -> String {
     format!("{prefix}.{channel_or_pattern}")
 }
 
+/// The subject of the services' messages on `topic`: beside the channels' subjects, never under
+/// them, so that no channel pattern (not even `>`) matches it.
+pub fn internal(prefix: &str, topic: &str) -> String {
+    format!("{prefix}-internal.{topic}")
+}
+
 /// The channel of a subject, if the subject belongs to this prefix.
 pub fn channel_of<'a>(prefix: &str, subject: &'a str) -> Option<&'a str> {
     subject.strip_prefix(prefix)?.strip_prefix('.')
@@ -23,5 +29,7 @@ mod tests {
         assert_eq!(subject, "eventbus.ch.chat.room-7");
         assert_eq!(channel_of(DEFAULT_PREFIX, &subject), Some("chat.room-7"));
         assert_eq!(channel_of(DEFAULT_PREFIX, "other.x"), None);
+        let internal = internal(DEFAULT_PREFIX, "presence.reports");
+        assert_eq!(channel_of(DEFAULT_PREFIX, &internal), None);
     }
 }

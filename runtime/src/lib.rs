@@ -184,6 +184,19 @@ where
         )
 }
 
+/// A name for this replica among others of its role (in leases): the host name (the pod's on
+/// Kubernetes) and the process id, so that two replicas on one machine differ while a pod that
+/// restarts (its process is pid 1 again) comes back under its own name.
+pub fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "eventbus".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 /// Binds a TCP listener, naming the address in the error.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)

@@ -1,5 +1,9 @@
 //! The store as its callers (ingest, gateway) see it: a typed gRPC client whose errors say what the
-//! caller should do (retry later, or fix the request).
+//! caller should do (retry later, or fix the request); and what services build on it: the bus's
+//! own events ([`StoreClient::append_own`]) and a [`lease::Lease`] that lets one replica of many
+//! act at a time.
+
+pub mod lease;
 
 use std::time::Duration;
 
@@ -87,6 +91,9 @@ pub struct Page {
     pub first: u64,
 }
 
+/// The source of the events the bus writes itself.
+pub const OWN_SOURCE: &str = "eventbus";
+
 #[derive(Clone)]
 pub struct StoreClient {
     inner: GrpcClient<InterceptedService<Channel, Credential>>,
@@ -169,6 +176,34 @@ impl StoreClient {
                 duplicate: r.duplicate,
             })
             .collect())
+    }
+
+    /// Appends one of the bus's own events (source `eventbus`) to `channel`: the state of the
+    /// services kept in the store, and the events they write (presence). Returns its seq.
+    pub async fn append_own(
+        &self,
+        channel: &str,
+        kind: &str,
+        key: Option<&str>,
+        data: serde_json::Value,
+        deleted: bool,
+    ) -> Result<u64, StoreError> {
+        let mut event = serde_json::json!({"channel": channel, "type": kind, "data": data});
+        if let Some(key) = key {
+            event["key"] = key.into();
+        }
+        if deleted {
+            event["deleted"] = true.into();
+        }
+        // The bus's own state may be larger than what publishers are allowed.
+        let limits = eventbus_model::Limits {
+            max_event_bytes: 1024 * 1024,
+        };
+        let accepted =
+            eventbus_model::parse_event(event.to_string().as_bytes(), OWN_SOURCE, &limits)
+                .map_err(|err| StoreError::Invalid(err.to_string()))?;
+        let appended = self.append(vec![accepted]).await?;
+        Ok(appended.first().map_or(0, |a| a.seq))
     }
 
     pub async fn read(

@@ -54,7 +54,7 @@ pub struct Cluster {
     pub auth_url: String,
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn listener() -> TcpListener {
@@ -92,19 +92,26 @@ impl Cluster {
         store_url: Option<String>,
         tune: impl FnOnce(&mut eventbus_store::Config),
     ) -> Cluster {
-        Self::start_full(store_url, tune, false).await
+        Self::start_full(store_url, tune, false, true).await
+    }
+
+    /// As [`Cluster::start`], but its auth writes no presence events: a test runs replicas of
+    /// auth of its own (with [`Cluster::auth_keys_dir`]) that do, and can kill them.
+    pub async fn start_with_presence_elsewhere() -> Cluster {
+        Self::start_full(None, |_| {}, false, false).await
     }
 
     /// A cluster whose store publishes to a backbone nobody listens to: the gateways hear only
     /// what a test itself puts on NATS, so a test can lose backbone messages at will.
     pub async fn start_with_detached_store() -> Cluster {
-        Self::start_full(None, |_| {}, true).await
+        Self::start_full(None, |_| {}, true, true).await
     }
 
     async fn start_full(
         store_url: Option<String>,
         tune: impl FnOnce(&mut eventbus_store::Config),
         detached_store: bool,
+        presence_events: bool,
     ) -> Cluster {
         let nats = NatsServer::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
@@ -143,11 +150,14 @@ impl Cluster {
                 .parse()
                 .expect("api key"),
         ];
-        auth_config.presence_events = vec![PRESENCE_EVENTS.to_owned()];
+        if presence_events {
+            auth_config.presence_events = vec![PRESENCE_EVENTS.to_owned()];
+        }
         auth_config.store_url = Some(store_url.clone());
         tasks.push(spawn(eventbus_auth::run(
             auth_config,
             auth_listener,
+            nats_backbone(&nats).await,
             shutdown.clone(),
         )));
 
@@ -172,7 +182,7 @@ impl Cluster {
             auth_url,
             shutdown,
             tasks,
-            _dir: dir,
+            dir,
         };
         cluster.endpoints.ws = cluster.add_gateway().await;
         cluster
@@ -202,6 +212,12 @@ impl Cluster {
             self.shutdown.clone(),
         )));
         url
+    }
+
+    /// The signing keys of the cluster's auth: another auth replica given them issues tokens
+    /// every service of the cluster accepts.
+    pub fn auth_keys_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("auth")
     }
 
     /// Stops every service gracefully and waits for them.

@@ -1,4 +1,5 @@
-//! One replica of the hooks service delivers at a time: the holder of a lease kept in the store.
+//! One replica of a service acts at a time (hooks delivering webhooks, auth writing presence
+//! events): the holder of a lease kept in one of the bus's own channels in the store.
 //!
 //! The lease channel is a list of claims `{holder, at_ms, until_ms, prev}`. A claim counts when
 //! `prev` is the seq just before its own (its author had read the whole channel: the store's
@@ -11,10 +12,9 @@
 
 use std::time::Duration;
 
-use eventbus_store_client::StoreError;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Kept, LEASE};
+use crate::{StoreClient, StoreError};
 
 /// How long a claim lasts.
 pub const LENGTH: Duration = Duration::from_secs(10);
@@ -34,6 +34,7 @@ struct Claim {
 /// One replica's view of the lease.
 pub struct Lease {
     me: String,
+    channel: String,
     /// The last seq of the lease channel applied.
     last: u64,
     holder: Option<(String, u64)>,
@@ -46,9 +47,11 @@ pub fn now_ms() -> u64 {
 }
 
 impl Lease {
-    pub fn new(me: String) -> Lease {
+    /// The lease kept on `channel`, as replica `me` sees it.
+    pub fn new(me: String, channel: &str) -> Lease {
         Lease {
             me,
+            channel: channel.to_owned(),
             last: 0,
             holder: None,
         }
@@ -69,9 +72,9 @@ impl Lease {
     }
 
     /// Reads what was claimed since the last look.
-    async fn catch_up(&mut self, kept: &Kept) -> Result<(), StoreError> {
+    async fn catch_up(&mut self, store: &StoreClient) -> Result<(), StoreError> {
         loop {
-            let page = match kept.store().read(LEASE, self.last, 1000, false).await {
+            let page = match store.read(&self.channel, self.last, 1000, false).await {
                 Ok(page) => page,
                 Err(StoreError::OutOfRange(_)) => return Ok(()),
                 Err(err) => return Err(err),
@@ -89,8 +92,8 @@ impl Lease {
     }
 
     /// Looks at the lease, claims or renews it when due; whether this replica may deliver now.
-    pub async fn look(&mut self, kept: &Kept) -> Result<bool, StoreError> {
-        self.catch_up(kept).await?;
+    pub async fn look(&mut self, store: &StoreClient) -> Result<bool, StoreError> {
+        self.catch_up(store).await?;
         let now = now_ms();
         let due = match &self.holder {
             None => true,
@@ -100,27 +103,43 @@ impl Lease {
             Some((_, until)) => *until < now,
         };
         if due {
-            self.claim(kept, now, now + LENGTH.as_millis() as u64)
+            self.claim(store, now, now + LENGTH.as_millis() as u64)
                 .await?;
-            self.catch_up(kept).await?;
+            self.catch_up(store).await?;
         }
         Ok(self.holds(now_ms()))
     }
 
+    /// Who holds the lease now, as far as the claims written so far say (without claiming it).
+    pub async fn holder(&mut self, store: &StoreClient) -> Result<Option<String>, StoreError> {
+        self.catch_up(store).await?;
+        let now = now_ms();
+        Ok(self
+            .holder
+            .as_ref()
+            .filter(|(_, until)| *until > now)
+            .map(|(holder, _)| holder.clone()))
+    }
+
     /// Gives the lease up at once if this replica holds it (a clean stop), so that another takes
     /// over at its next look rather than when the lease runs out.
-    pub async fn release(&mut self, kept: &Kept) -> Result<(), StoreError> {
-        self.catch_up(kept).await?;
+    pub async fn release(&mut self, store: &StoreClient) -> Result<(), StoreError> {
+        self.catch_up(store).await?;
         if !matches!(&self.holder, Some((holder, _)) if *holder == self.me) {
             return Ok(());
         }
         let now = now_ms();
         // A lease of its own that ends as it is claimed.
-        self.claim(kept, now, now).await
+        self.claim(store, now, now).await
     }
 
     /// Appends this replica's claim, made at `at_ms` having read up to `self.last`.
-    async fn claim(&self, kept: &Kept, at_ms: u64, until_ms: u64) -> Result<(), StoreError> {
+    async fn claim(
+        &self,
+        store: &StoreClient,
+        at_ms: u64,
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
         let claim = Claim {
             holder: self.me.clone(),
             at_ms,
@@ -128,7 +147,10 @@ impl Lease {
             prev: self.last,
         };
         let data = serde_json::to_value(&claim).unwrap_or_default();
-        kept.append(LEASE, None, data, false).await.map(|_| ())
+        store
+            .append_own(&self.channel, "eventbus.lease", None, data, false)
+            .await
+            .map(|_| ())
     }
 
     /// Until when this replica may deliver: the end of its lease less the margin (0 when it does
@@ -164,7 +186,7 @@ mod tests {
 
     #[test]
     fn the_first_complete_claim_wins_and_a_racing_one_does_not() {
-        let mut view = Lease::new("b".into());
+        let mut view = Lease::new("b".into(), "_bus.test.lease");
         view.apply(1, claim("a", 1_000, 0));
         // b claimed having read up to 0 too: it lands at 2, after a's, and does not count.
         view.apply(2, claim("b", 1_001, 0));
@@ -174,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_live_lease_is_kept_and_an_expired_one_taken_over() {
-        let mut view = Lease::new("b".into());
+        let mut view = Lease::new("b".into(), "_bus.test.lease");
         view.apply(1, claim("a", 1_000, 0));
         view.apply(2, claim("b", 5_000, 1));
         assert_eq!(
@@ -196,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_released_lease_is_taken_at_once() {
-        let mut view = Lease::new("b".into());
+        let mut view = Lease::new("b".into(), "_bus.test.lease");
         view.apply(1, claim("a", 1_000, 0));
         view.apply(
             2,
@@ -213,7 +235,7 @@ mod tests {
 
     #[test]
     fn what_is_not_a_claim_is_skipped() {
-        let mut view = Lease::new("a".into());
+        let mut view = Lease::new("a".into(), "_bus.test.lease");
         view.apply(1, None);
         view.apply(2, claim("a", 1_000, 1));
         assert!(view.holds(2_000));
