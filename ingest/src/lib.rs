@@ -1,11 +1,13 @@
 //! The ingest service: the HTTP API where services and clients publish events (`POST /v1/events`)
-//! and read a channel's history (`GET /v1/channels/{channel}/events`). It validates and authorises
+//! and read a channel's history (`GET /v1/channels/{channel}/events`), and where workers without a
+//! socket take events of durable queue groups (`/v1/groups`). It validates and authorises
 //! each request, asks the store to append, and answers 200 only once the store says the events are
 //! durable. It owns no state, so any number run side by side.
 #![forbid(unsafe_code)]
 
 mod binary_mode;
 pub mod config;
+mod groups;
 mod history;
 mod publish;
 mod snapshots;
@@ -87,6 +89,14 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
             "/v1/channels/{channel}/snapshot",
             get(snapshots::get).put(snapshots::put),
         )
+        .route("/v1/groups", get(groups::list))
+        .route(
+            "/v1/groups/{group}",
+            get(groups::get).delete(groups::delete),
+        )
+        .route("/v1/groups/{group}/fetch", post(groups::fetch))
+        .route("/v1/groups/{group}/done", post(groups::done))
+        .route("/v1/groups/{group}/reset", post(groups::reset))
         .with_state(ingest)
         .layer(origins.layer()))
 }

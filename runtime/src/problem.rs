@@ -12,6 +12,8 @@ pub enum Kind {
     Unauthorized,
     Forbidden,
     NotFound,
+    /// The request contradicts what exists (a durable group's pattern).
+    Conflict,
     /// The events asked for are no longer retained.
     Truncated,
     TooLarge,
@@ -28,6 +30,7 @@ impl Kind {
             Kind::Unauthorized => "unauthorized",
             Kind::Forbidden => "forbidden",
             Kind::NotFound => "not-found",
+            Kind::Conflict => "conflict",
             Kind::Truncated => "truncated",
             Kind::TooLarge => "too-large",
             Kind::UnsupportedMediaType => "unsupported-media-type",
@@ -43,6 +46,7 @@ impl Kind {
             Kind::Unauthorized => StatusCode::UNAUTHORIZED,
             Kind::Forbidden => StatusCode::FORBIDDEN,
             Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Conflict => StatusCode::CONFLICT,
             Kind::Truncated => StatusCode::GONE,
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -58,6 +62,7 @@ impl Kind {
             Kind::Unauthorized => "No valid token",
             Kind::Forbidden => "Not permitted",
             Kind::NotFound => "Not found",
+            Kind::Conflict => "Conflicts with what exists",
             Kind::Truncated => "No longer retained",
             Kind::TooLarge => "Too large",
             Kind::UnsupportedMediaType => "Unsupported media type",

@@ -29,6 +29,12 @@ pub enum StoreError {
     Truncated { first: u64, message: String },
     #[error("the store refused the request: {0}")]
     Invalid(String),
+    /// What the request names does not exist (a durable group).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request contradicts what exists (a group's pattern).
+    #[error("{0}")]
+    Conflict(String),
     #[error("store error: {0}")]
     Internal(String),
     /// Not stored: the store refused it for now (its disk is nearly full); retrying later is safe.
@@ -71,6 +77,8 @@ impl StoreError {
     fn from_code(code: tonic::Code, message: String) -> Self {
         match code {
             tonic::Code::OutOfRange => StoreError::OutOfRange(message),
+            tonic::Code::NotFound => StoreError::NotFound(message),
+            tonic::Code::FailedPrecondition => StoreError::Conflict(message),
             tonic::Code::InvalidArgument => StoreError::Invalid(message),
             tonic::Code::ResourceExhausted | tonic::Code::Unauthenticated => {
                 StoreError::Refused(message)
@@ -94,10 +102,38 @@ pub struct Page {
 /// The source of the events the bus writes itself.
 pub const OWN_SOURCE: &str = "eventbus";
 
+type Grpc = GrpcClient<InterceptedService<Channel, Credential>>;
+
 #[derive(Clone)]
 pub struct StoreClient {
-    inner: GrpcClient<InterceptedService<Channel, Credential>>,
+    inner: Grpc,
+    /// For calls that wait by design (a group fetch long-polls), past the usual timeout.
+    waiting: Grpc,
 }
+
+/// Longest a group fetch may wait (the store caps it too).
+pub const MAX_GROUP_WAIT: Duration = Duration::from_secs(60);
+
+/// An event handed to a member of a durable group.
+#[derive(Debug, Clone)]
+pub struct GroupEvent {
+    pub channel: String,
+    pub seq: u64,
+    /// The stored event's JSON, with its seq.
+    pub json: bytes::Bytes,
+    /// 1 the first time it is handed out.
+    pub deliveries: u32,
+}
+
+/// A group's settings a fetch may change (None: keep the group's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupSettings {
+    pub visibility_ms: Option<u64>,
+    pub max_deliveries: Option<u32>,
+    pub prefetch: Option<u32>,
+}
+
+pub use pb::GroupInfo;
 
 impl StoreClient {
     /// A client of the store at `url` (e.g. `http://127.0.0.1:7001`); it dials lazily and redials
@@ -127,15 +163,21 @@ impl StoreClient {
         trust: &Trust,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let endpoint = eventbus_runtime::tls::grpc_endpoint(url, trust)
-            .map_err(|err| StoreError::Invalid(format!("store url {url:?}: {err}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(timeout)
-            .tcp_nodelay(true);
+        let client = |timeout: Duration| -> Result<Grpc, StoreError> {
+            let endpoint = eventbus_runtime::tls::grpc_endpoint(url, trust)
+                .map_err(|err| StoreError::Invalid(format!("store url {url:?}: {err}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(timeout)
+                .tcp_nodelay(true);
+            Ok(
+                GrpcClient::with_interceptor(endpoint.connect_lazy(), credential.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+        };
         Ok(Self {
-            inner: GrpcClient::with_interceptor(endpoint.connect_lazy(), credential)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            inner: client(timeout)?,
+            waiting: client(MAX_GROUP_WAIT + timeout)?,
         })
     }
 
@@ -204,6 +246,117 @@ impl StoreClient {
                 .map_err(|err| StoreError::Invalid(err.to_string()))?;
         let appended = self.append(vec![accepted]).await?;
         Ok(appended.first().map_or(0, |a| a.seq))
+    }
+
+    /// Up to `max` events for `member` of durable group `group` (created over `pattern` when
+    /// new), waiting up to `wait` for some.
+    pub async fn group_fetch(
+        &self,
+        group: &str,
+        pattern: &str,
+        member: &str,
+        max: u32,
+        wait: Duration,
+        settings: GroupSettings,
+    ) -> Result<Vec<GroupEvent>, StoreError> {
+        let wait = wait.min(MAX_GROUP_WAIT);
+        let response = self
+            .waiting
+            .clone()
+            .group_fetch(pb::GroupFetchRequest {
+                group: group.to_owned(),
+                pattern: pattern.to_owned(),
+                member: member.to_owned(),
+                max,
+                wait_ms: wait.as_millis() as u64,
+                visibility_ms: settings.visibility_ms.unwrap_or(0),
+                max_deliveries: settings.max_deliveries.unwrap_or(0),
+                prefetch: settings.prefetch.unwrap_or(0),
+            })
+            .await?
+            .into_inner();
+        Ok(response
+            .events
+            .into_iter()
+            .map(|e| GroupEvent {
+                channel: e.channel,
+                seq: e.seq,
+                json: e.json,
+                deliveries: e.deliveries,
+            })
+            .collect())
+    }
+
+    /// A member of `group` is done with these events; how many were not done before.
+    pub async fn group_done(&self, group: &str, done: &[(String, u64)]) -> Result<u32, StoreError> {
+        let response = self
+            .inner
+            .clone()
+            .group_done(pb::GroupDoneRequest {
+                group: group.to_owned(),
+                done: done
+                    .iter()
+                    .map(|(channel, seq)| pb::Position {
+                        channel: channel.clone(),
+                        seq: *seq,
+                    })
+                    .collect(),
+            })
+            .await?
+            .into_inner();
+        Ok(response.done)
+    }
+
+    /// `member` of `group` is gone: what it held goes to the others.
+    pub async fn group_leave(&self, group: &str, member: &str) -> Result<(), StoreError> {
+        self.inner
+            .clone()
+            .group_leave(pb::GroupLeaveRequest {
+                group: group.to_owned(),
+                member: member.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn groups(&self) -> Result<Vec<GroupInfo>, StoreError> {
+        Ok(self
+            .inner
+            .clone()
+            .list_groups(pb::ListGroupsRequest {})
+            .await?
+            .into_inner()
+            .groups)
+    }
+
+    /// Moves `group`'s position in `channel` (every channel when `None`) to `to` (the head when
+    /// `None`).
+    pub async fn reset_group(
+        &self,
+        group: &str,
+        channel: Option<&str>,
+        to: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .clone()
+            .reset_group(pb::ResetGroupRequest {
+                group: group.to_owned(),
+                channel: channel.unwrap_or_default().to_owned(),
+                to_seq: to.is_some(),
+                seq: to.unwrap_or(0),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_group(&self, group: &str) -> Result<(), StoreError> {
+        self.inner
+            .clone()
+            .delete_group(pb::DeleteGroupRequest {
+                group: group.to_owned(),
+            })
+            .await?;
+        Ok(())
     }
 
     pub async fn read(
@@ -346,6 +499,8 @@ impl From<StoreError> for eventbus_runtime::problem::Problem {
                 Problem::new(Kind::Truncated, message).with("first_seq", first)
             }
             StoreError::Invalid(message) => Problem::new(Kind::InvalidRequest, message),
+            StoreError::NotFound(message) => Problem::new(Kind::NotFound, message),
+            StoreError::Conflict(message) => Problem::new(Kind::Conflict, message),
         }
     }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod groups;
 pub mod log;
 mod service;
 
@@ -56,14 +57,34 @@ pub async fn run(
         .await
         .map_err(|err| Error::Serve(std::io::Error::other(err)))??;
     let log = Arc::new(log);
+    let groups_log = log.clone();
+    let groups_dir = config.data.join("groups");
+    let groups_shutdown = shutdown.clone();
+    let groups = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            groups::Groups::open(groups_log, groups_dir, groups_shutdown)
+        })
+        .await
+        .map_err(|err| Error::Serve(std::io::Error::other(err)))??,
+    );
+    let saver = tokio::spawn({
+        let groups = groups.clone();
+        async move { groups.maintain().await }
+    });
 
     let tails = log.tails()?;
     let publisher_backbone = backbone.clone();
+    // Weak: the log closes (ending this task) only once nothing holds it, groups included.
+    let publisher_groups = Arc::downgrade(&groups);
     let publisher = tokio::spawn(async move {
         for event in &tails {
             publish(&*publisher_backbone, event).await;
         }
         while let Some(batch) = committed.recv().await {
+            // Waiting group members first: they are in the same process.
+            if let Some(groups) = publisher_groups.upgrade() {
+                groups.committed(&batch);
+            }
             for event in &batch {
                 publish(&*publisher_backbone, event).await;
             }
@@ -99,7 +120,8 @@ pub async fn run(
     });
 
     let (live_log, ready_log) = (log.clone(), log.clone());
-    let grpc = tonic::service::Routes::new(service::server(log.clone())).into_axum_router();
+    let grpc = tonic::service::Routes::new(service::server(log.clone(), groups.clone()))
+        .into_axum_router();
     let app = eventbus_runtime::internal::require(grpc, credential).merge(
         eventbus_runtime::health_routes_with(
             move || live_log.is_healthy(),
@@ -130,6 +152,8 @@ pub async fn run(
     }
 
     let _ = retention.await;
+    let _ = saver.await;
+    drop(groups);
     match Arc::try_unwrap(log) {
         Ok(log) => tokio::task::spawn_blocking(move || log.close())
             .await

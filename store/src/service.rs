@@ -7,20 +7,35 @@ use eventbus_proto::store as pb;
 use eventbus_proto::store::store_server::{Store, StoreServer};
 use tonic::{Request, Response, Status};
 
+use crate::groups::{Changes, GroupError, Groups};
 use crate::log::{Entry, Log, LogError};
 
 use eventbus_proto::store::{
     FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
 };
 
-pub fn server(log: Arc<Log>) -> StoreServer<Service> {
-    StoreServer::new(Service { log })
+pub fn server(log: Arc<Log>, groups: Arc<Groups>) -> StoreServer<Service> {
+    StoreServer::new(Service { log, groups })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 pub struct Service {
     log: Arc<Log>,
+    groups: Arc<Groups>,
+}
+
+fn group_status(err: GroupError) -> Status {
+    match err {
+        GroupError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        GroupError::Mismatch { .. } => Status::failed_precondition(err.to_string()),
+        GroupError::NotFound(_) => Status::not_found(err.to_string()),
+        GroupError::Log(err) => status(err),
+    }
+}
+
+fn nonzero<T: Default + PartialEq>(value: T) -> Option<T> {
+    (value != T::default()).then_some(value)
 }
 
 fn status(err: LogError) -> Status {
@@ -188,6 +203,126 @@ impl Store for Service {
             .map(|(channel, head)| pb::ChannelHead { channel, head })
             .collect();
         Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+
+    async fn group_fetch(
+        &self,
+        request: Request<pb::GroupFetchRequest>,
+    ) -> Result<Response<pb::GroupFetchResponse>, Status> {
+        let request = request.into_inner();
+        let changes = Changes {
+            visibility_ms: nonzero(request.visibility_ms),
+            max_deliveries: nonzero(request.max_deliveries),
+            prefetch: nonzero(request.prefetch),
+        };
+        let delivered = self
+            .groups
+            .fetch(
+                &request.group,
+                &request.pattern,
+                &request.member,
+                request.max as usize,
+                std::time::Duration::from_millis(request.wait_ms),
+                changes,
+            )
+            .await
+            .map_err(group_status)?;
+        Ok(Response::new(pb::GroupFetchResponse {
+            events: delivered
+                .into_iter()
+                .map(|d| pb::GroupEvent {
+                    channel: d.channel,
+                    seq: d.seq,
+                    json: d.json,
+                    deliveries: d.deliveries,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn group_done(
+        &self,
+        request: Request<pb::GroupDoneRequest>,
+    ) -> Result<Response<pb::GroupDoneResponse>, Status> {
+        let request = request.into_inner();
+        let done: Vec<(String, u64)> = request
+            .done
+            .into_iter()
+            .map(|p| (p.channel, p.seq))
+            .collect();
+        let changed = self
+            .groups
+            .done(&request.group, &done)
+            .map_err(group_status)?;
+        Ok(Response::new(pb::GroupDoneResponse {
+            done: changed as u32,
+        }))
+    }
+
+    async fn group_leave(
+        &self,
+        request: Request<pb::GroupLeaveRequest>,
+    ) -> Result<Response<pb::GroupLeaveResponse>, Status> {
+        let request = request.into_inner();
+        self.groups.leave(&request.group, &request.member);
+        Ok(Response::new(pb::GroupLeaveResponse {}))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let groups = self
+            .groups
+            .list()
+            .into_iter()
+            .map(|g| pb::GroupInfo {
+                name: g.name,
+                pattern: g.pattern,
+                visibility_ms: g.settings.visibility_ms,
+                max_deliveries: g.settings.max_deliveries,
+                prefetch: g.settings.prefetch,
+                backlog: g.stats.backlog,
+                in_flight: g.stats.in_flight,
+                dead: g.stats.dead,
+                members: g.stats.members as u32,
+                channels: g
+                    .positions
+                    .into_iter()
+                    .map(|(channel, position, head)| pb::ChannelPosition {
+                        channel,
+                        position,
+                        head,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn reset_group(
+        &self,
+        request: Request<pb::ResetGroupRequest>,
+    ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let request = request.into_inner();
+        let channel = (!request.channel.is_empty()).then_some(request.channel.as_str());
+        let to = request.to_seq.then_some(request.seq);
+        self.groups
+            .reset(&request.group, channel, to)
+            .await
+            .map_err(group_status)?;
+        Ok(Response::new(pb::ResetGroupResponse {}))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        self.groups
+            .delete(&request.into_inner().group)
+            .await
+            .map_err(group_status)?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
     async fn head(

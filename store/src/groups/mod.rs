@@ -1,0 +1,617 @@
+//! Durable queue groups, kept by the store next to the log: each event of the channels a group's
+//! pattern matches goes to one member at a time until a member says it is done (see
+//! [`state`] for the rules). The store is where the truth is: events are read from the log in
+//! process, and each group's positions are a file in `<data>/groups`, written (atomically, with
+//! fsync) within [`FLUSH_EVERY`] of a change, so a restart repeats at most what was done in the
+//! last moments before a crash (at least once). Dead events are written to `dead.<group>`.
+//!
+//! Gateways (for members on WebSocket) and ingest (for HTTP pull) call [`Groups::fetch`] and
+//! [`Groups::done`] through the store's gRPC; a fetch long-polls until there is something to do.
+
+pub mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventbus_model::StoredEvent;
+use eventbus_router::pattern::matches;
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::log::{Entry, Log, LogError, now_ms};
+pub use state::{Delivery, Settings, Stats};
+use state::{Group, Saved};
+
+/// A change to a group reaches its file within this.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// How often a waiting fetch looks for channels that appeared since.
+const DISCOVER_EVERY: Duration = Duration::from_millis(500);
+/// The longest a fetch may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Most events one fetch returns.
+pub const MAX_FETCH: usize = 1_000;
+/// The prefix of dead-letter channels: `dead.<group>`.
+pub const DEAD_PREFIX: &str = "dead.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("group {group:?} follows {pattern:?}; leave the pattern out or give that one")]
+    Mismatch { group: String, pattern: String },
+    #[error("no group {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Settings a request may change (None: keep the group's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Changes {
+    pub visibility_ms: Option<u64>,
+    pub max_deliveries: Option<u32>,
+    pub prefetch: Option<u32>,
+}
+
+/// What an operator sees of a group.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub name: String,
+    pub pattern: String,
+    pub settings: Settings,
+    pub stats: Stats,
+    /// Per channel: position and head.
+    pub positions: Vec<(String, u64, u64)>,
+}
+
+struct Slot {
+    group: Group,
+    notify: Arc<Notify>,
+    dirty: bool,
+    discovered: Option<Instant>,
+}
+
+pub struct Groups {
+    log: Arc<Log>,
+    dir: PathBuf,
+    slots: Mutex<HashMap<String, Slot>>,
+    /// Ends waiting fetches, so that the store stops at once.
+    shutdown: eventbus_runtime::Shutdown,
+}
+
+/// A group's name: it also names its dead-letter channel.
+pub fn validate_name(name: &str) -> Result<(), GroupError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(GroupError::Invalid(
+            "a group's name is 1-64 letters, digits, '-' or '_'".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a group of `name` over `pattern` takes events of `channel`: never the bus's own
+/// channels, nor its own dead letters.
+fn follows(name: &str, pattern: &str, channel: &str) -> bool {
+    matches(pattern, channel)
+        && !eventbus_model::names::is_system(channel)
+        && channel.strip_prefix(DEAD_PREFIX) != Some(name)
+}
+
+/// The literal start of a pattern: where to list its channels from.
+fn literal_prefix(pattern: &str) -> &str {
+    let end = pattern.find(['*', '>']).unwrap_or(pattern.len());
+    &pattern[..end]
+}
+
+#[derive(Deserialize)]
+struct KeyOnly {
+    key: Option<String>,
+}
+
+impl Groups {
+    /// The groups saved in `dir` (created if missing), over `log`.
+    pub fn open(
+        log: Arc<Log>,
+        dir: PathBuf,
+        shutdown: eventbus_runtime::Shutdown,
+    ) -> Result<Groups, LogError> {
+        std::fs::create_dir_all(&dir).map_err(|err| LogError::io(&dir, err))?;
+        let mut slots = HashMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(|err| LogError::io(&dir, err))? {
+            let path = entry.map_err(|err| LogError::io(&dir, err))?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let text = std::fs::read(&path).map_err(|err| LogError::io(&path, err))?;
+            let saved: Saved = serde_json::from_slice(&text).map_err(|err| LogError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+                cause: err.to_string(),
+            })?;
+            slots.insert(
+                name.to_owned(),
+                Slot {
+                    group: Group::restore(saved),
+                    notify: Arc::new(Notify::new()),
+                    dirty: false,
+                    discovered: None,
+                },
+            );
+        }
+        Ok(Groups {
+            log,
+            dir,
+            slots: Mutex::new(slots),
+            shutdown,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Events committed to the log: groups that follow their channels learn the new heads.
+    pub fn committed(&self, batch: &[StoredEvent]) {
+        let mut slots = self.lock();
+        for (name, slot) in slots.iter_mut() {
+            let mut woke = false;
+            for event in batch {
+                if follows(name, slot.group.pattern(), &event.channel) {
+                    slot.group.saw_head(&event.channel, event.seq);
+                    woke = true;
+                }
+            }
+            if woke {
+                slot.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// Up to `max` events for `member` of group `name` (created over `pattern` if new, from the
+    /// channels' heads now), waiting up to `wait` for some.
+    pub async fn fetch(
+        &self,
+        name: &str,
+        pattern: &str,
+        member: &str,
+        max: usize,
+        wait: Duration,
+        changes: Changes,
+    ) -> Result<Vec<Delivery>, GroupError> {
+        validate_name(name)?;
+        if member.is_empty() || member.len() > 128 {
+            return Err(GroupError::Invalid("member: 1-128 characters".into()));
+        }
+        let max = max.clamp(1, MAX_FETCH);
+        let until = Instant::now() + wait.min(MAX_WAIT);
+        self.open_group(name, pattern, changes).await?;
+        loop {
+            let refills = self.look_around(name)?;
+            for refill in refills {
+                self.refill(name, &refill.channel, refill.after).await?;
+            }
+            let notify = self.notify_of(name)?;
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            let (dead, delivered, next_deadline) = {
+                let mut slots = self.lock();
+                let slot = slots
+                    .get_mut(name)
+                    .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+                let dead = slot.group.expire(now);
+                let delivered = slot.group.take(member, max, now);
+                if !dead.is_empty() || !delivered.is_empty() {
+                    slot.dirty = true;
+                }
+                (dead, delivered, slot.group.next_deadline())
+            };
+            if !dead.is_empty() {
+                self.write_dead(name, dead).await;
+            }
+            if !delivered.is_empty() {
+                return Ok(delivered);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            let mut nap = left.min(DISCOVER_EVERY);
+            if let Some(deadline) = next_deadline {
+                nap = nap.min(Duration::from_millis(deadline.saturating_sub(now) + 1));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(nap) => {}
+                _ = self.shutdown.wait() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    fn notify_of(&self, name: &str) -> Result<Arc<Notify>, GroupError> {
+        self.lock()
+            .get(name)
+            .map(|slot| slot.notify.clone())
+            .ok_or_else(|| GroupError::NotFound(name.to_owned()))
+    }
+
+    /// Creates group `name` over `pattern` if it does not exist (saved at once, so a restart
+    /// does not move its start), or checks the pattern; applies `changes`.
+    async fn open_group(
+        &self,
+        name: &str,
+        pattern: &str,
+        changes: Changes,
+    ) -> Result<(), GroupError> {
+        let created = {
+            let mut slots = self.lock();
+            match slots.get_mut(name) {
+                Some(slot) => {
+                    if !pattern.is_empty() && slot.group.pattern() != pattern {
+                        return Err(GroupError::Mismatch {
+                            group: name.to_owned(),
+                            pattern: slot.group.pattern().to_owned(),
+                        });
+                    }
+                    let before = slot.group.settings;
+                    apply(&mut slot.group.settings, changes);
+                    if slot.group.settings != before {
+                        slot.dirty = true;
+                    }
+                    None
+                }
+                None => {
+                    eventbus_router::validate_pattern(pattern).map_err(|err| {
+                        GroupError::Invalid(format!("pattern {pattern:?}: {err}"))
+                    })?;
+                    let channels: Vec<(String, u64)> = self
+                        .log
+                        .channels(literal_prefix(pattern), "", usize::MAX)
+                        .into_iter()
+                        .filter(|(channel, _)| follows(name, pattern, channel))
+                        .collect();
+                    let mut settings = Settings::default();
+                    apply(&mut settings, changes);
+                    let group = Group::new(pattern, settings, &channels);
+                    let saved = group.saved();
+                    slots.insert(
+                        name.to_owned(),
+                        Slot {
+                            group,
+                            notify: Arc::new(Notify::new()),
+                            dirty: false,
+                            discovered: Some(Instant::now()),
+                        },
+                    );
+                    Some(saved)
+                }
+            }
+        };
+        if let Some(saved) = created {
+            let (dir, file) = (self.dir.clone(), name.to_owned());
+            tokio::task::spawn_blocking(move || write_file(&dir, &file, &saved))
+                .await
+                .map_err(|_| LogError::Failed)??;
+            debug!(group = %name, %pattern, "durable group created");
+        }
+        Ok(())
+    }
+
+    /// Brings the group's heads up to date (and, now and then, its channels); what to read.
+    fn look_around(&self, name: &str) -> Result<Vec<state::Refill>, GroupError> {
+        let mut slots = self.lock();
+        let slot = slots
+            .get_mut(name)
+            .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+        let heads: Vec<(String, u64)> = slot
+            .group
+            .channels()
+            .map(|channel| (channel.to_owned(), self.log.bounds(channel).1))
+            .collect();
+        for (channel, head) in heads {
+            slot.group.saw_head(&channel, head);
+        }
+        if slot
+            .discovered
+            .is_none_or(|at| at.elapsed() >= DISCOVER_EVERY)
+        {
+            slot.discovered = Some(Instant::now());
+            let pattern = slot.group.pattern().to_owned();
+            for (channel, head) in self.log.channels(literal_prefix(&pattern), "", usize::MAX) {
+                if follows(name, &pattern, &channel) {
+                    slot.group.saw_head(&channel, head);
+                }
+            }
+        }
+        Ok(slot.group.refills())
+    }
+
+    /// Reads `channel` after `after` into the group's read-ahead.
+    async fn refill(&self, name: &str, channel: &str, after: u64) -> Result<(), GroupError> {
+        match self.log.read(channel, after, 1000, false).await {
+            Ok(read) => {
+                let events = read
+                    .events
+                    .into_iter()
+                    .map(|e| {
+                        let key = serde_json::from_slice::<KeyOnly>(&e.json)
+                            .ok()
+                            .and_then(|k| k.key);
+                        (e.seq, key, e.json)
+                    })
+                    .collect();
+                if let Some(slot) = self.lock().get_mut(name) {
+                    slot.group.fill(channel, after, events);
+                }
+                Ok(())
+            }
+            Err(LogError::Truncated { first }) => {
+                warn!(group = %name, %channel, first, "events the group had not handled are no longer retained; it goes on from the first retained");
+                if let Some(slot) = self.lock().get_mut(name) {
+                    slot.group.truncated(channel, first);
+                    slot.dirty = true;
+                }
+                Ok(())
+            }
+            // A channel retention emptied and recovery restarted: nothing to read now.
+            Err(LogError::AfterBeyondHead { .. }) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Writes dead events to `dead.<group>`, each once (its id is its channel and seq).
+    async fn write_dead(&self, name: &str, dead: Vec<state::Dead>) {
+        let channel = format!("{DEAD_PREFIX}{name}");
+        let limits = eventbus_model::Limits {
+            max_event_bytes: 2 * 1024 * 1024,
+        };
+        let mut entries = Vec::with_capacity(dead.len());
+        for d in dead {
+            warn!(group = %name, channel = %d.channel, seq = d.seq, deliveries = d.deliveries, "event dead after its last delivery timed out");
+            let original = String::from_utf8_lossy(&d.json).into_owned();
+            let event = match serde_json::value::RawValue::from_string(original) {
+                Ok(raw) => serde_json::json!({
+                    "channel": channel,
+                    "id": format!("{}/{}", d.channel, d.seq),
+                    "type": "eventbus.dead_letter",
+                    "data": {
+                        "group": name,
+                        "channel": d.channel,
+                        "seq": d.seq,
+                        "deliveries": d.deliveries,
+                        "reason": "max_deliveries",
+                        "event": raw,
+                    },
+                }),
+                Err(_) => continue,
+            };
+            match eventbus_model::parse_event(event.to_string().as_bytes(), "eventbus", &limits) {
+                Ok(accepted) => entries.push(Entry {
+                    channel: accepted.channel,
+                    id: accepted.id,
+                    source: accepted.source,
+                    key: accepted.key,
+                    deleted: accepted.deleted,
+                    body: Bytes::from(accepted.body),
+                }),
+                Err(err) => warn!(%err, "dead letter refused by the event model"),
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(err) = self.log.append(entries).await {
+            warn!(group = %name, %err, "cannot write dead letters; the events stay done");
+        }
+    }
+
+    /// `member` of group `name` is done with these events; how many it had not been before.
+    pub fn done(&self, name: &str, events: &[(String, u64)]) -> Result<usize, GroupError> {
+        let mut slots = self.lock();
+        let slot = slots
+            .get_mut(name)
+            .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+        let changed = events
+            .iter()
+            .filter(|(channel, seq)| slot.group.done(channel, *seq))
+            .count();
+        if changed > 0 {
+            slot.dirty = true;
+            // Keys and prefetch room were freed: waiting members may take more.
+            slot.notify.notify_waiters();
+        }
+        Ok(changed)
+    }
+
+    /// `member` of group `name` is gone: what it held goes to the others at once.
+    pub fn leave(&self, name: &str, member: &str) {
+        if let Some(slot) = self.lock().get_mut(name) {
+            slot.group.leave(member);
+            slot.notify.notify_waiters();
+        }
+    }
+
+    pub fn list(&self) -> Vec<Info> {
+        let slots = self.lock();
+        let mut all: Vec<Info> = slots
+            .iter()
+            .map(|(name, slot)| Info {
+                name: name.clone(),
+                pattern: slot.group.pattern().to_owned(),
+                settings: slot.group.settings,
+                stats: slot.group.stats(),
+                positions: slot.group.positions(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Moves group `name`'s position (see [`Group::reset`]) and saves it at once.
+    pub async fn reset(
+        &self,
+        name: &str,
+        channel: Option<&str>,
+        to: Option<u64>,
+    ) -> Result<(), GroupError> {
+        let saved = {
+            let mut slots = self.lock();
+            let slot = slots
+                .get_mut(name)
+                .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+            slot.group.reset(channel, to);
+            slot.dirty = false;
+            slot.notify.notify_waiters();
+            slot.group.saved()
+        };
+        let (dir, name) = (self.dir.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || write_file(&dir, &name, &saved))
+            .await
+            .map_err(|_| LogError::Failed)??;
+        Ok(())
+    }
+
+    /// Forgets group `name`.
+    pub async fn delete(&self, name: &str) -> Result<(), GroupError> {
+        let slot = self
+            .lock()
+            .remove(name)
+            .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+        slot.notify.notify_waiters();
+        let path = self.dir.join(format!("{name}.json"));
+        tokio::task::spawn_blocking(move || std::fs::remove_file(&path))
+            .await
+            .map_err(|_| LogError::Failed)?
+            .map_err(|err| LogError::io(&self.dir, err))?;
+        Ok(())
+    }
+
+    /// Writes every changed group to its file; returns once done.
+    pub async fn flush(&self) -> Result<(), LogError> {
+        let changed: Vec<(String, Saved)> = {
+            let mut slots = self.lock();
+            slots
+                .iter_mut()
+                .filter(|(_, slot)| slot.dirty)
+                .map(|(name, slot)| {
+                    slot.dirty = false;
+                    (name.clone(), slot.group.saved())
+                })
+                .collect()
+        };
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let dir = self.dir.clone();
+        let names: Vec<String> = changed.iter().map(|(name, _)| name.clone()).collect();
+        let written = tokio::task::spawn_blocking(move || {
+            for (name, saved) in &changed {
+                write_file(&dir, name, saved)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| LogError::Failed)
+        .and_then(|r| r);
+        if written.is_err() {
+            // Saved next time.
+            let mut slots = self.lock();
+            for name in names {
+                if let Some(slot) = slots.get_mut(&name) {
+                    slot.dirty = true;
+                }
+            }
+        }
+        written
+    }
+
+    /// Events held past their deadline, in every group: back to waiting (waking fetches), or to
+    /// the dead letters, even while no member asks for more.
+    async fn sweep(&self) {
+        let now = now_ms();
+        let mut dead = Vec::new();
+        {
+            let mut slots = self.lock();
+            for (name, slot) in slots.iter_mut() {
+                if slot.group.next_deadline().is_some_and(|d| d <= now) || slot.group.has_doomed() {
+                    let expired = slot.group.expire(now);
+                    slot.dirty = true;
+                    slot.notify.notify_waiters();
+                    if !expired.is_empty() {
+                        dead.push((name.clone(), expired));
+                    }
+                }
+            }
+        }
+        for (name, expired) in dead {
+            self.write_dead(&name, expired).await;
+        }
+    }
+
+    /// Until shutdown: every [`FLUSH_EVERY`], expires what is due and saves what changed; saves
+    /// once more at the end.
+    pub async fn maintain(&self) {
+        let shutdown = self.shutdown.clone();
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {}
+            }
+            self.sweep().await;
+            if let Err(err) = self.flush().await {
+                warn!(%err, "cannot save group positions; trying again");
+            }
+        }
+        if let Err(err) = self.flush().await {
+            warn!(%err, "cannot save group positions at shutdown");
+        }
+    }
+}
+
+fn apply(settings: &mut Settings, changes: Changes) {
+    if let Some(v) = changes.visibility_ms {
+        settings.visibility_ms = v.clamp(100, 12 * 3600 * 1000);
+    }
+    if let Some(v) = changes.max_deliveries {
+        settings.max_deliveries = v.clamp(1, 1000);
+    }
+    if let Some(v) = changes.prefetch {
+        settings.prefetch = v.clamp(1, MAX_FETCH as u32);
+    }
+}
+
+/// Replaces `<dir>/<name>.json` atomically and durably.
+fn write_file(dir: &Path, name: &str, saved: &Saved) -> Result<(), LogError> {
+    use std::io::Write;
+    let path = dir.join(format!("{name}.json"));
+    let tmp = dir.join(format!("{name}.json.tmp"));
+    let text = serde_json::to_vec(saved).map_err(|err| LogError::Invalid(err.to_string()))?;
+    let mut file = std::fs::File::create(&tmp).map_err(|err| LogError::io(&tmp, err))?;
+    file.write_all(&text)
+        .and_then(|()| file.sync_all())
+        .map_err(|err| LogError::io(&tmp, err))?;
+    std::fs::rename(&tmp, &path).map_err(|err| LogError::io(&path, err))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|err| LogError::io(dir, err))?;
+    Ok(())
+}
