@@ -94,6 +94,21 @@ async fn events_wait_while_every_worker_is_away_and_each_goes_to_one() {
     let shown = group(&bus.api, &token, "billing").await;
     assert_eq!(shown["backlog"], 1000, "{shown}");
     assert_eq!(shown["channel"], "orders.*");
+    // The same figure for Prometheus.
+    eventually("the backlog in /metrics", || async {
+        let text = bus
+            .api
+            .get("/metrics")
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains(r#"eventbus_group_backlog{group="billing"} 1000"#)
+            .then_some(())
+    })
+    .await;
 
     // One worker comes back: it gets all of them, once each, in seq order per channel.
     let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();

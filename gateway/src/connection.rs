@@ -104,6 +104,8 @@ enum Kind {
     Pattern,
     /// A queue group: this member sees a share of the events, so gaps are expected, not refilled.
     Group,
+    /// A durable queue group: the store hands this member its events (see [`crate::durable`]).
+    Durable,
 }
 
 struct Sub {
@@ -112,7 +114,9 @@ struct Sub {
     /// Its position in each channel (one for a channel subscription; a pattern's or a group's
     /// grow as their channels appear).
     positions: HashMap<String, Follow>,
-    _interest: Interest,
+    /// Live events from the hub (none for a durable group: the store hands those out).
+    _interest: Option<Interest>,
+    durable: Option<crate::durable::Member>,
     _counted: Counted,
     /// Channel subscriptions count in presence until they end.
     _presence: Option<eventbus_auth_client::presence::Membership>,
@@ -391,6 +395,26 @@ impl Conn {
                 after,
                 compact,
                 group,
+                durable: Some(durable),
+            } => match self
+                .subscribe_durable(&channel, after, compact, group, durable, reference)
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(NotSubscribed::Ended(ending)) => Err(ending),
+                Err(NotSubscribed::Refused(refused)) => self.refuse(refused, reference).await,
+            },
+            Request::Done {
+                group,
+                channel,
+                seq,
+            } => self.on_done(group, channel, seq, reference).await,
+            Request::Subscribe {
+                channel,
+                after,
+                compact,
+                group,
+                durable: None,
             } => match self
                 .subscribe(&channel, after, compact, group.as_deref(), reference, true)
                 .await
@@ -579,14 +603,7 @@ impl Conn {
             return Err(Ending::Gone);
         };
         let store = self.gw.store.clone();
-        let answers = match &self.answers {
-            Some(answers) => answers.clone(),
-            None => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                self.answered = Some(rx);
-                self.answers.insert(tx).clone()
-            }
-        };
+        let answers = self.outbox();
         let reference = reference.map(|r| r.to_owned());
         tokio::spawn(async move {
             let answer = match store.append(vec![accepted]).await {
@@ -686,7 +703,8 @@ impl Conn {
             name: name.to_owned(),
             kind,
             positions: HashMap::new(),
-            _interest: interest,
+            _interest: Some(interest),
+            durable: None,
             _counted: Counted::new(&metrics().subscriptions),
             _presence: None,
         };
@@ -741,6 +759,190 @@ impl Conn {
             self.catch_up(id, name, head, compact).await?;
         }
         Ok(())
+    }
+
+    /// Where frames made by other tasks (publish acks, durable group events) wait to be written.
+    /// Made at first use: most connections never need it, and a channel costs about 1 KiB.
+    fn outbox(&mut self) -> mpsc::UnboundedSender<String> {
+        match &self.answers {
+            Some(answers) => answers.clone(),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.answered = Some(rx);
+                self.answers.insert(tx).clone()
+            }
+        }
+    }
+
+    /// Joins a durable queue group over `name` (a channel or pattern): the store hands this
+    /// connection its share of the events, each until it says done (docs/protocol.md).
+    async fn subscribe_durable(
+        &mut self,
+        name: &str,
+        after: Option<u64>,
+        compact: bool,
+        group: Option<String>,
+        settings: frames::Durable,
+        reference: Option<&RawValue>,
+    ) -> Result<(), NotSubscribed> {
+        let refuse =
+            |code, message: String| Err(NotSubscribed::Refused(FrameError::new(code, message)));
+        let Some(verified) = &self.verified else {
+            return refuse("unauthorized", "send hello first".into());
+        };
+        let Some(group) = group else {
+            return refuse("invalid_frame", "durable needs a group".into());
+        };
+        if let Err(denied) = verified.grant.check_group() {
+            return refuse(denied.code(), denied.to_string());
+        }
+        if let Err(denied) = verified.grant.check_subscribe(name) {
+            return refuse(denied.code(), denied.to_string());
+        }
+        if after.is_some() || compact {
+            return refuse(
+                "invalid_frame",
+                "a durable group starts from its own position: drop after and compact (reset the group to replay)".into(),
+            );
+        }
+        let valid_name = !group.is_empty()
+            && group.len() <= 64
+            && group
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid_name {
+            return refuse(
+                "invalid_frame",
+                "a group's name is 1-64 letters, digits, '-' or '_'".into(),
+            );
+        }
+        if !self.by_name.contains_key(name) && self.by_name.len() > self.gw.max_subscriptions {
+            return refuse(
+                "too_many_subscriptions",
+                format!(
+                    "a connection holds at most {} subscriptions (EVENTBUS_GATEWAY_MAX_SUBSCRIPTIONS); unsubscribe first",
+                    self.gw.max_subscriptions
+                ),
+            );
+        }
+        let joined = crate::durable::Joined {
+            group: group.clone(),
+            pattern: name.to_owned(),
+            settings: eventbus_store_client::GroupSettings {
+                visibility_ms: settings.visibility_ms,
+                max_deliveries: settings.max_deliveries,
+                prefetch: settings.prefetch,
+            },
+        };
+        // The group is made (or its pattern checked) before the answer, so that a mismatch is
+        // this frame's error rather than a later one.
+        if let Err(err) = self
+            .gw
+            .store
+            .group_fetch(
+                &group,
+                name,
+                &self.member_prefix(),
+                0,
+                Duration::ZERO,
+                joined.settings,
+            )
+            .await
+        {
+            return match err {
+                eventbus_store_client::StoreError::Conflict(message) => {
+                    refuse("group_mismatch", message)
+                }
+                eventbus_store_client::StoreError::Invalid(message) => {
+                    refuse("invalid_frame", message)
+                }
+                other => refuse("unavailable", format!("cannot join the group now: {other}")),
+            };
+        }
+        if let Some(old) = self.by_name.remove(name) {
+            self.subs.remove(&old);
+        }
+        let id = self.next_sub;
+        self.next_sub += 1;
+        let member = format!("{}/{id}", self.member_prefix());
+        let frames = self.outbox();
+        let sub = Sub {
+            name: name.to_owned(),
+            kind: Kind::Durable,
+            positions: HashMap::new(),
+            _interest: None,
+            durable: Some(crate::durable::Member::start(
+                self.gw.store.clone(),
+                joined,
+                member,
+                frames,
+            )),
+            _counted: Counted::new(&metrics().subscriptions),
+            _presence: None,
+        };
+        self.subs.insert(id, sub);
+        self.by_name.insert(name.to_owned(), id);
+        let answer = json!({"op": "subscribed", "channel": name, "group": group, "durable": true});
+        self.send(frames::with_ref(answer, reference).into())
+            .await?;
+        Ok(())
+    }
+
+    /// This connection's members are named after it and the gateway's run, so that a gateway
+    /// restarted under the same id never takes over a dead run's members.
+    fn member_prefix(&self) -> String {
+        format!("{}/{}", self.gw.instance, self.id)
+    }
+
+    /// A member is done with an event of its durable group.
+    async fn on_done(
+        &mut self,
+        group: Option<String>,
+        channel: String,
+        seq: u64,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Ending> {
+        let members: Vec<&crate::durable::Member> = self
+            .subs
+            .values()
+            .filter_map(|sub| sub.durable.as_ref())
+            .filter(|m| group.as_deref().is_none_or(|g| g == m.group()))
+            .collect();
+        let found = match members.as_slice() {
+            [] => Err(FrameError::new(
+                "not_subscribed",
+                match &group {
+                    Some(group) => format!("not a member of durable group {group:?}"),
+                    None => "not a member of any durable group".into(),
+                },
+            )),
+            [member] => Ok(*member),
+            _ if group.is_some() => Ok(members[0]),
+            _ => Err(FrameError::new(
+                "invalid_frame",
+                "this connection is in several durable groups: name the group",
+            )),
+        };
+        match found {
+            Ok(member) => {
+                let allowed = self
+                    .verified
+                    .as_ref()
+                    .map(|v| v.grant.check_subscribe(&channel));
+                if let Some(Err(denied)) = allowed {
+                    return self
+                        .refuse(
+                            FrameError::new(denied.code(), denied.to_string())
+                                .with_channel(&channel),
+                            reference,
+                        )
+                        .await;
+                }
+                member.done(channel, seq);
+                Ok(())
+            }
+            Err(err) => self.refuse(err, reference).await,
+        }
     }
 
     /// Catches subscription `id` up in `channel` from the log: up to `upto`, or (compacted) the

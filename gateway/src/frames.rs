@@ -37,6 +37,14 @@ impl FrameError {
     }
 }
 
+/// A durable subscription's settings, as the frame gives them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    pub visibility_ms: Option<u64>,
+    pub max_deliveries: Option<u32>,
+    pub prefetch: Option<u32>,
+}
+
 #[derive(Debug)]
 pub enum Request {
     Hello {
@@ -47,6 +55,14 @@ pub enum Request {
         after: Option<u64>,
         compact: bool,
         group: Option<String>,
+        /// A durable group: its position is kept by the store (see [`crate::durable`]).
+        durable: Option<Durable>,
+    },
+    /// A member of a durable group is done with an event.
+    Done {
+        group: Option<String>,
+        channel: String,
+        seq: u64,
     },
     Unsubscribe {
         channel: String,
@@ -91,6 +107,16 @@ impl Fields {
             .map(|raw| {
                 serde_json::from_str::<u64>(raw.get())
                     .map_err(|_| invalid(format!("{name} must be a seq (a whole number)")))
+            })
+            .transpose()
+    }
+
+    fn small(&mut self, name: &str) -> Result<Option<u32>, FrameError> {
+        self.0
+            .remove(name)
+            .map(|raw| {
+                serde_json::from_str::<u32>(raw.get())
+                    .map_err(|_| invalid(format!("{name} must be a whole number")))
             })
             .transpose()
     }
@@ -146,11 +172,34 @@ pub fn parse(text: &str) -> Result<Frame, (FrameError, Option<Box<RawValue>>)> {
             "hello" => Request::Hello {
                 token: fields.required("token")?,
             },
-            "subscribe" => Request::Subscribe {
-                channel: fields.required("channel")?,
-                after: fields.seq("after")?,
-                compact: fields.flag("compact")?,
+            "subscribe" => {
+                let channel = fields.required("channel")?;
+                let after = fields.seq("after")?;
+                let compact = fields.flag("compact")?;
+                let group = fields.string("group")?;
+                let durable = if fields.flag("durable")? {
+                    Some(Durable {
+                        visibility_ms: fields.seq("visibility_ms")?,
+                        max_deliveries: fields.small("max_deliveries")?,
+                        prefetch: fields.small("prefetch")?,
+                    })
+                } else {
+                    None
+                };
+                Request::Subscribe {
+                    channel,
+                    after,
+                    compact,
+                    group,
+                    durable,
+                }
+            }
+            "done" => Request::Done {
                 group: fields.string("group")?,
+                channel: fields.required("channel")?,
+                seq: fields
+                    .seq("seq")?
+                    .ok_or_else(|| invalid("seq is required".into()))?,
             },
             "unsubscribe" => Request::Unsubscribe {
                 channel: fields.required("channel")?,
@@ -212,7 +261,7 @@ mod tests {
             parse(r#"{"op":"subscribe","channel":"orders","after":41,"compact":true,"ref":7}"#)
                 .unwrap();
         assert!(
-            matches!(frame.request, Request::Subscribe { ref channel, after: Some(41), compact: true, group: None } if channel == "orders")
+            matches!(frame.request, Request::Subscribe { ref channel, after: Some(41), compact: true, group: None, durable: None } if channel == "orders")
         );
         assert_eq!(frame.reference.unwrap().get(), "7");
         assert!(matches!(

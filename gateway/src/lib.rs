@@ -6,6 +6,7 @@
 
 pub mod config;
 mod connection;
+mod durable;
 mod follow;
 mod frames;
 pub mod hub;
@@ -79,6 +80,8 @@ pub(crate) struct Gateway {
     hello_timeout: Duration,
     ping_interval: Duration,
     id: String,
+    /// This run of the gateway (its id may be the same after a restart).
+    instance: String,
     presence: eventbus_auth_client::presence::Reporter,
     next_connection: AtomicU64,
     shutdown: Shutdown,
@@ -153,6 +156,7 @@ pub fn service(
         hello_timeout: Duration::from_secs(config.settings.hello_timeout_s),
         ping_interval: Duration::from_secs(config.settings.ping_interval_s.max(1)),
         id,
+        instance: uuid::Uuid::now_v7().simple().to_string()[20..].to_owned(),
         presence: presence.clone(),
         next_connection: AtomicU64::new(1),
         shutdown,

@@ -7,6 +7,7 @@
 use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -51,6 +52,12 @@ pub struct Metrics {
     pub webhook_backlog: Gauge,
     /// Webhook POSTs that failed (each retry counts).
     pub webhook_failures: Counter,
+    /// Per durable group (label `group`): events not done yet.
+    pub group_backlog: Family<Vec<(String, String)>, Gauge>,
+    /// Per durable group: events held by members now.
+    pub group_in_flight: Family<Vec<(String, String)>, Gauge>,
+    /// Per durable group: events sent to its dead-letter channel, in all.
+    pub group_dead: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -80,6 +87,9 @@ impl Metrics {
             backbone_beyond_head: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_failures: Counter::default(),
+            group_backlog: Family::default(),
+            group_in_flight: Family::default(),
+            group_dead: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -192,6 +202,21 @@ impl Metrics {
             "webhook_failures",
             "Webhook deliveries that failed (each attempt)",
             m.webhook_failures.clone(),
+        );
+        r.register(
+            "group_backlog",
+            "Events of a durable group not done yet",
+            m.group_backlog.clone(),
+        );
+        r.register(
+            "group_in_flight",
+            "Events of a durable group held by its members",
+            m.group_in_flight.clone(),
+        );
+        r.register(
+            "group_dead_letters",
+            "Events of a durable group sent to its dead-letter channel",
+            m.group_dead.clone(),
         );
         Metrics { registry, ..m }
     }

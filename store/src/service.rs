@@ -215,6 +215,13 @@ impl Store for Service {
             max_deliveries: nonzero(request.max_deliveries),
             prefetch: nonzero(request.prefetch),
         };
+        if request.max == 0 {
+            self.groups
+                .join(&request.group, &request.pattern, changes)
+                .await
+                .map_err(group_status)?;
+            return Ok(Response::new(pb::GroupFetchResponse { events: Vec::new() }));
+        }
         let delivered = self
             .groups
             .fetch(

@@ -183,6 +183,18 @@ impl Groups {
         }
     }
 
+    /// Makes group `name` over `pattern` if it is new (from the channels' heads now), or checks
+    /// that it follows `pattern`; applies `changes`. Takes nothing.
+    pub async fn join(
+        &self,
+        name: &str,
+        pattern: &str,
+        changes: Changes,
+    ) -> Result<(), GroupError> {
+        validate_name(name)?;
+        self.open_group(name, pattern, changes).await
+    }
+
     /// Up to `max` events for `member` of group `name` (created over `pattern` if new, from the
     /// channels' heads now), waiting up to `wait` for some.
     pub async fn fetch(
@@ -495,6 +507,11 @@ impl Groups {
             .remove(name)
             .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
         slot.notify.notify_waiters();
+        let metrics = eventbus_runtime::metrics::metrics();
+        let labels = vec![("group".to_owned(), name.to_owned())];
+        metrics.group_backlog.remove(&labels);
+        metrics.group_in_flight.remove(&labels);
+        metrics.group_dead.remove(&labels);
         let path = self.dir.join(format!("{name}.json"));
         tokio::task::spawn_blocking(move || std::fs::remove_file(&path))
             .await
@@ -565,6 +582,27 @@ impl Groups {
         }
     }
 
+    /// Each group's figures, for `/metrics`.
+    fn measure(&self) {
+        let metrics = eventbus_runtime::metrics::metrics();
+        for (name, slot) in self.lock().iter() {
+            let stats = slot.group.stats();
+            let labels = vec![("group".to_owned(), name.clone())];
+            metrics
+                .group_backlog
+                .get_or_create(&labels)
+                .set(stats.backlog as i64);
+            metrics
+                .group_in_flight
+                .get_or_create(&labels)
+                .set(stats.in_flight as i64);
+            metrics
+                .group_dead
+                .get_or_create(&labels)
+                .set(stats.dead as i64);
+        }
+    }
+
     /// Until shutdown: every [`FLUSH_EVERY`], expires what is due and saves what changed; saves
     /// once more at the end.
     pub async fn maintain(&self) {
@@ -577,6 +615,7 @@ impl Groups {
                 _ = tick.tick() => {}
             }
             self.sweep().await;
+            self.measure();
             if let Err(err) = self.flush().await {
                 warn!(%err, "cannot save group positions; trying again");
             }
