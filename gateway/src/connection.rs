@@ -805,16 +805,8 @@ impl Conn {
                 "a durable group starts from its own position: drop after and compact (reset the group to replay)".into(),
             );
         }
-        let valid_name = !group.is_empty()
-            && group.len() <= 64
-            && group
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !valid_name {
-            return refuse(
-                "invalid_frame",
-                "a group's name is 1-64 letters, digits, '-' or '_'".into(),
-            );
+        if let Err(err) = eventbus_model::names::validate_group(&group) {
+            return refuse("invalid_frame", format!("a group's name {err}"));
         }
         if !self.by_name.contains_key(name) && self.by_name.len() > self.gw.max_subscriptions {
             return refuse(

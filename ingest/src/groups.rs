@@ -85,19 +85,8 @@ async fn service(ingest: &Ingest, headers: &HeaderMap) -> Result<Verified, Probl
 }
 
 fn check_name(group: &str) -> Result<(), Problem> {
-    let valid = !group.is_empty()
-        && group.len() <= 64
-        && group
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(invalid(
-            "group",
-            "a group's name is 1-64 letters, digits, '-' or '_'",
-        ))
-    }
+    eventbus_model::names::validate_group(group)
+        .map_err(|err| invalid("group", format!("a group's name {err}")))
 }
 
 pub async fn fetch(
@@ -201,7 +190,7 @@ fn info_json(info: &GroupInfo) -> Value {
         "in_flight": info.in_flight,
         "dead": info.dead,
         "members": info.members,
-        "dead_letter_channel": format!("dead.{}", info.name),
+        "dead_letter_channel": eventbus_model::names::dead_letters_of(&info.name),
         "channels": info.channels.iter().map(|c| json!({
             "channel": c.channel, "position": c.position, "head": c.head,
         })).collect::<Vec<_>>(),

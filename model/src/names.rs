@@ -44,6 +44,17 @@ pub fn validate_channel(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// A durable queue group's name: the syntax of an identity, so that its dead-letter channel
+/// `dead.<group>` is always a channel.
+pub fn validate_group(name: &str) -> Result<(), NameError> {
+    validate_identity(name)
+}
+
+/// The channel where a durable group's dead events go.
+pub fn dead_letters_of(group: &str) -> String {
+    format!("dead.{group}")
+}
+
 /// An identity: 1-64 characters of `[A-Za-z0-9_-]`, so that `inbox.<identity>` is always a channel.
 pub fn validate_identity(identity: &str) -> Result<(), NameError> {
     if identity.is_empty() {

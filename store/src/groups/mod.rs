@@ -37,8 +37,6 @@ const DISCOVER_EVERY: Duration = Duration::from_millis(500);
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Most events one fetch returns.
 pub const MAX_FETCH: usize = 1_000;
-/// The prefix of dead-letter channels: `dead.<group>`.
-pub const DEAD_PREFIX: &str = "dead.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
@@ -88,17 +86,8 @@ pub struct Groups {
 
 /// A group's name: it also names its dead-letter channel.
 pub fn validate_name(name: &str) -> Result<(), GroupError> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(GroupError::Invalid(
-            "a group's name is 1-64 letters, digits, '-' or '_'".into(),
-        ));
-    }
-    Ok(())
+    eventbus_model::names::validate_group(name)
+        .map_err(|err| GroupError::Invalid(format!("a group's name {err}")))
 }
 
 /// Whether a group of `name` over `pattern` takes events of `channel`: never the bus's own
@@ -106,7 +95,7 @@ pub fn validate_name(name: &str) -> Result<(), GroupError> {
 fn follows(name: &str, pattern: &str, channel: &str) -> bool {
     matches(pattern, channel)
         && !eventbus_model::names::is_system(channel)
-        && channel.strip_prefix(DEAD_PREFIX) != Some(name)
+        && channel != eventbus_model::names::dead_letters_of(name)
 }
 
 /// The literal start of a pattern: where to list its channels from.
@@ -390,7 +379,7 @@ impl Groups {
 
     /// Writes dead events to `dead.<group>`, each once (its id is its channel and seq).
     async fn write_dead(&self, name: &str, dead: Vec<state::Dead>) {
-        let channel = format!("{DEAD_PREFIX}{name}");
+        let channel = eventbus_model::names::dead_letters_of(name);
         let limits = eventbus_model::Limits {
             max_event_bytes: 2 * 1024 * 1024,
         };
