@@ -34,6 +34,9 @@ enum Scenario {
     Latency(load::fanout::LatencyArgs),
     /// Durable publishes over HTTP from many concurrent publishers.
     Ingest(load::ingest::Args),
+    /// A durable queue group of WebSocket workers saying done as they go: drain events/s, and
+    /// publish → delivery latency next to a plain subscription.
+    Group(load::group::Args),
     /// Gateway memory per idle authenticated connection.
     Idle(load::idle::Args),
     /// A subscriber process (started by the scenarios above, not by hand).
@@ -73,6 +76,7 @@ async fn scenario(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Fanout(args) => load::fanout::run(args, "fanout").await,
         Scenario::Latency(args) => load::fanout::run(args.into(), "latency").await,
         Scenario::Ingest(args) => load::ingest::run(args).await,
+        Scenario::Group(args) => load::group::run(args).await,
         Scenario::Idle(args) => load::idle::run(args).await,
         Scenario::Worker(args) => load::worker::run(args).await,
         Scenario::Store(args) => store::run(args).await,

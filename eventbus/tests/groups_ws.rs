@@ -223,6 +223,14 @@ async fn a_durable_subscription_says_what_is_wrong() {
             json!({"op": "done", "channel": "tasks.a", "seq": 1}),
             "not_subscribed",
         ),
+        (
+            json!({"op": "done", "channel": "tasks.a", "seq": 1, "seqs": [2]}),
+            "invalid_frame",
+        ),
+        (
+            json!({"op": "done", "channel": "tasks.a", "seqs": []}),
+            "invalid_frame",
+        ),
     ] {
         ws.send(frame.clone()).await;
         let error = ws.recv_op("error").await;
@@ -258,7 +266,17 @@ async fn a_durable_subscription_says_what_is_wrong() {
         (frame["delivery"].as_u64(), frame["event"]["data"].as_u64()),
         (Some(1), Some(1))
     );
-    ws.send(json!({"op": "done", "channel": "tasks.a", "seq": frame["event"]["seq"]}))
+    let second = bus
+        .api
+        .publish(
+            &token,
+            &json!({"channel": "tasks.a", "type": "task", "data": 2}),
+        )
+        .await;
+    assert_eq!(second.status, 200);
+    let next = ws.recv_op("event").await;
+    // Both at once.
+    ws.send(json!({"op": "done", "channel": "tasks.a", "seqs": [frame["event"]["seq"], next["event"]["seq"]]}))
         .await;
     eventually("the done to count", || async {
         let shown = bus

@@ -237,7 +237,7 @@ pub async fn serve(
                     Some(answered) => answered.recv().await,
                     None => std::future::pending().await,
                 }
-            } => conn.send(answer.into()).await,
+            } => conn.send_answers(answer).await,
         };
         let step = match step {
             Ok(()) => conn.flush().await,
@@ -268,6 +268,19 @@ impl Conn {
             written = self.socket.feed(Message::Text(text)) => written.map_err(|_| Ending::Gone),
             _ = self.slow.notified() => Err(slow_consumer()),
         }
+    }
+
+    /// Writes an answer made by another task, and those queued behind it: one flush for a burst
+    /// (a durable group's events come in batches).
+    async fn send_answers(&mut self, first: String) -> Result<(), Ending> {
+        self.send(first.into()).await?;
+        for _ in 1..MAX_WRITE_BATCH {
+            let Some(next) = self.answered.as_mut().and_then(|a| a.try_recv().ok()) else {
+                break;
+            };
+            self.send(next.into()).await?;
+        }
+        Ok(())
     }
 
     async fn ping(&mut self) -> Result<(), Ending> {
@@ -407,8 +420,8 @@ impl Conn {
             Request::Done {
                 group,
                 channel,
-                seq,
-            } => self.on_done(group, channel, seq, reference).await,
+                seqs,
+            } => self.on_done(group, channel, seqs, reference).await,
             Request::Subscribe {
                 channel,
                 after,
@@ -886,12 +899,12 @@ impl Conn {
         format!("{}/{}", self.gw.instance, self.id)
     }
 
-    /// A member is done with an event of its durable group.
+    /// A member is done with events of its durable group.
     async fn on_done(
         &mut self,
         group: Option<String>,
         channel: String,
-        seq: u64,
+        seqs: Vec<u64>,
         reference: Option<&RawValue>,
     ) -> Result<(), Ending> {
         let members: Vec<&crate::durable::Member> = self
@@ -930,7 +943,7 @@ impl Conn {
                         )
                         .await;
                 }
-                member.done(channel, seq);
+                member.done(channel, seqs);
                 Ok(())
             }
             Err(err) => self.refuse(err, reference).await,

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use eventbus_store_client::{GroupSettings, StoreClient, StoreError};
 use serde_json::json;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
@@ -70,10 +69,12 @@ impl Member {
         &self.group
     }
 
-    /// The member is done with `channel`'s `seq`.
-    pub fn done(&self, channel: String, seq: u64) {
+    /// The member is done with these events of `channel`.
+    pub fn done(&self, channel: String, seqs: Vec<u64>) {
         if let Some(done) = &self.done {
-            let _ = done.send((channel, seq));
+            for seq in seqs {
+                let _ = done.send((channel.clone(), seq));
+            }
         }
     }
 }
@@ -121,19 +122,7 @@ async fn pull(
             Ok(events) => {
                 failing = false;
                 for event in events {
-                    let Some(raw) = String::from_utf8(event.json.to_vec())
-                        .ok()
-                        .and_then(|text| RawValue::from_string(text).ok())
-                    else {
-                        continue;
-                    };
-                    let frame = json!({
-                        "op": "event",
-                        "event": raw,
-                        "group": joined.group,
-                        "delivery": event.deliveries,
-                    });
-                    if frames.send(frame.to_string()).is_err() {
+                    if frames.send(event_frame(&joined.group, &event)).is_err() {
                         return;
                     }
                 }
@@ -153,6 +142,21 @@ async fn pull(
             }
         }
     }
+}
+
+/// `{"op":"event","event":…,"group":…,"delivery":n}`, spliced as text: the stored event is JSON
+/// already, and a group name needs no escaping (its syntax is an identity's).
+fn event_frame(group: &str, event: &eventbus_store_client::GroupEvent) -> String {
+    let json = String::from_utf8_lossy(&event.json);
+    let mut frame = String::with_capacity(json.len() + group.len() + 64);
+    frame.push_str(r#"{"op":"event","event":"#);
+    frame.push_str(&json);
+    frame.push_str(r#","group":""#);
+    frame.push_str(group);
+    frame.push_str(r#"","delivery":"#);
+    frame.push_str(&event.deliveries.to_string());
+    frame.push('}');
+    frame
 }
 
 /// Sends the member's dones to the store, as many at a time as have queued up.
@@ -188,5 +192,29 @@ async fn push(
                 Err(_) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_frame_is_json_with_the_event_whole() {
+        let event = eventbus_store_client::GroupEvent {
+            channel: "orders.eu".into(),
+            seq: 7,
+            json: bytes::Bytes::from_static(
+                br#"{"channel":"orders.eu","seq":7,"data":{"x":"a\"b"}}"#,
+            ),
+            deliveries: 2,
+        };
+        let frame: serde_json::Value =
+            serde_json::from_str(&event_frame("billing", &event)).expect("json");
+        assert_eq!(frame["op"], "event");
+        assert_eq!(frame["group"], "billing");
+        assert_eq!(frame["delivery"], 2);
+        assert_eq!(frame["event"]["seq"], 7);
+        assert_eq!(frame["event"]["data"]["x"], "a\"b");
     }
 }

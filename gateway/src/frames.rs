@@ -58,11 +58,11 @@ pub enum Request {
         /// A durable group: its position is kept by the store (see [`crate::durable`]).
         durable: Option<Durable>,
     },
-    /// A member of a durable group is done with an event.
+    /// A member of a durable group is done with events of one channel (`seq`, or `seqs`).
     Done {
         group: Option<String>,
         channel: String,
-        seq: u64,
+        seqs: Vec<u64>,
     },
     Unsubscribe {
         channel: String,
@@ -107,6 +107,16 @@ impl Fields {
             .map(|raw| {
                 serde_json::from_str::<u64>(raw.get())
                     .map_err(|_| invalid(format!("{name} must be a seq (a whole number)")))
+            })
+            .transpose()
+    }
+
+    fn seqs(&mut self, name: &str) -> Result<Option<Vec<u64>>, FrameError> {
+        self.0
+            .remove(name)
+            .map(|raw| {
+                serde_json::from_str::<Vec<u64>>(raw.get())
+                    .map_err(|_| invalid(format!("{name} must be a list of seqs")))
             })
             .transpose()
     }
@@ -194,13 +204,24 @@ pub fn parse(text: &str) -> Result<Frame, (FrameError, Option<Box<RawValue>>)> {
                     durable,
                 }
             }
-            "done" => Request::Done {
-                group: fields.string("group")?,
-                channel: fields.required("channel")?,
-                seq: fields
-                    .seq("seq")?
-                    .ok_or_else(|| invalid("seq is required".into()))?,
-            },
+            "done" => {
+                let group = fields.string("group")?;
+                let channel = fields.required("channel")?;
+                let seqs = match (fields.seq("seq")?, fields.seqs("seqs")?) {
+                    (Some(seq), None) => vec![seq],
+                    (None, Some(seqs)) if !seqs.is_empty() && seqs.len() <= 1000 => seqs,
+                    _ => {
+                        return Err(invalid(
+                            "done needs seq, or seqs (1-1000 of them), not both".into(),
+                        ));
+                    }
+                };
+                Request::Done {
+                    group,
+                    channel,
+                    seqs,
+                }
+            }
             "unsubscribe" => Request::Unsubscribe {
                 channel: fields.required("channel")?,
             },

@@ -2,6 +2,7 @@
 //! (HTTP to eventbus, or core NATS), tokens, and the merged report.
 
 pub mod fanout;
+pub mod group;
 pub mod idle;
 pub mod ingest;
 pub mod worker;

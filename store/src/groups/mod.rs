@@ -218,7 +218,16 @@ impl Groups {
                     .get_mut(name)
                     .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
                 let dead = slot.group.expire(now);
-                let delivered = slot.group.take(member, max, now);
+                // A member that holds events and has little room waits for more room while it
+                // may: under load, a few large hand-outs rather than one per done.
+                let (held, room) = slot.group.room(member);
+                let wanted = max.min(slot.group.settings.prefetch as usize);
+                let batching = held > 0 && room < wanted.div_ceil(4) && Instant::now() < until;
+                let delivered = if batching {
+                    Vec::new()
+                } else {
+                    slot.group.take(member, max, now)
+                };
                 if !dead.is_empty() || !delivered.is_empty() {
                     slot.dirty = true;
                 }

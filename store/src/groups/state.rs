@@ -520,6 +520,15 @@ impl Group {
         }
     }
 
+    /// What `member` holds, and how many more it may take under its prefetch.
+    pub fn room(&self, member: &str) -> (usize, usize) {
+        let held = self.members.get(member).copied().unwrap_or(0);
+        (
+            held as usize,
+            self.settings.prefetch.max(1).saturating_sub(held) as usize,
+        )
+    }
+
     /// Whether events wait to die at the next [`Group::expire`].
     pub fn has_doomed(&self) -> bool {
         !self.doomed.is_empty()
