@@ -50,9 +50,12 @@ pub fn validate_group(name: &str) -> Result<(), NameError> {
     validate_identity(name)
 }
 
+/// Dead-letter channels: `dead.<group>`.
+pub const DEAD_PREFIX: &str = "dead.";
+
 /// The channel where a durable group's dead events go.
 pub fn dead_letters_of(group: &str) -> String {
-    format!("dead.{group}")
+    format!("{DEAD_PREFIX}{group}")
 }
 
 /// An identity: 1-64 characters of `[A-Za-z0-9_-]`, so that `inbox.<identity>` is always a channel.

@@ -82,6 +82,8 @@ pub struct Groups {
     slots: Mutex<HashMap<String, Slot>>,
     /// Ends waiting fetches, so that the store stops at once.
     shutdown: eventbus_runtime::Shutdown,
+    /// Dead events whose letters could not be written yet (the log refused): retried first.
+    unwritten: Mutex<Vec<(String, Vec<state::Dead>)>>,
 }
 
 /// A group's name: it also names its dead-letter channel.
@@ -95,7 +97,7 @@ pub fn validate_name(name: &str) -> Result<(), GroupError> {
 fn follows(name: &str, pattern: &str, channel: &str) -> bool {
     matches(pattern, channel)
         && !eventbus_model::names::is_system(channel)
-        && channel != eventbus_model::names::dead_letters_of(name)
+        && channel.strip_prefix(eventbus_model::names::DEAD_PREFIX) != Some(name)
 }
 
 /// The literal start of a pattern: where to list its channels from.
@@ -148,6 +150,7 @@ impl Groups {
             dir,
             slots: Mutex::new(slots),
             shutdown,
+            unwritten: Mutex::new(Vec::new()),
         })
     }
 
@@ -212,12 +215,13 @@ impl Groups {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = now_ms();
-            let (dead, delivered, next_deadline) = {
+            let (delivered, next_deadline) = {
                 let mut slots = self.lock();
                 let slot = slots
                     .get_mut(name)
                     .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
-                let dead = slot.group.expire(now);
+                // Expiry is the sweeper's (see [`Groups::maintain`]): it writes dead letters
+                // before the state that counts them done is saved.
                 // A member that holds events and has little room waits for more room while it
                 // may: under load, a few large hand-outs rather than one per done.
                 let (held, room) = slot.group.room(member);
@@ -228,14 +232,11 @@ impl Groups {
                 } else {
                     slot.group.take(member, max, now)
                 };
-                if !dead.is_empty() || !delivered.is_empty() {
+                if !delivered.is_empty() {
                     slot.dirty = true;
                 }
-                (dead, delivered, slot.group.next_deadline())
+                (delivered, slot.group.next_deadline())
             };
-            if !dead.is_empty() {
-                self.write_dead(name, dead).await;
-            }
             if !delivered.is_empty() {
                 return Ok(delivered);
             }
@@ -244,8 +245,9 @@ impl Groups {
                 return Ok(Vec::new());
             }
             let mut nap = left.min(DISCOVER_EVERY);
-            if let Some(deadline) = next_deadline {
-                nap = nap.min(Duration::from_millis(deadline.saturating_sub(now) + 1));
+            // A deadline passed already: the sweeper expires it within FLUSH_EVERY and wakes us.
+            if let Some(deadline) = next_deadline.filter(|d| *d > now) {
+                nap = nap.min(Duration::from_millis(deadline - now + 1));
             }
             tokio::select! {
                 _ = &mut notified => {}
@@ -387,14 +389,14 @@ impl Groups {
     }
 
     /// Writes dead events to `dead.<group>`, each once (its id is its channel and seq).
-    async fn write_dead(&self, name: &str, dead: Vec<state::Dead>) {
+    async fn write_dead(&self, name: &str, dead: &[state::Dead]) -> Result<(), LogError> {
         let channel = eventbus_model::names::dead_letters_of(name);
         let limits = eventbus_model::Limits {
             max_event_bytes: 2 * 1024 * 1024,
         };
         let mut entries = Vec::with_capacity(dead.len());
         for d in dead {
-            warn!(group = %name, channel = %d.channel, seq = d.seq, deliveries = d.deliveries, "event dead after its last delivery timed out");
+            debug!(group = %name, channel = %d.channel, seq = d.seq, deliveries = d.deliveries, "event dead after its last delivery timed out");
             let original = String::from_utf8_lossy(&d.json).into_owned();
             let event = match serde_json::value::RawValue::from_string(original) {
                 Ok(raw) => serde_json::json!({
@@ -425,11 +427,9 @@ impl Groups {
             }
         }
         if entries.is_empty() {
-            return;
+            return Ok(());
         }
-        if let Err(err) = self.log.append(entries).await {
-            warn!(group = %name, %err, "cannot write dead letters; the events stay done");
-        }
+        self.log.append(entries).await.map(|_| ())
     }
 
     /// `member` of group `name` is done with these events; how many it had not been before.
@@ -559,9 +559,12 @@ impl Groups {
 
     /// Events held past their deadline, in every group: back to waiting (waking fetches), or to
     /// the dead letters, even while no member asks for more.
-    async fn sweep(&self) {
+    /// Whether every dead letter is written (until then, nothing is saved: the events they
+    /// belong to must not be saved as done).
+    async fn sweep(&self) -> bool {
         let now = now_ms();
-        let mut dead = Vec::new();
+        let mut dead =
+            std::mem::take(&mut *self.unwritten.lock().unwrap_or_else(|p| p.into_inner()));
         {
             let mut slots = self.lock();
             for (name, slot) in slots.iter_mut() {
@@ -575,9 +578,23 @@ impl Groups {
                 }
             }
         }
+        let mut unwritten = Vec::new();
         for (name, expired) in dead {
-            self.write_dead(&name, expired).await;
+            match self.write_dead(&name, &expired).await {
+                Ok(()) => {
+                    for d in &expired {
+                        warn!(group = %name, channel = %d.channel, seq = d.seq, deliveries = d.deliveries, "event dead after its last delivery, written to the dead letters");
+                    }
+                }
+                Err(err) => {
+                    warn!(group = %name, %err, "cannot write dead letters now; trying again before saving the group");
+                    unwritten.push((name, expired));
+                }
+            }
         }
+        let all_written = unwritten.is_empty();
+        *self.unwritten.lock().unwrap_or_else(|p| p.into_inner()) = unwritten;
+        all_written
     }
 
     /// Each group's figures, for `/metrics`.
@@ -601,8 +618,9 @@ impl Groups {
         }
     }
 
-    /// Until shutdown: every [`FLUSH_EVERY`], expires what is due and saves what changed; saves
-    /// once more at the end.
+    /// Until shutdown: every [`FLUSH_EVERY`], expires what is due (writing dead letters first)
+    /// and then saves what changed; saves once more at the end. The one place that expires: an
+    /// event counted done because it died is never saved before its dead letter is durable.
     pub async fn maintain(&self) {
         let shutdown = self.shutdown.clone();
         let mut tick = tokio::time::interval(FLUSH_EVERY);
@@ -612,13 +630,25 @@ impl Groups {
                 _ = shutdown.wait() => break,
                 _ = tick.tick() => {}
             }
-            self.sweep().await;
+            let saveable = self.sweep().await;
             self.measure();
+            if !saveable {
+                continue;
+            }
             if let Err(err) = self.flush().await {
                 warn!(%err, "cannot save group positions; trying again");
             }
         }
-        if let Err(err) = self.flush().await {
+        let unwritten = !self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if unwritten {
+            warn!(
+                "dead letters not written at shutdown: the group positions are not saved, those events come back after the restart"
+            );
+        } else if let Err(err) = self.flush().await {
             warn!(%err, "cannot save group positions at shutdown");
         }
     }
