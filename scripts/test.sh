@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, after validating the deployment files. The integration tests
-# start real nats-server processes, so nats-server must be on PATH: installed here from Debian's
-# package when it is missing.
+# start real nats-server and PostgreSQL processes: both are installed here from Debian's packages
+# when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,16 @@ fi
 # Debian installs it under /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin"
 command -v nats-server >/dev/null || { echo "nats-server could not be installed" >&2; exit 1; }
+
+# PostgreSQL (the store's other engine, and its failover tests) from Debian's package; the tests
+# start their own servers on free ports (as the postgres user when run as root).
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  echo "PostgreSQL is not installed; installing Debian's postgresql package" >&2
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 
 # The deployment files (compose, Kubernetes) against their schemas; tools from PyPI, cached.
 ./deploy/validate.sh

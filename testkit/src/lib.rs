@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod http;
 pub mod nats;
+pub mod postgres;
 pub mod process;
 pub mod tls;
 pub mod ws;

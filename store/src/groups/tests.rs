@@ -207,8 +207,16 @@ fn run(ops: Vec<Op>) {
     assert_eq!(group.stats().in_flight, 0);
 }
 
+/// 256 in CI; `GROUP_MODEL_CASES` for a longer run (docs/testing.md).
+fn cases() -> u32 {
+    std::env::var("GROUP_MODEL_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
     #[test]
     fn a_group_keeps_its_rules_through_any_sequence(ops in proptest::collection::vec(op(), 1..120)) {
         run(ops);
