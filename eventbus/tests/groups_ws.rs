@@ -1,7 +1,8 @@
 //! Durable queue groups over WebSocket: members on two gateways share a group's events; a member
 //! whose connection dies (the worker killed) gives back what it held at once, a gateway killed
 //! with -9 leaves its members' events to come back after the visibility timeout. Every event is
-//! handled, and only events a dead worker held can be handled twice.
+//! handled, and only events a dead worker held can be handled twice. The store (which dispatches)
+//! killed with -9 under load: members ride it out, nothing acknowledged is left unhandled.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -286,5 +287,93 @@ async fn a_durable_subscription_says_what_is_wrong() {
         (shown.body["backlog"] == 0 && shown.body["in_flight"] == 0).then_some(())
     })
     .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_members_ride_out_store_restarts_under_load() {
+    let nats = eventbus_testkit::NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let nats_url = nats.url();
+    let data = dir.path().join("store");
+    let mut store = Process::start(
+        EVENTBUS,
+        &["store"],
+        &[
+            ("EVENTBUS_STORE_LISTEN", listen.as_str()),
+            ("EVENTBUS_NATS_URL", nats_url.as_str()),
+            ("EVENTBUS_STORE_DATA", data.to_str().expect("path")),
+        ],
+        port,
+    )
+    .await;
+    let cluster = Cluster::start_with_store(Some(format!("http://{listen}"))).await;
+    let bus = cluster.endpoints.clone();
+    let token = bus.service_token().await;
+    let (a, b): (Shared, Shared) = Default::default();
+    let workers = [
+        tokio::spawn(worker(bus.ws.clone(), token.clone(), 1, a.clone())),
+        tokio::spawn(worker(bus.ws.clone(), token.clone(), 1, b.clone())),
+    ];
+    eventually("the group to exist", || async {
+        let shown = bus
+            .api
+            .send(bus.api.get("/v1/groups/crunch").bearer_auth(&token))
+            .await;
+        (shown.status == 200).then_some(())
+    })
+    .await;
+    // Published one by one with retries (a 503 while the store is down is not an acknowledgement).
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let publisher = tokio::spawn({
+        let (api, token, acked) = (bus.api.clone(), token.clone(), acked.clone());
+        async move {
+            for n in 0..300u64 {
+                let event = json!({"id": format!("e{n}"), "channel": format!("tasks.{}", n % 3), "type": "task", "data": n});
+                loop {
+                    let sent = api
+                        .post("/v1/events")
+                        .bearer_auth(&token)
+                        .json(&event)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status() == 200) {
+                        acked.lock().expect("lock").insert(n);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+    for kill in 1..=2 {
+        eventually("the workers to make progress", || async {
+            (handled(&[&a, &b]).len() >= kill * 100).then_some(())
+        })
+        .await;
+        store.restart().await;
+    }
+    publisher.await.expect("publisher");
+    eventually("every acknowledged event handled", || async {
+        let acked = acked.lock().expect("lock").clone();
+        let handled: BTreeSet<u64> = handled(&[&a, &b]).into_keys().collect();
+        (acked.len() == 300 && acked.is_subset(&handled)).then_some(())
+    })
+    .await;
+    eventually("the group to drain", || async {
+        let shown = bus
+            .api
+            .send(bus.api.get("/v1/groups/crunch").bearer_auth(&token))
+            .await;
+        (shown.status == 200 && shown.body["backlog"] == 0 && shown.body["in_flight"] == 0)
+            .then_some(())
+    })
+    .await;
+    for worker in workers {
+        worker.abort();
+    }
     cluster.stop().await;
 }
