@@ -108,8 +108,15 @@ impl Lane {
         self.attempts.remove(&seq);
     }
 
+    /// Events not done: up to the last seq known (a restored lane knows its dones above the
+    /// position before it has seen the log's head again).
     fn backlog(&self) -> u64 {
-        self.head.max(self.cursor).saturating_sub(self.position) - self.done_above.len() as u64
+        let top = self
+            .head
+            .max(self.cursor)
+            .max(self.done_above.last().copied().unwrap_or(0));
+        top.saturating_sub(self.position)
+            .saturating_sub(self.done_above.len() as u64)
     }
 }
 

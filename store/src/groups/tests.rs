@@ -173,6 +173,14 @@ fn run(ops: Vec<Op>) {
                 model.held.clear();
             }
         }
+        // The figures are sound at every step, a restored group's before it reads the log too.
+        let stats = group.stats();
+        let total: u64 = model.log.values().map(|keys| keys.len() as u64).sum();
+        assert!(
+            stats.backlog <= total,
+            "backlog {} of {total} events",
+            stats.backlog
+        );
     }
     // Drain: time passes, every member takes and finishes everything.
     for round in 0..200 {
