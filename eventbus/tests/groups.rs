@@ -43,7 +43,14 @@ fn messages(answer: &Answer) -> Vec<(String, u64, u64, Value)> {
         .collect()
 }
 
-async fn done(api: &Http, token: &str, group: &str, events: &[(String, u64)]) -> Answer {
+/// `POST /v1/groups/{group}/done`, naming the group's channel `of`.
+async fn done_of(
+    api: &Http,
+    token: &str,
+    group: &str,
+    of: &str,
+    events: &[(String, u64)],
+) -> Answer {
     let done: Vec<Value> = events
         .iter()
         .map(|(channel, seq)| json!({"channel": channel, "seq": seq}))
@@ -51,9 +58,20 @@ async fn done(api: &Http, token: &str, group: &str, events: &[(String, u64)]) ->
     api.send(
         api.post(&format!("/v1/groups/{group}/done"))
             .bearer_auth(token)
-            .json(&json!({"done": done})),
+            .json(&json!({"channel": of, "done": done})),
     )
     .await
+}
+
+/// The groups of these tests follow `orders.*`, `jobs`, `accounts`: each group's own.
+async fn done(api: &Http, token: &str, group: &str, events: &[(String, u64)]) -> Answer {
+    let of = match group {
+        "billing" | "nobody" => "orders.*",
+        "jobs" => "jobs",
+        "ledger" => "accounts",
+        other => panic!("no channel known for group {other}"),
+    };
+    done_of(api, token, group, of, events).await
 }
 
 async fn group(api: &Http, token: &str, group: &str) -> Value {
@@ -314,6 +332,23 @@ async fn groups_stay_within_the_grant_and_say_what_is_wrong() {
     assert_eq!(hidden.status, 403);
     let outside = done(&bus.api, &eu_only, "billing", &[("orders.us".into(), 1)]).await;
     assert_eq!(outside.status, 403);
+    // Nor may it mark the group's events of its own channel done (they would be lost to it).
+    let inside = done(&bus.api, &eu_only, "billing", &[("orders.eu".into(), 1)]).await;
+    assert_eq!(inside.status, 403, "{}", inside.body);
+    let narrowed = done_of(
+        &bus.api,
+        &eu_only,
+        "billing",
+        "orders.eu",
+        &[("orders.eu".into(), 1)],
+    )
+    .await;
+    assert_eq!(
+        (narrowed.status.as_u16(), narrowed.problem().as_str()),
+        (409, "conflict"),
+        "{}",
+        narrowed.body
+    );
     let reset = bus
         .api
         .send(
@@ -476,7 +511,7 @@ async fn a_store_killed_under_load_loses_nothing_and_leaves_nothing_stuck() {
                     let _ = api
                         .post("/v1/groups/crunch/done")
                         .bearer_auth(&token)
-                        .json(&json!({"done": finished}))
+                        .json(&json!({"channel": "work.*", "done": finished}))
                         .timeout(Duration::from_secs(10))
                         .send()
                         .await;

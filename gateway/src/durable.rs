@@ -54,7 +54,7 @@ impl Member {
             member.clone(),
             frames.clone(),
         ));
-        let push = tokio::spawn(push(store.clone(), joined.group.clone(), done_rx, frames));
+        let push = tokio::spawn(push(store.clone(), joined.clone(), done_rx, frames));
         Member {
             group: joined.group,
             member,
@@ -162,7 +162,7 @@ fn event_frame(group: &str, event: &eventbus_store_client::GroupEvent) -> String
 /// Sends the member's dones to the store, as many at a time as have queued up.
 async fn push(
     store: StoreClient,
-    group: String,
+    joined: Joined,
     mut done: mpsc::UnboundedReceiver<(String, u64)>,
     frames: mpsc::UnboundedSender<String>,
 ) {
@@ -176,7 +176,10 @@ async fn push(
         }
         let mut tries = 0;
         loop {
-            match store.group_done(&group, &batch).await {
+            match store
+                .group_done(&joined.group, Some(&joined.pattern), &batch)
+                .await
+            {
                 Ok(_) => break,
                 Err(StoreError::NotFound(message)) => {
                     let error = json!({"op": "error", "code": "group_gone", "message": message});
@@ -185,7 +188,7 @@ async fn push(
                 }
                 Err(err) if tries < 20 => {
                     tries += 1;
-                    debug!(%err, %group, "cannot pass dones on now; trying again");
+                    debug!(%err, group = %joined.group, "cannot pass dones on now; trying again");
                     tokio::time::sleep(RETRY_AFTER).await;
                 }
                 // Given up: these events come back after their visibility timeout.

@@ -3,7 +3,7 @@
 //! every group's state; these handlers check who may do what and translate.
 //!
 //! - `POST /v1/groups/{group}/fetch` `{"channel":…, "max":…, "wait_s":…, "member":…}`
-//! - `POST /v1/groups/{group}/done` `{"done":[{"channel":…,"seq":…}]}`
+//! - `POST /v1/groups/{group}/done` `{"channel":…, "done":[{"channel":…,"seq":…}]}`
 //! - `GET /v1/groups`, `GET /v1/groups/{group}`
 //! - `POST /v1/groups/{group}/reset` `{"to":"head"|N, "channel":…}`, `DELETE /v1/groups/{group}`
 //!
@@ -50,6 +50,8 @@ struct Fetch {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Done {
+    /// The group's channel or pattern, as in the fetch: what the caller must be allowed.
+    channel: String,
     done: Vec<DonePosition>,
 }
 
@@ -156,7 +158,14 @@ pub async fn done(
 ) -> Result<Response, Problem> {
     let verified = service(&ingest, &headers).await?;
     check_name(&group)?;
-    let request: Done = body(&bytes, r#"done is {"done":[{"channel":…,"seq":N}, …]}"#)?;
+    let request: Done = body(
+        &bytes,
+        r#"done is {"channel":<the group's>, "done":[{"channel":…,"seq":N}, …]}"#,
+    )?;
+    verified
+        .grant
+        .check_subscribe(&request.channel)
+        .map_err(|denied| Problem::from(denied).with("channel", request.channel.as_str()))?;
     if request.done.is_empty() || request.done.len() > MAX_FETCH as usize {
         return Err(invalid("done", format!("done lists 1-{MAX_FETCH} events")));
     }
@@ -173,7 +182,7 @@ pub async fn done(
         .collect();
     let changed = ingest
         .store
-        .group_done(&group, &done)
+        .group_done(&group, Some(&request.channel), &done)
         .await
         .map_err(Problem::from)?;
     Ok(axum::Json(json!({"group": group, "done": changed})).into_response())

@@ -287,13 +287,20 @@ impl StoreClient {
             .collect())
     }
 
-    /// A member of `group` is done with these events; how many were not done before.
-    pub async fn group_done(&self, group: &str, done: &[(String, u64)]) -> Result<u32, StoreError> {
+    /// A member of `group` (which must follow `pattern`, when given) is done with these events;
+    /// how many were not done before.
+    pub async fn group_done(
+        &self,
+        group: &str,
+        pattern: Option<&str>,
+        done: &[(String, u64)],
+    ) -> Result<u32, StoreError> {
         let response = self
             .inner
             .clone()
             .group_done(pb::GroupDoneRequest {
                 group: group.to_owned(),
+                pattern: pattern.unwrap_or_default().to_owned(),
                 done: done
                     .iter()
                     .map(|(channel, seq)| pb::Position {

@@ -257,9 +257,10 @@ impl Store for Service {
             .into_iter()
             .map(|p| (p.channel, p.seq))
             .collect();
+        let pattern = (!request.pattern.is_empty()).then_some(request.pattern.as_str());
         let changed = self
             .groups
-            .done(&request.group, &done)
+            .done(&request.group, pattern, &done)
             .map_err(group_status)?;
         Ok(Response::new(pb::GroupDoneResponse {
             done: changed as u32,

@@ -432,12 +432,27 @@ impl Groups {
         self.log.append(entries).await.map(|_| ())
     }
 
-    /// `member` of group `name` is done with these events; how many it had not been before.
-    pub fn done(&self, name: &str, events: &[(String, u64)]) -> Result<usize, GroupError> {
+    /// A member of group `name` is done with these events; how many were not done before. With
+    /// a `pattern`, the group must follow it: a caller allowed that pattern only acts on groups of
+    /// it (a narrower service cannot mark another's group done).
+    pub fn done(
+        &self,
+        name: &str,
+        pattern: Option<&str>,
+        events: &[(String, u64)],
+    ) -> Result<usize, GroupError> {
         let mut slots = self.lock();
         let slot = slots
             .get_mut(name)
             .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+        if let Some(pattern) = pattern
+            && slot.group.pattern() != pattern
+        {
+            return Err(GroupError::Mismatch {
+                group: name.to_owned(),
+                pattern: slot.group.pattern().to_owned(),
+            });
+        }
         let changed = events
             .iter()
             .filter(|(channel, seq)| slot.group.done(channel, *seq))
