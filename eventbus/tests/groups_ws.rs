@@ -253,6 +253,37 @@ async fn a_durable_subscription_says_what_is_wrong() {
         .send(json!({"op": "subscribe", "channel": "jobs", "group": "g", "durable": true}))
         .await;
     assert_eq!(other.recv_op("error").await["code"], "group_mismatch");
+    // A service whose grant covers one channel of the group: it can neither join over the
+    // group's pattern nor over its own channel, nor say done for a channel beyond its grant.
+    let narrow = bus
+        .auth
+        .token(
+            Some(eventbus_testkit::cluster::API_KEY_SECRET),
+            json!({"subscribe": ["tasks.a"], "publish": []}),
+        )
+        .await;
+    let (mut narrow_ws, _) = Ws::hello(&bus.ws, &narrow).await;
+    for (frame, code) in [
+        (
+            json!({"op": "subscribe", "channel": "tasks.*", "group": "g", "durable": true}),
+            "forbidden",
+        ),
+        (
+            json!({"op": "subscribe", "channel": "tasks.a", "group": "g", "durable": true}),
+            "group_mismatch",
+        ),
+    ] {
+        narrow_ws.send(frame.clone()).await;
+        let error = narrow_ws.recv_op("error").await;
+        assert_eq!(error["code"], code, "{frame} → {error}");
+    }
+    narrow_ws
+        .subscribe(json!({"channel": "tasks.a", "group": "mine", "durable": true}))
+        .await;
+    narrow_ws
+        .send(json!({"op": "done", "group": "mine", "channel": "tasks.b", "seq": 1}))
+        .await;
+    assert_eq!(narrow_ws.recv_op("error").await["code"], "forbidden");
     // An event and its done: the group is drained.
     let published = bus
         .api
