@@ -86,6 +86,31 @@ async fn service(ingest: &Ingest, headers: &HeaderMap) -> Result<Verified, Probl
     Ok(verified)
 }
 
+/// The prologue of fetch and done: a service, a well-named group, a body of the right shape
+/// naming the group's channel or pattern, which the caller's grant must cover.
+async fn group_request<T: serde::de::DeserializeOwned>(
+    ingest: &Ingest,
+    headers: &HeaderMap,
+    group: &str,
+    bytes: &[u8],
+    shape: &str,
+    channel: impl Fn(&T) -> &str,
+) -> Result<(Verified, T), Problem> {
+    let verified = service(ingest, headers).await?;
+    check_name(group)?;
+    let request: T = body(bytes, shape)?;
+    covers(&verified, channel(&request))?;
+    Ok((verified, request))
+}
+
+/// Whether the caller's subscribe grant covers `channel` (a channel or a pattern).
+fn covers(verified: &Verified, channel: &str) -> Result<(), Problem> {
+    verified
+        .grant
+        .check_subscribe(channel)
+        .map_err(|denied| Problem::from(denied).with("channel", channel))
+}
+
 fn check_name(group: &str) -> Result<(), Problem> {
     eventbus_model::names::validate_group(group)
         .map_err(|err| invalid("group", format!("a group's name {err}")))
@@ -97,16 +122,15 @@ pub async fn fetch(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, Problem> {
-    let verified = service(&ingest, &headers).await?;
-    check_name(&group)?;
-    let request: Fetch = body(
+    let (verified, request) = group_request(
+        &ingest,
+        &headers,
+        &group,
         &bytes,
         r#"a fetch is {"channel":…, "max":N, "wait_s":N, "member":…}"#,
-    )?;
-    verified
-        .grant
-        .check_subscribe(&request.channel)
-        .map_err(|denied| Problem::from(denied).with("channel", request.channel.as_str()))?;
+        |r: &Fetch| r.channel.as_str(),
+    )
+    .await?;
     let max = request.max.unwrap_or(10);
     if !(1..=MAX_FETCH).contains(&max) {
         return Err(invalid("max", format!("max must be 1-{MAX_FETCH}")));
@@ -156,24 +180,20 @@ pub async fn done(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, Problem> {
-    let verified = service(&ingest, &headers).await?;
-    check_name(&group)?;
-    let request: Done = body(
+    let (verified, request) = group_request(
+        &ingest,
+        &headers,
+        &group,
         &bytes,
         r#"done is {"channel":<the group's>, "done":[{"channel":…,"seq":N}, …]}"#,
-    )?;
-    verified
-        .grant
-        .check_subscribe(&request.channel)
-        .map_err(|denied| Problem::from(denied).with("channel", request.channel.as_str()))?;
+        |r: &Done| r.channel.as_str(),
+    )
+    .await?;
     if request.done.is_empty() || request.done.len() > MAX_FETCH as usize {
         return Err(invalid("done", format!("done lists 1-{MAX_FETCH} events")));
     }
     for position in &request.done {
-        verified
-            .grant
-            .check_subscribe(&position.channel)
-            .map_err(|denied| Problem::from(denied).with("channel", position.channel.as_str()))?;
+        covers(&verified, &position.channel)?;
     }
     let done: Vec<(String, u64)> = request
         .done
