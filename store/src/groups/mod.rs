@@ -31,8 +31,8 @@ use state::{Group, Saved};
 
 /// A change to a group reaches its file within this.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
-/// How often a waiting fetch looks for channels that appeared since.
-const DISCOVER_EVERY: Duration = Duration::from_millis(500);
+/// How often a waiting fetch looks again without being woken.
+const LOOK_EVERY: Duration = Duration::from_millis(500);
 /// The longest a fetch may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Most events one fetch returns.
@@ -73,7 +73,9 @@ struct Slot {
     group: Group,
     notify: Arc<Notify>,
     dirty: bool,
-    discovered: Option<Instant>,
+    /// The log's [`Log::channels_added`] when the group last listed its channels: a channel
+    /// added since is listed by the next look, so a fetch sees every event acknowledged before it.
+    discovered: Option<u64>,
 }
 
 pub struct Groups {
@@ -244,7 +246,7 @@ impl Groups {
             if left.is_zero() {
                 return Ok(Vec::new());
             }
-            let mut nap = left.min(DISCOVER_EVERY);
+            let mut nap = left.min(LOOK_EVERY);
             // A deadline passed already: the sweeper expires it within FLUSH_EVERY and wakes us.
             if let Some(deadline) = next_deadline.filter(|d| *d > now) {
                 nap = nap.min(Duration::from_millis(deadline - now + 1));
@@ -293,6 +295,7 @@ impl Groups {
                     eventbus_router::validate_pattern(pattern).map_err(|err| {
                         GroupError::Invalid(format!("pattern {pattern:?}: {err}"))
                     })?;
+                    let added = self.log.channels_added();
                     let channels: Vec<(String, u64)> = self
                         .log
                         .channels(literal_prefix(pattern), "", usize::MAX)
@@ -309,7 +312,7 @@ impl Groups {
                             group,
                             notify: Arc::new(Notify::new()),
                             dirty: false,
-                            discovered: Some(Instant::now()),
+                            discovered: Some(added),
                         },
                     );
                     Some(saved)
@@ -326,12 +329,20 @@ impl Groups {
         Ok(())
     }
 
-    /// Brings the group's heads up to date (and, now and then, its channels); what to read.
+    /// Brings the group's heads up to date; what to read.
     fn look_around(&self, name: &str) -> Result<Vec<state::Refill>, GroupError> {
         let mut slots = self.lock();
         let slot = slots
             .get_mut(name)
             .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+        self.catch_up(name, slot);
+        Ok(slot.group.refills())
+    }
+
+    /// Tells the group the log's heads now, and its channels added since it last looked: what it
+    /// shows and hands out then covers every event acknowledged so far, whether or not the
+    /// writer's hand-off ([`Groups::committed`]) has arrived.
+    fn catch_up(&self, name: &str, slot: &mut Slot) {
         let heads: Vec<(String, u64)> = slot
             .group
             .channels()
@@ -340,11 +351,9 @@ impl Groups {
         for (channel, head) in heads {
             slot.group.saw_head(&channel, head);
         }
-        if slot
-            .discovered
-            .is_none_or(|at| at.elapsed() >= DISCOVER_EVERY)
-        {
-            slot.discovered = Some(Instant::now());
+        let added = self.log.channels_added();
+        if slot.discovered != Some(added) {
+            slot.discovered = Some(added);
             let pattern = slot.group.pattern().to_owned();
             for (channel, head) in self.log.channels(literal_prefix(&pattern), "", usize::MAX) {
                 if follows(name, &pattern, &channel) {
@@ -352,7 +361,6 @@ impl Groups {
                 }
             }
         }
-        Ok(slot.group.refills())
     }
 
     /// Reads `channel` after `after` into the group's read-ahead.
@@ -474,7 +482,10 @@ impl Groups {
     }
 
     pub fn list(&self) -> Vec<Info> {
-        let slots = self.lock();
+        let mut slots = self.lock();
+        for (name, slot) in slots.iter_mut() {
+            self.catch_up(name, slot);
+        }
         let mut all: Vec<Info> = slots
             .iter()
             .map(|(name, slot)| Info {

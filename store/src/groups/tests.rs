@@ -274,3 +274,48 @@ fn an_event_that_keeps_timing_out_dies_after_max_deliveries() {
     assert!(group.take("worker", 1, now).is_empty());
     assert_eq!(group.positions(), [("jobs".to_owned(), 1, 1)]);
 }
+
+/// A fetch sees every event acknowledged before it, even on a channel that did not exist when
+/// the group last looked, and so does the group's backlog, even before the writer's hand-off of the batch reaches the groups.
+#[tokio::test]
+async fn a_group_sees_an_acknowledged_event_on_a_new_channel_at_once() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::log::{Entry, Log, Options};
+
+    let dir = tempfile::tempdir().unwrap();
+    // The hand-off (`committed`) is never read here: only the log itself can tell the group.
+    let (log, _committed) = Log::open(Options::new(dir.path().join("log"))).unwrap();
+    let log = Arc::new(log);
+    let groups = super::Groups::open(
+        log.clone(),
+        dir.path().join("groups"),
+        eventbus_runtime::Shutdown::new(),
+    )
+    .unwrap();
+    let fetch = || {
+        groups.fetch(
+            "ledger",
+            "accounts.*",
+            "m1",
+            10,
+            Duration::ZERO,
+            Default::default(),
+        )
+    };
+    assert!(fetch().await.unwrap().is_empty());
+    log.append(vec![Entry {
+        channel: "accounts.eu".into(),
+        id: "e1".into(),
+        source: "svc".into(),
+        key: None,
+        deleted: false,
+        body: Bytes::from_static(br#"{"id":"e1","channel":"accounts.eu"}"#),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(groups.list()[0].stats.backlog, 1);
+    let got = fetch().await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+}

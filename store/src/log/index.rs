@@ -159,6 +159,8 @@ pub struct Index {
     /// Every channel's name, in order: listing by prefix is a ranged scan, never a sort.
     pub names: BTreeSet<String>,
     pub segments: BTreeMap<u32, SegmentInfo>,
+    /// Counts channels added: whoever keeps a list of channels knows when to look again.
+    pub added: u64,
 }
 
 impl Index {
@@ -180,6 +182,7 @@ impl Index {
             Some(index) => index,
             None => {
                 self.names.insert(channel.to_owned());
+                self.added += 1;
                 self.channels
                     .entry(channel.to_owned())
                     .or_insert_with(|| ChannelIndex::starting_at(seq))

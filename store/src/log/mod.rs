@@ -539,6 +539,15 @@ impl Log {
         index.list(prefix, after, limit)
     }
 
+    /// Changes whenever a channel is added (before its first append is acknowledged).
+    pub fn channels_added(&self) -> u64 {
+        self.shared
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .added
+    }
+
     pub fn head(&self, channel: &str) -> u64 {
         self.shared
             .index
