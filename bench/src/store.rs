@@ -1,4 +1,6 @@
-//! The `store` scenario: the log engine itself, in-process, on a real disk, every append fsync'd.
+//! The `store` scenario: the log engine itself, in-process, every append durable: the embedded
+//! log on a real disk (fsync'd), or with `--postgres URL` the PostgreSQL engine (committed), a
+//! fresh database per run on that server.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use eventbus_store::Engine;
 use eventbus_store::log::{Entry, Log, Options};
 use serde_json::json;
 
@@ -40,6 +43,10 @@ pub struct Args {
     /// Events in the log for the restart measurement (0 skips it).
     #[arg(long, default_value_t = 10_000_000)]
     restart_events: u64,
+    /// Measure the PostgreSQL engine on the server of this URL (its user may create databases);
+    /// the restart measurement is the embedded log's only.
+    #[arg(long)]
+    postgres: Option<String>,
     /// Distinct keys for the compacted-read measurement.
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
@@ -70,25 +77,72 @@ fn entry(channel: &str, template: &Bytes, n: u64, key: Option<String>) -> Entry 
     }
 }
 
-fn open(dir: &std::path::Path) -> anyhow::Result<Arc<Log>> {
-    let (log, mut committed) = Log::open(Options {
-        segment_bytes: 128 * 1024 * 1024,
-        ..Options::new(dir.to_owned())
-    })?;
+/// An engine opened for one run: the embedded log in `dir`, or a fresh database named after
+/// `dir` on the server of `postgres`.
+async fn open(dir: &std::path::Path, postgres: Option<&str>) -> anyhow::Result<Opened> {
+    let (engine, mut committed, log): (Arc<dyn Engine>, _, _) = match postgres {
+        None => {
+            let (log, committed) = Log::open(Options {
+                segment_bytes: 128 * 1024 * 1024,
+                ..Options::new(dir.to_owned())
+            })?;
+            let log = Arc::new(log);
+            (log.clone(), committed, Some(log))
+        }
+        Some(url) => {
+            let name = format!(
+                "bench_{}",
+                dir.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("run")
+                    .replace('-', "_")
+            );
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+                ))
+                .await?;
+            let mut config: tokio_postgres::Config = url.parse()?;
+            config.dbname(&name);
+            let url = format!(
+                "postgres://{}@{}:{}/{name}",
+                config.get_user().unwrap_or("postgres"),
+                match config.get_hosts().first() {
+                    Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+                    _ => "127.0.0.1".into(),
+                },
+                config.get_ports().first().copied().unwrap_or(5432)
+            );
+            let (pg, committed) = eventbus_store::postgres::Postgres::open(
+                eventbus_store::postgres::Options::new(url),
+            )
+            .await?;
+            (Arc::new(pg), committed, None)
+        }
+    };
     // Nothing publishes in this scenario: drain what the writer hands to the backbone.
     tokio::spawn(async move { while committed.recv().await.is_some() {} });
-    Ok(Arc::new(log))
+    Ok(Opened { engine, log })
 }
 
-fn close(log: Arc<Log>) {
-    if let Ok(log) = Arc::try_unwrap(log) {
+struct Opened {
+    engine: Arc<dyn Engine>,
+    log: Option<Arc<Log>>,
+}
+
+fn close(opened: Opened) {
+    let Opened { engine, log } = opened;
+    drop(engine);
+    if let Some(Ok(log)) = log.map(Arc::try_unwrap) {
         log.close();
     }
 }
 
 /// Appends `total` events from `appenders` tasks, `batch` at a time; returns events per second.
 async fn append_rate(
-    log: &Arc<Log>,
+    log: &Arc<dyn Engine>,
     channel: &'static str,
     total: u64,
     batch: usize,
@@ -172,7 +226,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     for run in 0..args.runs {
         let dir = fresh("batched", run);
-        let log = open(&dir)?;
+        let opened = open(&dir, args.postgres.as_deref()).await?;
+        let log = opened.engine.clone();
         batched.runs.push(
             append_rate(
                 &log,
@@ -260,11 +315,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
         stop.store(true, Ordering::Relaxed);
         reader.await??;
-        close(log);
-        std::fs::remove_dir_all(&dir)?;
+        drop(log);
+        close(opened);
+        let _ = std::fs::remove_dir_all(&dir);
 
         let dir = fresh("single", run);
-        let log = open(&dir)?;
+        let opened = open(&dir, args.postgres.as_deref()).await?;
+        let log = opened.engine.clone();
         single.runs.push(
             append_rate(
                 &log,
@@ -277,16 +334,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await?,
         );
-        close(log);
-        std::fs::remove_dir_all(&dir)?;
+        drop(log);
+        close(opened);
+        let _ = std::fs::remove_dir_all(&dir);
     }
     reports.extend([batched, single, replay, compacted, during_replay]);
 
-    if args.restart_events > 0 {
+    if args.restart_events > 0 && args.postgres.is_none() {
         let dir = fresh("restart", 0);
-        let log = open(&dir)?;
-        append_rate(&log, "bench.c", args.restart_events, 1000, 4, args.size, 0).await?;
-        close(log);
+        let opened = open(&dir, None).await?;
+        append_rate(
+            &opened.engine,
+            "bench.c",
+            args.restart_events,
+            1000,
+            4,
+            args.size,
+            0,
+        )
+        .await?;
+        close(opened);
         let mut restart = Report {
             name: "restart_to_ready",
             unit: "ms",
@@ -294,13 +361,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         for _ in 0..args.runs {
             let started = Instant::now();
-            let log = open(&dir)?;
+            let opened = open(&dir, None).await?;
             restart.runs.push(started.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(
-                log.head("bench.c") == args.restart_events,
+                opened.engine.bounds("bench.c").await?.1 == args.restart_events,
                 "restart lost events"
             );
-            close(log);
+            close(opened);
         }
         std::fs::remove_dir_all(&dir)?;
         reports.push(restart);
@@ -323,7 +390,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        json!({"scenario": "store", "events": args.events, "batch": args.batch, "appenders": args.appenders,
+        json!({"scenario": "store", "engine": if args.postgres.is_some() { "postgres" } else { "embedded" }, "events": args.events, "batch": args.batch, "appenders": args.appenders,
                "single_events": args.single_events, "single_appenders": args.single_appenders, "size": args.size,
                "restart_events": args.restart_events, "results": json_runs})
     );

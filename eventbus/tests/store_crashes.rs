@@ -5,11 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use eventbus_testkit::cluster::Endpoints;
 use eventbus_testkit::http::Http;
+use eventbus_testkit::load::{self, publisher, retained};
 use eventbus_testkit::process::Process;
 use eventbus_testkit::{Cluster, NatsServer, eventually, free_port};
 use serde_json::{Value, json};
@@ -26,94 +24,6 @@ async fn store(port: u16, nats: &NatsServer, data: &Path, envs: &[(&str, &str)])
     ];
     all.extend_from_slice(envs);
     Process::start(EVENTBUS, &["store"], &all, port).await
-}
-
-/// Publishes `count` events with ids `<name>-<i>`, retrying each until it is acknowledged; returns
-/// the acknowledged (id, seq) pairs.
-async fn publisher(
-    api: Http,
-    token: String,
-    name: String,
-    channel: String,
-    count: usize,
-    acked: Arc<Mutex<usize>>,
-) -> Vec<(String, u64)> {
-    let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        let id = format!("{name}-{i}");
-        let event = json!({"id": id, "channel": channel, "type": "tick", "data": i});
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let answer = api
-                .post("/v1/events")
-                .bearer_auth(&token)
-                .json(&event)
-                .timeout(Duration::from_secs(10))
-                .await_ok()
-                .await;
-            if let Some(answer) = answer.filter(|a| a.0 == 200) {
-                out.push((
-                    id.clone(),
-                    answer.1["events"][0]["seq"].as_u64().expect("seq"),
-                ));
-                *acked.lock().expect("lock") += 1;
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} was never acknowledged"
-            );
-            // Any non-200 means "not stored, retry": back off briefly while the store restarts.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    out
-}
-
-trait AwaitOk {
-    async fn await_ok(self) -> Option<(u16, Value)>;
-}
-
-impl AwaitOk for reqwest::RequestBuilder {
-    async fn await_ok(self) -> Option<(u16, Value)> {
-        let response = self.send().await.ok()?;
-        let status = response.status().as_u16();
-        let body = response.json().await.unwrap_or(Value::Null);
-        Some((status, body))
-    }
-}
-
-/// Every event of `channel` from its first retained seq: (first, seq → id).
-async fn retained(bus: &Endpoints, token: &str, channel: &str) -> (u64, BTreeMap<u64, String>) {
-    let bounds = bus.api.history(token, channel, "after=0&limit=1").await;
-    let first = match bounds.status.as_u16() {
-        200 => 1,
-        410 => bounds.body["first_seq"].as_u64().expect("first_seq"),
-        other => panic!("{channel}: {other} {}", bounds.body),
-    };
-    let mut after = first - 1;
-    let mut events = BTreeMap::new();
-    loop {
-        let page = bus
-            .api
-            .history(token, channel, &format!("after={after}&limit=1000"))
-            .await;
-        assert_eq!(page.status, 200, "{}", page.body);
-        let list = page.body["events"].as_array().expect("events").clone();
-        for event in &list {
-            let seq = event["seq"].as_u64().expect("seq");
-            assert_eq!(seq, after + 1, "{channel}: retained seqs have no gaps");
-            after = seq;
-            events.insert(seq, event["id"].as_str().expect("id").to_owned());
-        }
-        if list.is_empty() {
-            assert_eq!(
-                page.body["head"], after,
-                "{channel}: history ends at the head"
-            );
-            return (first, events);
-        }
-    }
 }
 
 /// Four publishers on two channels (a retry loop each), the store killed `cycles` times.
@@ -140,7 +50,7 @@ async fn kill_the_store_under_load(channel_prefix: &str, tuning: &[(&str, &str)]
         .await;
     assert_eq!(keep.status, 200, "{}", keep.body);
 
-    let acked = Arc::new(Mutex::new(0usize));
+    let acked = load::Shared::default();
     let per_publisher = 40 * cycles.max(1);
     let mut publishers = Vec::new();
     for p in 0..4 {
@@ -157,7 +67,7 @@ async fn kill_the_store_under_load(channel_prefix: &str, tuning: &[(&str, &str)]
         let target = (cycle + 1) * per_publisher * 4 / (cycles + 1);
         let progress = acked.clone();
         eventually("publishers to make progress", || {
-            let count = *progress.lock().expect("lock");
+            let count = load::acked(&progress);
             async move { (count >= target).then_some(()) }
         })
         .await;

@@ -53,6 +53,11 @@ pub struct Settings {
         default_value_t = 0
     )]
     pub max_channels_per_source: u64,
+    /// Keep the log in PostgreSQL at this URL instead of the embedded log under `--data`
+    /// (libpq form; several hosts with `target_session_attrs=read-write` follow a failover).
+    /// Several stores may share one database. See docs/operations.md, "Choosing an engine".
+    #[arg(long = "postgres", env = "EVENTBUS_STORE_POSTGRES")]
+    pub postgres: Option<DatabaseUrl>,
     /// Seconds between retention passes.
     #[arg(
         long = "retention-interval-s",
@@ -60,6 +65,34 @@ pub struct Settings {
         default_value_t = 10
     )]
     pub retention_interval_s: u64,
+}
+
+/// A database URL, which may hold a password: shown without it.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub String);
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        crate::postgres::config_of(text).map_err(|err| err.to_string())?;
+        Ok(DatabaseUrl(text.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match crate::postgres::config_of(&self.0) {
+            Ok(config) => write!(
+                f,
+                "postgres (hosts {:?}, database {:?}, user {:?})",
+                config.get_hosts(),
+                config.get_dbname(),
+                config.get_user()
+            ),
+            Err(_) => f.write_str("postgres (unparsable URL)"),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -114,6 +147,18 @@ impl Config {
             min_free_bytes: settings.min_free_bytes,
             max_channels_per_source: settings.max_channels_per_source,
         }
+    }
+
+    /// The PostgreSQL engine's options, when `--postgres` is given.
+    pub fn postgres_options(&self) -> Option<crate::postgres::Options> {
+        let settings = &self.settings;
+        let url = settings.postgres.as_ref()?;
+        Some(crate::postgres::Options {
+            dedupe_window_ms: settings.dedupe_window_s.saturating_mul(1000),
+            retention: settings.retention.clone(),
+            max_channels_per_source: settings.max_channels_per_source,
+            ..crate::postgres::Options::new(url.0.clone())
+        })
     }
 
     /// A configuration for tests and the all-in-one mode: data in `data`, on a free loopback

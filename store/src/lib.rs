@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod engine;
 pub mod groups;
 pub mod log;
+pub mod postgres;
 mod service;
 
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 pub use config::{Config, Settings};
+pub use engine::Engine;
 pub use log::{Log, LogError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,20 +32,6 @@ pub enum Error {
     Config(String),
 }
 
-/// Bytes of log segments in `dir` (what retention bounds), for the metrics.
-fn log_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// Runs the store on `listener` until `shutdown`; returns once in-flight appends are durable.
 pub async fn run(
     config: Config,
@@ -52,12 +41,24 @@ pub async fn run(
 ) -> Result<(), Error> {
     let credential = config.internal.credential().map_err(Error::Config)?;
     let tls = config.tls.acceptor().map_err(Error::Config)?;
-    let options = config.log_options();
-    let (log, mut committed) = tokio::task::spawn_blocking(move || Log::open(options))
-        .await
-        .map_err(|err| Error::Serve(std::io::Error::other(err)))??;
-    let log = Arc::new(log);
-    let groups_log = log.clone();
+    // The engine: PostgreSQL when a URL is given, else the embedded log (kept apart as well,
+    // so that it can be closed, and its writer joined, when everything else let go of it).
+    let (engine, mut committed, embedded): (Arc<dyn Engine>, log::Committed, Option<Arc<Log>>) =
+        match config.postgres_options() {
+            Some(options) => {
+                let (pg, committed) = postgres::Postgres::open(options).await?;
+                (Arc::new(pg), committed, None)
+            }
+            None => {
+                let options = config.log_options();
+                let (log, committed) = tokio::task::spawn_blocking(move || Log::open(options))
+                    .await
+                    .map_err(|err| Error::Serve(std::io::Error::other(err)))??;
+                let log = Arc::new(log);
+                (log.clone(), committed, Some(log))
+            }
+        };
+    let groups_log = engine.clone();
     let groups_dir = config.data.join("groups");
     let groups_shutdown = shutdown.clone();
     let groups = Arc::new(
@@ -72,7 +73,7 @@ pub async fn run(
         async move { groups.maintain().await }
     });
 
-    let tails = log.tails()?;
+    let tails = engine.tails().await?;
     let publisher_backbone = backbone.clone();
     // Weak: the log closes (ending this task) only once nothing holds it, groups included.
     let publisher_groups = Arc::downgrade(&groups);
@@ -91,8 +92,7 @@ pub async fn run(
         }
     });
 
-    let retention_log = log.clone();
-    let data_dir = config.data.clone();
+    let retention_log = engine.clone();
     let retention_interval =
         std::time::Duration::from_secs(config.settings.retention_interval_s.max(1));
     let retention_shutdown = shutdown.clone();
@@ -103,35 +103,29 @@ pub async fn run(
                 _ = retention_shutdown.wait() => return,
                 _ = ticks.tick() => {}
             }
-            let log = retention_log.clone();
-            let dir = data_dir.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let outcome = log.enforce_retention(log::now_ms());
-                eventbus_runtime::metrics::metrics()
-                    .store_log_bytes
-                    .set(log_bytes(&dir) as i64);
-                outcome
-            })
-            .await;
-            if let Ok(Err(err)) = outcome {
+            let outcome = retention_log.enforce_retention(log::now_ms()).await;
+            eventbus_runtime::metrics::metrics()
+                .store_log_bytes
+                .set(retention_log.log_bytes() as i64);
+            if let Err(err) = outcome {
                 warn!(cause = %err, "retention pass failed");
             }
         }
     });
 
-    let (live_log, ready_log) = (log.clone(), log.clone());
-    let grpc = tonic::service::Routes::new(service::server(log.clone(), groups.clone()))
+    let (live_log, ready_log) = (engine.clone(), engine.clone());
+    let grpc = tonic::service::Routes::new(service::server(engine.clone(), groups.clone()))
         .into_axum_router();
     let app = eventbus_runtime::internal::require(grpc, credential).merge(
         eventbus_runtime::health_routes_with(
             move || live_log.is_healthy(),
-            move || ready_log.is_healthy() && !ready_log.is_low_on_space(),
+            move || ready_log.is_ready(),
         ),
     );
-    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), data = %config.data.display(), "store listening");
+    info!(addr = %listener.local_addr()?, scheme = config.tls.scheme(), engine = engine.name(), data = %config.data.display(), "store listening");
     // A write or fsync the log cannot continue from ends the process (non-zero), so that its
     // supervisor restarts it and recovery runs: serving on would only refuse every append.
-    let failed_log = log.clone();
+    let failed_log = engine.clone();
     let failed = async move {
         while failed_log.is_healthy() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -146,7 +140,7 @@ pub async fn run(
         }
     })
     .await?;
-    let failed = !log.is_healthy();
+    let failed = !engine.is_healthy();
     if failed {
         shutdown.trigger();
     }
@@ -154,11 +148,14 @@ pub async fn run(
     let _ = retention.await;
     let _ = saver.await;
     drop(groups);
-    match Arc::try_unwrap(log) {
-        Ok(log) => tokio::task::spawn_blocking(move || log.close())
-            .await
-            .map_err(|err| Error::Serve(std::io::Error::other(err)))?,
-        Err(_) => warn!("store stopped with requests still holding the log"),
+    drop(engine);
+    if let Some(log) = embedded {
+        match Arc::try_unwrap(log) {
+            Ok(log) => tokio::task::spawn_blocking(move || log.close())
+                .await
+                .map_err(|err| Error::Serve(std::io::Error::other(err)))?,
+            Err(_) => warn!("store stopped with requests still holding the log"),
+        }
     }
     let _ = publisher.await;
     if failed {

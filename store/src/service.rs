@@ -7,21 +7,22 @@ use eventbus_proto::store as pb;
 use eventbus_proto::store::store_server::{Store, StoreServer};
 use tonic::{Request, Response, Status};
 
+use crate::engine::Engine;
 use crate::groups::{Changes, GroupError, Groups};
-use crate::log::{Entry, Log, LogError};
+use crate::log::{Entry, LogError};
 
 use eventbus_proto::store::{
     FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
 };
 
-pub fn server(log: Arc<Log>, groups: Arc<Groups>) -> StoreServer<Service> {
+pub fn server(log: Arc<dyn Engine>, groups: Arc<Groups>) -> StoreServer<Service> {
     StoreServer::new(Service { log, groups })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 pub struct Service {
-    log: Arc<Log>,
+    log: Arc<dyn Engine>,
     groups: Arc<Groups>,
 }
 
@@ -49,7 +50,7 @@ fn status(err: LogError) -> Status {
             status
         }
         LogError::Invalid(_) => Status::invalid_argument(err.to_string()),
-        LogError::Failed => Status::unavailable(err.to_string()),
+        LogError::Failed | LogError::Unavailable(_) => Status::unavailable(err.to_string()),
         LogError::LowSpace { .. } => Status::resource_exhausted(err.to_string()),
         LogError::Quota { .. } => {
             let mut status = Status::resource_exhausted(err.to_string());
@@ -199,6 +200,8 @@ impl Store for Service {
         let channels = self
             .log
             .channels(&request.prefix, &request.after, limit)
+            .await
+            .map_err(status)?
             .into_iter()
             .map(|(channel, head)| pb::ChannelHead { channel, head })
             .collect();
@@ -283,6 +286,8 @@ impl Store for Service {
         let groups = self
             .groups
             .list()
+            .await
+            .map_err(group_status)?
             .into_iter()
             .map(|g| pb::GroupInfo {
                 name: g.name,
@@ -339,7 +344,7 @@ impl Store for Service {
     ) -> Result<Response<pb::HeadResponse>, Status> {
         let request = request.into_inner();
         check_channel(&request.channel)?;
-        let (first, head) = self.log.bounds(&request.channel);
+        let (first, head) = self.log.bounds(&request.channel).await.map_err(status)?;
         Ok(Response::new(pb::HeadResponse { head, first }))
     }
 }

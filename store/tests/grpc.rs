@@ -31,6 +31,17 @@ fn event(channel: &str, n: usize) -> Accepted {
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors() {
+    bad_requests_get_clear_errors_on(None).await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_on_postgres() {
+    let postgres = eventbus_testkit::postgres::Postgres::primary().await;
+    bad_requests_get_clear_errors_on(Some(postgres.url())).await;
+}
+
+/// The same requests and answers whatever the engine: the embedded log, or PostgreSQL at `url`.
+async fn bad_requests_get_clear_errors_on(postgres: Option<String>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -40,6 +51,7 @@ async fn bad_requests_get_clear_errors() {
     let mut config = Config::with_data(dir.path().to_owned());
     let secret = "internal-credential-of-this-test";
     config.internal.token = Some(secret.to_owned());
+    config.settings.postgres = postgres.map(eventbus_store::config::DatabaseUrl);
     let server = tokio::spawn(eventbus_store::run(
         config,
         listener,
@@ -102,9 +114,16 @@ async fn bad_requests_get_clear_errors() {
     long_key.key = Some("k".repeat(70_000));
     let mut long_id = event("orders", 6);
     long_id.id = "i".repeat(129);
+    let mut nul_key = event("orders", 8);
+    nul_key.key = Some("a\0b".into());
     let mut huge = event("orders", 7);
     huge.body = format!(r#"{{"data":"{}"}}"#, "x".repeat(33 * 1024 * 1024)).into_bytes();
-    for (what, bad) in [("key", long_key), ("id", long_id), ("event", huge)] {
+    for (what, bad) in [
+        ("key", long_key),
+        ("id", long_id),
+        ("event", huge),
+        ("NUL", nul_key),
+    ] {
         match store.append(vec![bad]).await {
             Err(StoreError::Invalid(message)) => assert!(message.contains(what), "{message}"),
             other => panic!("expected a refusal of the {what}, got {other:?}"),

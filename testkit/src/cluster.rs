@@ -49,6 +49,9 @@ impl Endpoints {
 
 pub struct Cluster {
     pub nats: NatsServer,
+    /// The store's database, when the log is on PostgreSQL ([`Cluster::start_on_postgres`], or
+    /// every cluster under `EVENTBUS_TEST_ENGINE=postgres`).
+    pub postgres: Option<crate::postgres::Postgres>,
     pub endpoints: Endpoints,
     pub store_url: String,
     pub auth_url: String,
@@ -107,11 +110,34 @@ impl Cluster {
         Self::start_full(None, |_| {}, true, true).await
     }
 
+    /// As [`Cluster::start`], with the store's log on a PostgreSQL server of its own.
+    pub async fn start_on_postgres() -> Cluster {
+        let postgres = crate::postgres::Postgres::primary().await;
+        Self::start_full_on(None, |_| {}, false, true, Some(postgres)).await
+    }
+
     async fn start_full(
         store_url: Option<String>,
         tune: impl FnOnce(&mut eventbus_store::Config),
         detached_store: bool,
         presence_events: bool,
+    ) -> Cluster {
+        // The end-to-end suite runs once more with the log on PostgreSQL (scripts/test.sh).
+        let postgres = match std::env::var("EVENTBUS_TEST_ENGINE").as_deref() {
+            Ok("postgres") if store_url.is_none() => {
+                Some(crate::postgres::Postgres::primary().await)
+            }
+            _ => None,
+        };
+        Self::start_full_on(store_url, tune, detached_store, presence_events, postgres).await
+    }
+
+    async fn start_full_on(
+        store_url: Option<String>,
+        tune: impl FnOnce(&mut eventbus_store::Config),
+        detached_store: bool,
+        presence_events: bool,
+        postgres: Option<crate::postgres::Postgres>,
     ) -> Cluster {
         let nats = NatsServer::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
@@ -130,6 +156,9 @@ impl Cluster {
                 };
                 let mut config = eventbus_store::Config::with_data(dir.path().join("store"));
                 config.internal = internal();
+                config.settings.postgres = postgres
+                    .as_ref()
+                    .map(|pg| eventbus_store::config::DatabaseUrl(pg.url()));
                 tune(&mut config);
                 tasks.push(spawn(eventbus_store::run(
                     config,
@@ -178,6 +207,7 @@ impl Cluster {
                 ws: String::new(),
             },
             nats,
+            postgres,
             store_url,
             auth_url,
             shutdown,
@@ -186,6 +216,31 @@ impl Cluster {
         };
         cluster.endpoints.ws = cluster.add_gateway().await;
         cluster
+    }
+
+    /// Starts one more store replica on the cluster's database (a cluster on PostgreSQL) and
+    /// NATS; returns its gRPC URL.
+    pub async fn add_store(&mut self) -> String {
+        let url = self
+            .postgres
+            .as_ref()
+            .expect("more store replicas need the log on PostgreSQL")
+            .url();
+        let listener = listener().await;
+        let store_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let n = self.tasks.len();
+        let mut config =
+            eventbus_store::Config::with_data(self.dir.path().join(format!("store-{n}")));
+        config.internal = internal();
+        config.settings.postgres = Some(eventbus_store::config::DatabaseUrl(url));
+        let backbone = nats_backbone(&self.nats).await;
+        self.tasks.push(spawn(eventbus_store::run(
+            config,
+            listener,
+            backbone,
+            self.shutdown.clone(),
+        )));
+        store_url
     }
 
     /// Starts one more gateway on the same NATS; returns its WebSocket URL.

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod load;
 pub mod nats;
 pub mod postgres;
 pub mod process;

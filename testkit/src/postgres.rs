@@ -204,9 +204,14 @@ impl Postgres {
         .await;
     }
 
-    /// `kill -9` of the postmaster: no checkpoint, no goodbye to clients.
+    /// `kill -9` of the server, as when its machine dies: the postmaster and every backend at
+    /// once (its process group), no checkpoint, no goodbye to clients. (Killing the postmaster
+    /// alone would leave its backends serving their connections until they notice.)
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-9", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -215,6 +220,8 @@ impl Postgres {
     async fn spawn(&mut self) {
         let log = std::fs::File::create(self.data.with_file_name("postgres.log")).ok();
         let mut postgres = program("postgres");
+        // A process group of its own, so that `kill` takes every backend with the postmaster.
+        std::os::unix::process::CommandExt::process_group(&mut postgres, 0);
         postgres.arg("-D").arg(&self.data).stdout(Stdio::null());
         match log {
             Some(log) => postgres.stderr(log),

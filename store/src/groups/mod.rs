@@ -25,7 +25,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::log::{Entry, Log, LogError, now_ms};
+use crate::engine::Engine;
+use crate::log::{Entry, LogError, now_ms};
 pub use state::{Delivery, Settings, Stats};
 use state::{Group, Saved};
 
@@ -69,6 +70,31 @@ pub struct Info {
     pub positions: Vec<(String, u64, u64)>,
 }
 
+/// What [`Groups::look`] found, applied to the group under the lock.
+struct Look {
+    heads: Vec<(String, u64)>,
+    added: u64,
+    /// The channels under the group's pattern's prefix, when some were added since it last looked.
+    listed: Vec<(String, u64)>,
+}
+
+impl Look {
+    fn apply(self, name: &str, slot: &mut Slot) {
+        for (channel, head) in self.heads {
+            slot.group.saw_head(&channel, head);
+        }
+        if slot.discovered != Some(self.added) {
+            slot.discovered = Some(self.added);
+            let pattern = slot.group.pattern().to_owned();
+            for (channel, head) in self.listed {
+                if follows(name, &pattern, &channel) {
+                    slot.group.saw_head(&channel, head);
+                }
+            }
+        }
+    }
+}
+
 struct Slot {
     group: Group,
     notify: Arc<Notify>,
@@ -79,7 +105,7 @@ struct Slot {
 }
 
 pub struct Groups {
-    log: Arc<Log>,
+    log: Arc<dyn Engine>,
     dir: PathBuf,
     slots: Mutex<HashMap<String, Slot>>,
     /// Ends waiting fetches, so that the store stops at once.
@@ -116,7 +142,7 @@ struct KeyOnly {
 impl Groups {
     /// The groups saved in `dir` (created if missing), over `log`.
     pub fn open(
-        log: Arc<Log>,
+        log: Arc<dyn Engine>,
         dir: PathBuf,
         shutdown: eventbus_runtime::Shutdown,
     ) -> Result<Groups, LogError> {
@@ -208,7 +234,7 @@ impl Groups {
         let until = Instant::now() + wait.min(MAX_WAIT);
         self.open_group(name, pattern, changes).await?;
         loop {
-            let refills = self.look_around(name)?;
+            let refills = self.look_around(name).await?;
             for refill in refills {
                 self.refill(name, &refill.channel, refill.after).await?;
             }
@@ -274,6 +300,24 @@ impl Groups {
         pattern: &str,
         changes: Changes,
     ) -> Result<(), GroupError> {
+        // A new group starts at its channels' heads now: listed before the lock is taken (the
+        // engine may be a database). A group made meanwhile by another fetch is kept.
+        let exists = self.lock().contains_key(name);
+        let start = if exists {
+            None
+        } else {
+            eventbus_router::validate_pattern(pattern)
+                .map_err(|err| GroupError::Invalid(format!("pattern {pattern:?}: {err}")))?;
+            let added = self.log.channels_added().await?;
+            let channels: Vec<(String, u64)> = self
+                .log
+                .channels(literal_prefix(pattern), "", usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|(channel, _)| follows(name, pattern, channel))
+                .collect();
+            Some((added, channels))
+        };
         let created = {
             let mut slots = self.lock();
             match slots.get_mut(name) {
@@ -292,16 +336,10 @@ impl Groups {
                     None
                 }
                 None => {
-                    eventbus_router::validate_pattern(pattern).map_err(|err| {
-                        GroupError::Invalid(format!("pattern {pattern:?}: {err}"))
-                    })?;
-                    let added = self.log.channels_added();
-                    let channels: Vec<(String, u64)> = self
-                        .log
-                        .channels(literal_prefix(pattern), "", usize::MAX)
-                        .into_iter()
-                        .filter(|(channel, _)| follows(name, pattern, channel))
-                        .collect();
+                    let Some((added, channels)) = start else {
+                        // Deleted between the look and the lock: as if never made.
+                        return Err(GroupError::NotFound(name.to_owned()));
+                    };
                     let mut settings = Settings::default();
                     apply(&mut settings, changes);
                     let group = Group::new(pattern, settings, &channels);
@@ -330,37 +368,42 @@ impl Groups {
     }
 
     /// Brings the group's heads up to date; what to read.
-    fn look_around(&self, name: &str) -> Result<Vec<state::Refill>, GroupError> {
+    async fn look_around(&self, name: &str) -> Result<Vec<state::Refill>, GroupError> {
+        let look = self.look(name).await?;
         let mut slots = self.lock();
         let slot = slots
             .get_mut(name)
             .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
-        self.catch_up(name, slot);
+        look.apply(name, slot);
         Ok(slot.group.refills())
     }
 
-    /// Tells the group the log's heads now, and its channels added since it last looked: what it
-    /// shows and hands out then covers every event acknowledged so far, whether or not the
-    /// writer's hand-off ([`Groups::committed`]) has arrived.
-    fn catch_up(&self, name: &str, slot: &mut Slot) {
-        let heads: Vec<(String, u64)> = slot
-            .group
-            .channels()
-            .map(|channel| (channel.to_owned(), self.log.bounds(channel).1))
-            .collect();
-        for (channel, head) in heads {
-            slot.group.saw_head(&channel, head);
-        }
-        let added = self.log.channels_added();
-        if slot.discovered != Some(added) {
-            slot.discovered = Some(added);
-            let pattern = slot.group.pattern().to_owned();
-            for (channel, head) in self.log.channels(literal_prefix(&pattern), "", usize::MAX) {
-                if follows(name, &pattern, &channel) {
-                    slot.group.saw_head(&channel, head);
-                }
-            }
-        }
+    /// The log's heads now of the group's channels, and its channels added since it last looked:
+    /// what it shows and hands out then covers every event acknowledged so far, whether or not
+    /// the writer's hand-off ([`Groups::committed`]) has arrived.
+    async fn look(&self, name: &str) -> Result<Look, GroupError> {
+        let (channels, discovered, pattern) = {
+            let slots = self.lock();
+            let slot = slots
+                .get(name)
+                .ok_or_else(|| GroupError::NotFound(name.to_owned()))?;
+            let channels: Vec<String> = slot.group.channels().map(str::to_owned).collect();
+            (channels, slot.discovered, slot.group.pattern().to_owned())
+        };
+        let heads = self.log.heads(&channels).await?;
+        let added = self.log.channels_added().await?;
+        let listed = if discovered == Some(added) {
+            Vec::new()
+        } else {
+            self.log
+                .channels(literal_prefix(&pattern), "", usize::MAX)
+                .await?
+        };
+        Ok(Look {
+            heads: channels.into_iter().zip(heads).collect(),
+            added,
+            listed,
+        })
     }
 
     /// Reads `channel` after `after` into the group's read-ahead.
@@ -481,10 +524,20 @@ impl Groups {
         }
     }
 
-    pub fn list(&self) -> Vec<Info> {
+    pub async fn list(&self) -> Result<Vec<Info>, GroupError> {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        let mut looks = Vec::with_capacity(names.len());
+        for name in names {
+            let look = self.look(&name).await;
+            looks.push((name, look));
+        }
         let mut slots = self.lock();
-        for (name, slot) in slots.iter_mut() {
-            self.catch_up(name, slot);
+        for (name, look) in looks {
+            match (look, slots.get_mut(&name)) {
+                (Ok(look), Some(slot)) => look.apply(&name, slot),
+                (Err(GroupError::NotFound(_)), _) | (_, None) => {}
+                (Err(err), _) => return Err(err),
+            }
         }
         let mut all: Vec<Info> = slots
             .iter()
@@ -497,7 +550,7 @@ impl Groups {
             })
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
-        all
+        Ok(all)
     }
 
     /// Moves group `name`'s position (see [`Group::reset`]) and saves it at once.

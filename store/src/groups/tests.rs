@@ -315,7 +315,7 @@ async fn a_group_sees_an_acknowledged_event_on_a_new_channel_at_once() {
     }])
     .await
     .unwrap();
-    assert_eq!(groups.list()[0].stats.backlog, 1);
+    assert_eq!(groups.list().await.unwrap()[0].stats.backlog, 1);
     let got = fetch().await.unwrap();
     assert_eq!(got.len(), 1, "{got:?}");
 }

@@ -62,6 +62,29 @@ pub struct Options {
     pub max_channels_per_source: u64,
 }
 
+/// Whether the log can hold `entry` (field sizes, the event's size): the same refusals whatever
+/// the engine, so that no engine acknowledges what another could not read back.
+pub(crate) fn check_entry(entry: &Entry) -> Result<(), String> {
+    // PostgreSQL's text cannot hold NUL: refused on every engine, before it could fail a batch.
+    for (name, value) in [
+        ("channel", Some(entry.channel.as_str())),
+        ("id", Some(entry.id.as_str())),
+        ("source", Some(entry.source.as_str())),
+        ("key", entry.key.as_deref()),
+    ] {
+        if value.is_some_and(|v| v.contains('\0')) {
+            return Err(format!("{name} holds a NUL character"));
+        }
+    }
+    record::check(
+        &entry.channel,
+        &entry.id,
+        entry.key.as_deref(),
+        Some(&entry.source),
+        &entry.body,
+    )
+}
+
 /// A source of "now" in Unix milliseconds.
 #[derive(Clone)]
 pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
@@ -142,6 +165,10 @@ pub enum LogError {
     Truncated { first: u64 },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The database behind the log (PostgreSQL) could not be reached or did not commit; an
+    /// append may or may not have been stored, and a retry with the same ids is safe.
+    #[error("the log's database is unavailable (retry with the same ids): {0}")]
+    Unavailable(String),
     #[error(
         "not stored: {publisher} has created {max} channels, as many as a publisher may (EVENTBUS_STORE_MAX_CHANNELS_PER_SOURCE); publish to existing channels"
     )]
@@ -455,14 +482,7 @@ impl Log {
         }
         let mut bytes = 0;
         for (i, entry) in entries.iter().enumerate() {
-            record::check(
-                &entry.channel,
-                &entry.id,
-                entry.key.as_deref(),
-                Some(&entry.source),
-                &entry.body,
-            )
-            .map_err(|cause| LogError::Invalid(format!("event {i}: {cause}")))?;
+            check_entry(entry).map_err(|cause| LogError::Invalid(format!("event {i}: {cause}")))?;
             bytes +=
                 (record::HEADER_LEN + 64 + entry.channel.len() + entry.id.len() + entry.body.len())
                     as u64;
@@ -705,6 +725,20 @@ impl Log {
     /// False once a write or fsync failed: the store must be restarted (and recovers then).
     pub fn is_healthy(&self) -> bool {
         !self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Bytes of log segments (what retention bounds).
+    pub fn log_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.shared.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// Whether appends are refused for want of disk space right now.

@@ -1,0 +1,296 @@
+//! The store on PostgreSQL, as several replicas of one log: both append to the same channels at
+//! once (seqs contiguous, nothing twice, a retry sent to the other replica answered as a
+//! duplicate); each publishes what it committed, so NATS carries one channel's events out of
+//! order, and subscribers still get every event once, in order; a replica killed with -9 under
+//! load loses nothing acknowledged; and the database failing over to its synchronous standby
+//! loses nothing acknowledged either, while publishes in between are refused (503) and succeed
+//! when retried with the same id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use eventbus_model::{Accepted, Limits, parse_event};
+use eventbus_runtime::internal::Credential;
+use eventbus_store_client::StoreClient;
+use eventbus_testkit::cluster::INTERNAL_TOKEN;
+use eventbus_testkit::load::{self, publisher, retained};
+use eventbus_testkit::postgres::Postgres;
+use eventbus_testkit::process::Process;
+use eventbus_testkit::ws::Ws;
+use eventbus_testkit::{Cluster, NatsServer, eventually, free_port};
+use serde_json::json;
+
+const EVENTBUS: &str = env!("CARGO_BIN_EXE_eventbus");
+
+fn client(url: &str) -> StoreClient {
+    StoreClient::new(
+        url,
+        Credential::new(INTERNAL_TOKEN).expect("credential"),
+        &Default::default(),
+    )
+    .expect("store client")
+}
+
+fn event(channel: &str, id: &str) -> Accepted {
+    parse_event(
+        json!({"id": id, "channel": channel, "type": "t"})
+            .to_string()
+            .as_bytes(),
+        "svc",
+        &Limits::default(),
+    )
+    .expect("valid event")
+}
+
+async fn until_serving(store: &StoreClient) {
+    eventually("the store replica to serve", || async {
+        store.head("orders").await.ok().map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_replicas_append_to_one_channel_and_subscribers_get_each_event_once_in_order() {
+    let mut cluster = Cluster::start_on_postgres().await;
+    let second = cluster.add_store().await;
+    let (a, b) = (client(&cluster.store_url), client(&second));
+    until_serving(&a).await;
+    until_serving(&b).await;
+    let token = cluster.endpoints.service_token().await;
+    let (mut ws, _) = Ws::hello(&cluster.endpoints.ws, &token).await;
+    ws.subscribe(json!({"channel": "orders", "after": 0})).await;
+
+    // Both replicas append to the same channel at once, single events and batches.
+    let appender = |store: StoreClient, name: &'static str| async move {
+        let mut seqs = Vec::new();
+        for i in 0..60 {
+            let batch: Vec<Accepted> = (0..1 + i % 3)
+                .map(|j| event("orders", &format!("{name}-{i}-{j}")))
+                .collect();
+            for appended in store.append(batch).await.expect("append") {
+                assert!(!appended.duplicate);
+                seqs.push(appended.seq);
+            }
+        }
+        seqs
+    };
+    let (from_a, from_b) = tokio::join!(appender(a.clone(), "a"), appender(b.clone(), "b"));
+    let mut all: Vec<u64> = from_a.iter().chain(&from_b).copied().collect();
+    all.sort_unstable();
+    let n = all.len() as u64;
+    assert_eq!(all, (1..=n).collect::<Vec<_>>(), "contiguous, none twice");
+
+    // A retry sent to the other replica is the same event.
+    let first = a
+        .append(vec![event("orders", "retried")])
+        .await
+        .expect("append");
+    let again = b
+        .append(vec![event("orders", "retried")])
+        .await
+        .expect("append");
+    assert_eq!((again[0].seq, again[0].duplicate), (first[0].seq, true));
+    // The same id sent to both at the same moment is stored once.
+    for i in 0..20 {
+        let id = format!("both-{i}");
+        let (x, y) = tokio::join!(
+            a.append(vec![event("orders", &id)]),
+            b.append(vec![event("orders", &id)])
+        );
+        let (x, y) = (&x.expect("append")[0], &y.expect("append")[0]);
+        assert_eq!(x.seq, y.seq, "{id}");
+        assert!(
+            x.duplicate != y.duplicate,
+            "{id}: one stored, one duplicate"
+        );
+    }
+    let head = n + 21;
+    assert_eq!(a.head("orders").await.expect("head"), head);
+
+    // Two replicas published one channel's events to NATS in whatever order they committed:
+    // the subscriber still gets 1..head, once each, in order.
+    let events = ws.events(head as usize).await;
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>());
+    cluster.stop().await;
+}
+
+async fn store_process(port: u16, nats: &NatsServer, data: &Path, url: &str) -> Process {
+    let listen = format!("127.0.0.1:{port}");
+    Process::start(
+        EVENTBUS,
+        &["store"],
+        &[
+            ("EVENTBUS_STORE_LISTEN", &listen),
+            ("EVENTBUS_NATS_URL", &nats.url()),
+            ("EVENTBUS_STORE_DATA", data.to_str().expect("path")),
+            ("EVENTBUS_STORE_POSTGRES", url),
+        ],
+        port,
+    )
+    .await
+}
+
+/// Every acknowledged (id, seq) is stored once at its seq, and nothing else is stored.
+async fn every_acknowledged_event_once(
+    cluster: &Cluster,
+    token: &str,
+    channels: &[String],
+    acknowledged: &BTreeMap<String, u64>,
+    channel_of: impl Fn(&str) -> String,
+) {
+    let mut stored: HashMap<String, u64> = HashMap::new();
+    for channel in channels {
+        let (first, events) = retained(&cluster.endpoints, token, channel).await;
+        assert_eq!(first, 1, "{channel}: nothing retention could explain");
+        for (seq, id) in events {
+            assert!(
+                stored.insert(id.clone(), seq).is_none(),
+                "{id} stored twice"
+            );
+        }
+    }
+    for (id, seq) in acknowledged {
+        assert_eq!(
+            stored.get(id),
+            Some(seq),
+            "{id} acknowledged at {seq} in {}",
+            channel_of(id)
+        );
+    }
+    assert_eq!(
+        stored.len(),
+        acknowledged.len(),
+        "nothing unacknowledged stored"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_killed_under_load_loses_nothing_acknowledged() {
+    let postgres = Postgres::primary().await;
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut replica_a = store_process(port_a, &nats, &dir.path().join("a"), &postgres.url()).await;
+    let _replica_b = store_process(port_b, &nats, &dir.path().join("b"), &postgres.url()).await;
+    let cluster = Cluster::start_with_store(Some(format!("http://127.0.0.1:{port_a}"))).await;
+    let token = cluster.endpoints.service_token().await;
+
+    // Publishers through ingest (to replica a, which is killed) and straight to replica b, on
+    // the same two channels.
+    let progress = load::Shared::default();
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        publishers.push(tokio::spawn(publisher(
+            cluster.endpoints.api.clone(),
+            token.clone(),
+            format!("p{p}"),
+            format!("load.c{}", p % 2),
+            150,
+            progress.clone(),
+        )));
+    }
+    let direct = client(&format!("http://127.0.0.1:{port_b}"));
+    let beside = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..200 {
+            let id = format!("q-{i}");
+            let appended = direct
+                .append(vec![event(&format!("load.c{}", i % 2), &id)])
+                .await
+                .expect("replica b stays up");
+            acked.push((id, appended[0].seq));
+        }
+        acked
+    });
+    for cycle in 1..=3 {
+        let target = cycle * 600 / 4;
+        eventually("publishers to make progress", || {
+            let count = load::acked(&progress);
+            async move { (count >= target).then_some(()) }
+        })
+        .await;
+        replica_a.restart().await;
+    }
+    let mut acknowledged = BTreeMap::new();
+    for publisher in publishers {
+        for (id, seq) in publisher.await.expect("publisher") {
+            assert!(acknowledged.insert(id, seq).is_none());
+        }
+    }
+    for (id, seq) in beside.await.expect("direct appends") {
+        assert!(acknowledged.insert(id, seq).is_none());
+    }
+    let channels: Vec<String> = (0..2).map(|c| format!("load.c{c}")).collect();
+    every_acknowledged_event_once(&cluster, &token, &channels, &acknowledged, |id| {
+        id.to_owned()
+    })
+    .await;
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn failover_to_the_synchronous_standby_loses_nothing_acknowledged() {
+    let mut primary = Postgres::primary().await;
+    let standby = Postgres::standby(&primary, true).await;
+    let url = format!(
+        "postgres://{}@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=2",
+        eventbus_testkit::postgres::USER,
+        primary.port,
+        standby.port
+    );
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _store = store_process(port, &nats, &dir.path().join("store"), &url).await;
+    let cluster = Cluster::start_with_store(Some(format!("http://127.0.0.1:{port}"))).await;
+    let token = cluster.endpoints.service_token().await;
+
+    let progress = load::Shared::default();
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        publishers.push(tokio::spawn(publisher(
+            cluster.endpoints.api.clone(),
+            token.clone(),
+            format!("p{p}"),
+            format!("ha.c{}", p % 2),
+            200,
+            progress.clone(),
+        )));
+    }
+    eventually("publishers to make progress", || {
+        let count = load::acked(&progress);
+        async move { (count >= 300).then_some(()) }
+    })
+    .await;
+    // The primary dies mid-load; the operator (or the operator's operator) promotes the standby.
+    primary.kill();
+    let acked_at_kill = load::acked(&progress);
+    standby.promote().await;
+    let mut acknowledged = BTreeMap::new();
+    for publisher in publishers {
+        for (id, seq) in publisher.await.expect("publisher") {
+            assert!(acknowledged.insert(id, seq).is_none());
+        }
+    }
+    assert_eq!(acknowledged.len(), 800);
+    let channels: Vec<String> = (0..2).map(|c| format!("ha.c{c}")).collect();
+    every_acknowledged_event_once(&cluster, &token, &channels, &acknowledged, |id| {
+        id.to_owned()
+    })
+    .await;
+    let seen = std::mem::take(&mut *progress.lock().expect("lock"));
+    assert!(acked_at_kill < 800, "the kill happened under load");
+    assert!(
+        seen.refused.get(&503).copied().unwrap_or(0) > 0,
+        "publishes during the switch are refused with 503: {seen:?}"
+    );
+    assert!(
+        seen.refused.keys().all(|status| *status == 503),
+        "only 503 while the database switches: {seen:?}"
+    );
+    cluster.stop().await;
+}
