@@ -34,6 +34,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# The end-to-end suite once more with the store's log on PostgreSQL (each test cluster starts a
+# PostgreSQL of its own): both engines keep the same promises to clients.
+EVENTBUS_TEST_ENGINE=postgres cargo test -p eventbus --locked \
+  --test end_to_end --test sse --test groups --test groups_ws --test snapshots --test channels \
+  --test cloudevents --test least_privilege --test webhooks --test presence --test retention \
+  --test gateways --test bad_input --test hooks_takeover "$@" 2>&1 | tee -a "$log" || status=1
 
 # The browser client: its logic under Node's test runner, then the demo in a real Chromium against
 # the eventbus binary the cargo tests just built.
