@@ -3,8 +3,8 @@
 //! duplicate); each publishes what it committed, so NATS carries one channel's events out of
 //! order, and subscribers still get every event once, in order; a replica killed with -9 under
 //! load loses nothing acknowledged; and the database failing over to its synchronous standby
-//! loses nothing acknowledged either, while publishes in between are refused (503) and succeed
-//! when retried with the same id.
+//! loses nothing acknowledged either, while publishes in between are refused (503, only that)
+//! and succeed when retried with the same id.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -283,11 +283,10 @@ async fn failover_to_the_synchronous_standby_loses_nothing_acknowledged() {
     })
     .await;
     let seen = std::mem::take(&mut *progress.lock().expect("lock"));
+    // Events were acknowledged after the kill: by the promoted standby, the old primary being
+    // dead. Whether a publish met the switch (503) depends on timing: when the promotion is
+    // quicker than the next append, none does.
     assert!(acked_at_kill < 800, "the kill happened under load");
-    assert!(
-        seen.refused.get(&503).copied().unwrap_or(0) > 0,
-        "publishes during the switch are refused with 503: {seen:?}"
-    );
     assert!(
         seen.refused.keys().all(|status| *status == 503),
         "only 503 while the database switches: {seen:?}"

@@ -204,24 +204,37 @@ impl Postgres {
         .await;
     }
 
-    /// `kill -9` of the server, as when its machine dies: the postmaster and every backend at
-    /// once (its process group), no checkpoint, no goodbye to clients. (Killing the postmaster
-    /// alone would leave its backends serving their connections until they notice.)
+    /// `kill -9` of the server, as when its machine dies: the postmaster, then every process
+    /// still working in its data directory (each backend is a session of its own, so a process
+    /// group does not hold them; killing the postmaster alone leaves its backends committing for
+    /// their clients until they notice). No checkpoint, no goodbye to clients.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-9", "--", &format!("-{}", child.id())])
-                .status();
             let _ = child.kill();
             let _ = child.wait();
+            let data = std::fs::canonicalize(&self.data).unwrap_or_else(|_| self.data.clone());
+            // Backends exit by themselves soon after; until then, none may answer a client.
+            for _ in 0..50 {
+                let left: Vec<String> = std::fs::read_dir("/proc")
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Result::ok)
+                    .filter(|entry| {
+                        std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == data)
+                    })
+                    .filter_map(|entry| entry.file_name().into_string().ok())
+                    .collect();
+                if left.is_empty() {
+                    break;
+                }
+                let _ = Command::new("kill").arg("-9").args(&left).status();
+            }
         }
     }
 
     async fn spawn(&mut self) {
         let log = std::fs::File::create(self.data.with_file_name("postgres.log")).ok();
         let mut postgres = program("postgres");
-        // A process group of its own, so that `kill` takes every backend with the postmaster.
-        std::os::unix::process::CommandExt::process_group(&mut postgres, 0);
         postgres.arg("-D").arg(&self.data).stdout(Stdio::null());
         match log {
             Some(log) => postgres.stderr(log),

@@ -99,7 +99,7 @@ struct Slot {
     group: Group,
     notify: Arc<Notify>,
     dirty: bool,
-    /// The log's [`Log::channels_added`] when the group last listed its channels: a channel
+    /// The engine's [`Engine::channels_added`] when the group last listed its channels: a channel
     /// added since is listed by the next look, so a fetch sees every event acknowledged before it.
     discovered: Option<u64>,
 }
