@@ -4,7 +4,9 @@
 //! order, and subscribers still get every event once, in order; a replica killed with -9 under
 //! load loses nothing acknowledged; and the database failing over to its synchronous standby
 //! loses nothing acknowledged either, while publishes in between are refused (503, only that)
-//! and succeed when retried with the same id.
+//! and succeed when retried with the same id. A durable group is served through either replica,
+//! and when the replica serving it is killed the other takes over from its saved state: every
+//! event done, none saved as done handed out again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -292,4 +294,208 @@ async fn failover_to_the_synchronous_standby_loses_nothing_acknowledged() {
         "only 503 while the database switches: {seen:?}"
     );
     cluster.stop().await;
+}
+
+/// One worker of a durable group, fetching and finishing events through `stores` (its
+/// preferred replica first, the other when that one is away) until `all` are done; what it was
+/// handed, in order.
+async fn group_worker(
+    stores: [StoreClient; 2],
+    name: String,
+    done_by_all: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, u64)>>>,
+    all: usize,
+) -> Vec<(String, u64)> {
+    use eventbus_store_client::GroupSettings;
+    let settings = GroupSettings {
+        visibility_ms: Some(5_000),
+        ..Default::default()
+    };
+    let mut handed = Vec::new();
+    let mut turn = 0usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let finished = done_by_all.lock().expect("lock").len();
+        if finished == all {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: events left undone: {finished} of {all} done"
+        );
+        let store = &stores[turn % 2];
+        let fetched = store
+            .group_fetch(
+                "work",
+                "jobs.*",
+                &name,
+                10,
+                std::time::Duration::from_millis(500),
+                settings,
+            )
+            .await;
+        let events = match fetched {
+            Ok(events) => events,
+            // The replica is away or the groups' leadership is moving: the other, or later.
+            Err(_) => {
+                turn += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let positions: Vec<(String, u64)> =
+            events.iter().map(|e| (e.channel.clone(), e.seq)).collect();
+        if positions.is_empty() {
+            continue;
+        }
+        handed.extend(positions.iter().cloned());
+        // Done through whichever replica answers, until one does: a done the killed leader
+        // saved before its answer was lost is never handed out again, so it must be retried
+        // (done is idempotent) rather than waited for.
+        while stores[turn % 2]
+            .group_done("work", Some("jobs.*"), &positions)
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: no replica takes a done"
+            );
+            turn += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        done_by_all.lock().expect("lock").extend(positions);
+    }
+    handed
+}
+
+/// The events group `work`'s saved state counts done.
+fn saved_done(postgres: &Postgres) -> std::collections::BTreeSet<(String, u64)> {
+    let text =
+        postgres.sql("SELECT convert_from(state, 'UTF8') FROM eventbus_groups WHERE name = 'work'");
+    let mut done = std::collections::BTreeSet::new();
+    if text.trim().is_empty() {
+        return done;
+    }
+    let saved: serde_json::Value = serde_json::from_str(text.trim()).expect("saved state");
+    for (channel, lane) in saved["lanes"].as_object().expect("lanes") {
+        let position = lane["position"].as_u64().expect("position");
+        done.extend((1..=position).map(|seq| (channel.clone(), seq)));
+        for seq in lane["done_above"].as_array().into_iter().flatten() {
+            done.insert((channel.clone(), seq.as_u64().expect("seq")));
+        }
+    }
+    done
+}
+
+#[tokio::test]
+async fn a_durable_group_is_served_across_replicas_and_survives_its_leader_killed() {
+    let postgres = Postgres::primary().await;
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = [free_port(), free_port()];
+    let mut replicas = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        replicas.push(
+            store_process(
+                *port,
+                &nats,
+                &dir.path().join(format!("{i}")),
+                &postgres.url(),
+            )
+            .await,
+        );
+    }
+    let urls = ports.map(|port| format!("http://127.0.0.1:{port}"));
+    let clients = [client(&urls[0]), client(&urls[1])];
+    let leader = || {
+        let address = postgres.sql("SELECT address FROM eventbus_leaders WHERE role = 'groups'");
+        urls.iter().position(|url| *url == address.trim())
+    };
+    let first_leader = eventually("a replica to lead the groups", || async { leader() }).await;
+    // The group starts before the events, through the replica that does not lead it.
+    eventually("the follower to pass group calls on", || {
+        let follower = clients[1 - first_leader].clone();
+        async move {
+            follower
+                .group_fetch(
+                    "work",
+                    "jobs.*",
+                    "joiner",
+                    0,
+                    Default::default(),
+                    Default::default(),
+                )
+                .await
+                .ok()
+        }
+    })
+    .await;
+
+    let appended = |store: StoreClient, from: usize, to: usize| async move {
+        let mut positions = Vec::new();
+        for i in from..to {
+            let stored = store
+                .append(vec![event(&format!("jobs.c{}", i % 3), &format!("e{i}"))])
+                .await
+                .expect("append");
+            positions.push((format!("jobs.c{}", i % 3), stored[0].seq));
+        }
+        positions
+    };
+    let (x, y) = tokio::join!(
+        appended(clients[0].clone(), 0, 150),
+        appended(clients[1].clone(), 150, 300)
+    );
+    let mut expected: Vec<(String, u64)> = x.into_iter().chain(y).collect();
+
+    let done = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let total = 450;
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let stores = [clients[w % 2].clone(), clients[1 - w % 2].clone()];
+            tokio::spawn(group_worker(stores, format!("w{w}"), done.clone(), total))
+        })
+        .collect();
+    eventually("the leader to have saved work done", || {
+        let saved = saved_done(&postgres).len();
+        async move { (saved >= 60).then_some(()) }
+    })
+    .await;
+    // kill -9 the replica leading the groups, mid-work: the other takes over, and the killed
+    // one comes back as a follower.
+    replicas[first_leader].kill();
+    // What the killed leader had saved: none of it may be handed out again.
+    let saved_at_kill = saved_done(&postgres);
+    eventually("the other replica to take the groups over", || async {
+        leader().filter(|l| *l != first_leader)
+    })
+    .await;
+    replicas[first_leader].start_again().await;
+    // More events after the takeover, through the replica that was killed.
+    expected.extend(appended(clients[first_leader].clone(), 300, 450).await);
+    let mut handed = Vec::new();
+    for worker in workers {
+        handed.extend(worker.await.expect("worker"));
+    }
+
+    // Every event done, none was left out; only what the old leader held or had not yet
+    // saved is handed out again.
+    let done = done.lock().expect("lock").clone();
+    let expected: std::collections::BTreeSet<_> = expected.into_iter().collect();
+    assert_eq!(done, expected);
+    let mut counts: HashMap<&(String, u64), usize> = HashMap::new();
+    for position in &handed {
+        *counts.entry(position).or_default() += 1;
+    }
+    for (position, count) in counts {
+        assert!(
+            count == 1 || !saved_at_kill.contains(position),
+            "{position:?}, saved as done before the kill, handed out {count} times"
+        );
+    }
+    for store in &clients {
+        let groups = store.groups().await.expect("list groups");
+        let work = groups.iter().find(|g| g.name == "work").expect("the group");
+        assert_eq!((work.backlog, work.in_flight), (0, 0), "{work:?}");
+    }
 }

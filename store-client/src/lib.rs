@@ -102,7 +102,8 @@ pub struct Page {
 /// The source of the events the bus writes itself.
 pub const OWN_SOURCE: &str = "eventbus";
 
-type Grpc = GrpcClient<InterceptedService<Channel, Credential>>;
+/// The generated gRPC client, with the internal credential on every call.
+pub type Grpc = GrpcClient<InterceptedService<Channel, Credential>>;
 
 #[derive(Clone)]
 pub struct StoreClient {
@@ -179,6 +180,16 @@ impl StoreClient {
             inner: client(timeout)?,
             waiting: client(MAX_GROUP_WAIT + timeout)?,
         })
+    }
+
+    /// The gRPC client itself, for passing requests on as they are (a store replica forwarding
+    /// group calls to the one serving the groups); `waiting` for calls that long-poll.
+    pub fn grpc(&self, waiting: bool) -> Grpc {
+        if waiting {
+            self.waiting.clone()
+        } else {
+            self.inner.clone()
+        }
     }
 
     /// Appends validated events; resolves once every one is durable.

@@ -118,6 +118,11 @@ pub struct Config {
         default_value = "./data/store"
     )]
     pub data: PathBuf,
+    /// The URL other store replicas reach this one's gRPC at (several replicas on PostgreSQL
+    /// pass durable-group calls to the one serving groups); default `http://<listen>`, or with
+    /// an unspecified listen address `http://<host name>:<port>`. In Kubernetes: the pod's IP.
+    #[arg(long = "advertise", env = "EVENTBUS_STORE_ADVERTISE")]
+    pub advertise: Option<String>,
     /// How the log is kept: segments, idempotency, retention, limits.
     #[command(flatten)]
     pub settings: Settings,
@@ -159,6 +164,22 @@ impl Config {
             max_channels_per_source: settings.max_channels_per_source,
             ..crate::postgres::Options::new(url.0.clone())
         })
+    }
+
+    /// Where the other replicas reach this one, listening at `bound`.
+    pub fn advertised(&self, bound: SocketAddr) -> String {
+        if let Some(url) = &self.advertise {
+            return url.clone();
+        }
+        let scheme = self.tls.scheme();
+        if bound.ip().is_unspecified() {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{scheme}://{host}:{}", bound.port())
+        } else {
+            format!("{scheme}://{bound}")
+        }
     }
 
     /// A configuration for tests and the all-in-one mode: data in `data`, on a free loopback

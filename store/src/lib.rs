@@ -58,32 +58,59 @@ pub async fn run(
                 (log.clone(), committed, Some(log))
             }
         };
-    let groups_log = engine.clone();
-    let groups_dir = config.data.join("groups");
-    let groups_shutdown = shutdown.clone();
-    let groups = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            groups::Groups::open(groups_log, groups_dir, groups_shutdown)
-        })
-        .await
-        .map_err(|err| Error::Serve(std::io::Error::other(err)))??,
-    );
-    let saver = tokio::spawn({
-        let groups = groups.clone();
-        async move { groups.maintain().await }
-    });
+    // Durable groups: served here with the embedded log; on PostgreSQL by whichever replica
+    // holds their leadership (groups::route).
+    let (routes_tx, routes) =
+        tokio::sync::watch::channel(groups::route::Route::Nobody("the store is starting"));
+    let groups_task = match (&embedded, config.postgres_options()) {
+        (None, Some(options)) => {
+            let election = postgres::Election {
+                config: postgres::config_of(&options.url)?,
+                engine: engine.clone(),
+                me: config.advertised(listener.local_addr()?),
+                credential: credential.clone(),
+                trust: config.trust.clone(),
+                routes: routes_tx.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let mut decided = routes.clone();
+            let task = tokio::spawn(election.run());
+            // Serve once the first round is over (leading, or knowing the leader): a store that
+            // answers its first group calls with 503 would only make callers retry.
+            tokio::select! {
+                _ = decided.changed() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+                    tracing::warn!("no groups' leader after 10 s; serving, group calls wait for one");
+                }
+                _ = shutdown.wait() => {}
+            }
+            task
+        }
+        _ => {
+            let saving = Arc::new(groups::saving::Files::new(config.data.join("groups")));
+            let groups =
+                Arc::new(groups::Groups::open(engine.clone(), saving, shutdown.clone()).await?);
+            let _ = routes_tx.send(groups::route::Route::Here(groups.clone()));
+            tokio::spawn(async move { groups.maintain().await })
+        }
+    };
 
     let tails = engine.tails().await?;
     let publisher_backbone = backbone.clone();
-    // Weak: the log closes (ending this task) only once nothing holds it, groups included.
-    let publisher_groups = Arc::downgrade(&groups);
+    // The route is replaced before the log closes: this task then holds no groups, and ends
+    // once the log has.
+    let publisher_groups = routes.clone();
     let publisher = tokio::spawn(async move {
         for event in &tails {
             publish(&*publisher_backbone, event).await;
         }
         while let Some(batch) = committed.recv().await {
             // Waiting group members first: they are in the same process.
-            if let Some(groups) = publisher_groups.upgrade() {
+            let here = match &*publisher_groups.borrow() {
+                groups::route::Route::Here(groups) => Some(groups.clone()),
+                _ => None,
+            };
+            if let Some(groups) = here {
                 groups.committed(&batch);
             }
             for event in &batch {
@@ -114,7 +141,7 @@ pub async fn run(
     });
 
     let (live_log, ready_log) = (engine.clone(), engine.clone());
-    let grpc = tonic::service::Routes::new(service::server(engine.clone(), groups.clone()))
+    let grpc = tonic::service::Routes::new(service::server(engine.clone(), routes.clone()))
         .into_axum_router();
     let app = eventbus_runtime::internal::require(grpc, credential).merge(
         eventbus_runtime::health_routes_with(
@@ -146,8 +173,10 @@ pub async fn run(
     }
 
     let _ = retention.await;
-    let _ = saver.await;
-    drop(groups);
+    let _ = groups_task.await;
+    // Nothing serves groups any more; the route lets go of them (and so of the log).
+    let _ = routes_tx.send(groups::route::Route::Nobody("the store is stopping"));
+    drop((routes_tx, routes));
     drop(engine);
     if let Some(log) = embedded {
         match Arc::try_unwrap(log) {

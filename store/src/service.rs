@@ -8,6 +8,7 @@ use eventbus_proto::store::store_server::{Store, StoreServer};
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
+use crate::groups::route::{Route, Routes};
 use crate::groups::{Changes, GroupError, Groups};
 use crate::log::{Entry, LogError};
 
@@ -15,7 +16,7 @@ use eventbus_proto::store::{
     FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
 };
 
-pub fn server(log: Arc<dyn Engine>, groups: Arc<Groups>) -> StoreServer<Service> {
+pub fn server(log: Arc<dyn Engine>, groups: Routes) -> StoreServer<Service> {
     StoreServer::new(Service { log, groups })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -23,7 +24,29 @@ pub fn server(log: Arc<dyn Engine>, groups: Arc<Groups>) -> StoreServer<Service>
 
 pub struct Service {
     log: Arc<dyn Engine>,
-    groups: Arc<Groups>,
+    groups: Routes,
+}
+
+/// Where a group call goes: served here, or passed on as it is to the replica serving groups.
+enum Serve {
+    Here(Arc<Groups>),
+    /// The replica serving groups: its usual and its long-polling client.
+    There(Box<(eventbus_store_client::Grpc, eventbus_store_client::Grpc)>),
+}
+
+impl Service {
+    fn route(&self) -> Result<Serve, Status> {
+        match &*self.groups.borrow() {
+            Route::Here(groups) => Ok(Serve::Here(groups.clone())),
+            Route::Leader { client, .. } => Ok(Serve::There(Box::new((
+                client.grpc(false),
+                client.grpc(true),
+            )))),
+            Route::Nobody(why) => Err(Status::unavailable(format!(
+                "durable groups are not served right now ({why}); retry"
+            ))),
+        }
+    }
 }
 
 fn group_status(err: GroupError) -> Status {
@@ -212,6 +235,12 @@ impl Store for Service {
         &self,
         request: Request<pb::GroupFetchRequest>,
     ) -> Result<Response<pb::GroupFetchResponse>, Status> {
+        let groups = match self.route()? {
+            Serve::Here(groups) => groups,
+            Serve::There(clients) => {
+                return clients.1.clone().group_fetch(request.into_inner()).await;
+            }
+        };
         let request = request.into_inner();
         let changes = Changes {
             visibility_ms: nonzero(request.visibility_ms),
@@ -219,14 +248,13 @@ impl Store for Service {
             prefetch: nonzero(request.prefetch),
         };
         if request.max == 0 {
-            self.groups
+            groups
                 .join(&request.group, &request.pattern, changes)
                 .await
                 .map_err(group_status)?;
             return Ok(Response::new(pb::GroupFetchResponse { events: Vec::new() }));
         }
-        let delivered = self
-            .groups
+        let delivered = groups
             .fetch(
                 &request.group,
                 &request.pattern,
@@ -254,6 +282,12 @@ impl Store for Service {
         &self,
         request: Request<pb::GroupDoneRequest>,
     ) -> Result<Response<pb::GroupDoneResponse>, Status> {
+        let groups = match self.route()? {
+            Serve::Here(groups) => groups,
+            Serve::There(clients) => {
+                return clients.0.clone().group_done(request.into_inner()).await;
+            }
+        };
         let request = request.into_inner();
         let done: Vec<(String, u64)> = request
             .done
@@ -261,8 +295,7 @@ impl Store for Service {
             .map(|p| (p.channel, p.seq))
             .collect();
         let pattern = (!request.pattern.is_empty()).then_some(request.pattern.as_str());
-        let changed = self
-            .groups
+        let changed = groups
             .done(&request.group, pattern, &done)
             .map_err(group_status)?;
         Ok(Response::new(pb::GroupDoneResponse {
@@ -274,17 +307,28 @@ impl Store for Service {
         &self,
         request: Request<pb::GroupLeaveRequest>,
     ) -> Result<Response<pb::GroupLeaveResponse>, Status> {
+        let groups = match self.route()? {
+            Serve::Here(groups) => groups,
+            Serve::There(clients) => {
+                return clients.0.clone().group_leave(request.into_inner()).await;
+            }
+        };
         let request = request.into_inner();
-        self.groups.leave(&request.group, &request.member);
+        groups.leave(&request.group, &request.member);
         Ok(Response::new(pb::GroupLeaveResponse {}))
     }
 
     async fn list_groups(
         &self,
-        _: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let groups = self
-            .groups
+        let groups = match self.route()? {
+            Serve::Here(groups) => groups,
+            Serve::There(clients) => {
+                return clients.0.clone().list_groups(request.into_inner()).await;
+            }
+        };
+        let groups = groups
             .list()
             .await
             .map_err(group_status)?
@@ -317,10 +361,16 @@ impl Store for Service {
         &self,
         request: Request<pb::ResetGroupRequest>,
     ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let groups = match self.route()? {
+            Serve::Here(groups) => groups,
+            Serve::There(clients) => {
+                return clients.0.clone().reset_group(request.into_inner()).await;
+            }
+        };
         let request = request.into_inner();
         let channel = (!request.channel.is_empty()).then_some(request.channel.as_str());
         let to = request.to_seq.then_some(request.seq);
-        self.groups
+        groups
             .reset(&request.group, channel, to)
             .await
             .map_err(group_status)?;
@@ -331,7 +381,13 @@ impl Store for Service {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
-        self.groups
+        let groups = match self.route()? {
+            Serve::Here(groups) => groups,
+            Serve::There(clients) => {
+                return clients.0.clone().delete_group(request.into_inner()).await;
+            }
+        };
+        groups
             .delete(&request.into_inner().group)
             .await
             .map_err(group_status)?;

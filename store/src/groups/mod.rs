@@ -8,12 +8,13 @@
 //! Gateways (for members on WebSocket) and ingest (for HTTP pull) call [`Groups::fetch`] and
 //! [`Groups::done`] through the store's gRPC; a fetch long-polls until there is something to do.
 
+pub mod route;
+pub mod saving;
 pub mod state;
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,7 +107,7 @@ struct Slot {
 
 pub struct Groups {
     log: Arc<dyn Engine>,
-    dir: PathBuf,
+    saving: Arc<dyn saving::Saving>,
     slots: Mutex<HashMap<String, Slot>>,
     /// Ends waiting fetches, so that the store stops at once.
     shutdown: eventbus_runtime::Shutdown,
@@ -140,31 +141,16 @@ struct KeyOnly {
 }
 
 impl Groups {
-    /// The groups saved in `dir` (created if missing), over `log`.
-    pub fn open(
+    /// The groups `saving` holds, over `log`.
+    pub async fn open(
         log: Arc<dyn Engine>,
-        dir: PathBuf,
+        saving: Arc<dyn saving::Saving>,
         shutdown: eventbus_runtime::Shutdown,
     ) -> Result<Groups, LogError> {
-        std::fs::create_dir_all(&dir).map_err(|err| LogError::io(&dir, err))?;
         let mut slots = HashMap::new();
-        for entry in std::fs::read_dir(&dir).map_err(|err| LogError::io(&dir, err))? {
-            let path = entry.map_err(|err| LogError::io(&dir, err))?.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            let text = std::fs::read(&path).map_err(|err| LogError::io(&path, err))?;
-            let saved: Saved = serde_json::from_slice(&text).map_err(|err| LogError::Corrupt {
-                path: path.clone(),
-                offset: 0,
-                cause: err.to_string(),
-            })?;
+        for (name, saved) in saving.load().await? {
             slots.insert(
-                name.to_owned(),
+                name,
                 Slot {
                     group: Group::restore(saved),
                     notify: Arc::new(Notify::new()),
@@ -175,7 +161,7 @@ impl Groups {
         }
         Ok(Groups {
             log,
-            dir,
+            saving,
             slots: Mutex::new(slots),
             shutdown,
             unwritten: Mutex::new(Vec::new()),
@@ -358,10 +344,7 @@ impl Groups {
             }
         };
         if let Some(saved) = created {
-            let (dir, file) = (self.dir.clone(), name.to_owned());
-            tokio::task::spawn_blocking(move || write_file(&dir, &file, &saved))
-                .await
-                .map_err(|_| LogError::Failed)??;
+            self.saving.save(vec![(name.to_owned(), saved)]).await?;
             debug!(group = %name, %pattern, "durable group created");
         }
         Ok(())
@@ -570,10 +553,7 @@ impl Groups {
             slot.notify.notify_waiters();
             slot.group.saved()
         };
-        let (dir, name) = (self.dir.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || write_file(&dir, &name, &saved))
-            .await
-            .map_err(|_| LogError::Failed)??;
+        self.saving.save(vec![(name.to_owned(), saved)]).await?;
         Ok(())
     }
 
@@ -589,11 +569,7 @@ impl Groups {
         metrics.group_backlog.remove(&labels);
         metrics.group_in_flight.remove(&labels);
         metrics.group_dead.remove(&labels);
-        let path = self.dir.join(format!("{name}.json"));
-        tokio::task::spawn_blocking(move || std::fs::remove_file(&path))
-            .await
-            .map_err(|_| LogError::Failed)?
-            .map_err(|err| LogError::io(&self.dir, err))?;
+        self.saving.remove(name).await?;
         Ok(())
     }
 
@@ -613,17 +589,8 @@ impl Groups {
         if changed.is_empty() {
             return Ok(());
         }
-        let dir = self.dir.clone();
         let names: Vec<String> = changed.iter().map(|(name, _)| name.clone()).collect();
-        let written = tokio::task::spawn_blocking(move || {
-            for (name, saved) in &changed {
-                write_file(&dir, name, saved)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|_| LogError::Failed)
-        .and_then(|r| r);
+        let written = self.saving.save(changed).await;
         if written.is_err() {
             // Saved next time.
             let mut slots = self.lock();
@@ -743,21 +710,4 @@ fn apply(settings: &mut Settings, changes: Changes) {
     if let Some(v) = changes.prefetch {
         settings.prefetch = v.clamp(1, MAX_FETCH as u32);
     }
-}
-
-/// Replaces `<dir>/<name>.json` atomically and durably.
-fn write_file(dir: &Path, name: &str, saved: &Saved) -> Result<(), LogError> {
-    use std::io::Write;
-    let path = dir.join(format!("{name}.json"));
-    let tmp = dir.join(format!("{name}.json.tmp"));
-    let text = serde_json::to_vec(saved).map_err(|err| LogError::Invalid(err.to_string()))?;
-    let mut file = std::fs::File::create(&tmp).map_err(|err| LogError::io(&tmp, err))?;
-    file.write_all(&text)
-        .and_then(|()| file.sync_all())
-        .map_err(|err| LogError::io(&tmp, err))?;
-    std::fs::rename(&tmp, &path).map_err(|err| LogError::io(&path, err))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|err| LogError::io(dir, err))?;
-    Ok(())
 }

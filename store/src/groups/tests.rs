@@ -290,9 +290,10 @@ async fn a_group_sees_an_acknowledged_event_on_a_new_channel_at_once() {
     let log = Arc::new(log);
     let groups = super::Groups::open(
         log.clone(),
-        dir.path().join("groups"),
+        Arc::new(super::saving::Files::new(dir.path().join("groups"))),
         eventbus_runtime::Shutdown::new(),
     )
+    .await
     .unwrap();
     let fetch = || {
         groups.fetch(

@@ -16,6 +16,7 @@
 //!   Appends meanwhile are refused ([`LogError::Unavailable`], 503), safe to retry with the same
 //!   ids.
 
+mod leader;
 mod schema;
 mod writer;
 
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 use crate::engine::{Engine, Snapshot};
 use crate::log::{Appended, Clock, Committed, Entry, LogError, MAX_READ_LIMIT, ReadResult, Rule};
 
+pub use leader::Election;
 pub use schema::{MIGRATIONS, SchemaError};
 
 /// What the PostgreSQL engine needs to know.
@@ -84,7 +86,7 @@ pub(crate) fn unavailable(err: impl std::fmt::Display) -> LogError {
 
 /// The URL parsed, with a connect timeout when it names none (so a failover is noticed in
 /// seconds, not at the TCP timeout).
-pub(crate) fn config_of(url: &str) -> Result<tokio_postgres::Config, LogError> {
+pub fn config_of(url: &str) -> Result<tokio_postgres::Config, LogError> {
     let mut config = tokio_postgres::Config::from_str(url)
         .map_err(|err| LogError::Invalid(format!("the PostgreSQL URL: {err}")))?;
     if config.get_connect_timeout().is_none() {

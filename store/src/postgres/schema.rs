@@ -10,10 +10,11 @@ const MIGRATION_LOCK: i64 = 0x6576_656e_7462_7573; // "eventbus"
 
 /// (version, what it does, SQL). Names sort in byte order (`COLLATE "C"`), as the embedded log
 /// lists them.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "channels, events, idempotency ids, snapshots",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "channels, events, idempotency ids, snapshots",
+        r#"
 CREATE TABLE eventbus_channels (
     name    text COLLATE "C" PRIMARY KEY,
     -- The newest seq; appends lock this row, so seqs are contiguous whichever replica appends.
@@ -58,7 +59,26 @@ CREATE TABLE eventbus_snapshots (
     data    bytea NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "durable groups' state, and which replica serves them",
+        r#"
+-- One row per durable group: its state as the serving replica last saved it.
+CREATE TABLE eventbus_groups (
+    name  text COLLATE "C" PRIMARY KEY,
+    state bytea NOT NULL
+);
+
+-- Who holds a role (the groups' leadership), and where the other replicas reach it.
+CREATE TABLE eventbus_leaders (
+    role    text PRIMARY KEY,
+    address text NOT NULL,
+    since   timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
