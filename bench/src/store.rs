@@ -99,10 +99,12 @@ async fn open(dir: &std::path::Path, postgres: Option<&str>) -> anyhow::Result<O
             );
             let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
+            // Two statements: several in one string are one transaction, which these refuse.
             client
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-                ))
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+                .await?;
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
                 .await?;
             let mut config: tokio_postgres::Config = url.parse()?;
             config.dbname(&name);

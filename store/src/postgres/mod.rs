@@ -96,6 +96,15 @@ pub fn config_of(url: &str) -> Result<tokio_postgres::Config, LogError> {
     if config.get_application_name().is_none() {
         config.application_name("eventbus-store");
     }
+    // Every query here walks a primary key in order (a page of a channel, an id probe). On a
+    // young or fast-growing table, whose statistics say it is small, the planner takes a bitmap
+    // scan instead: every event of the channel fetched and sorted for one page of 1000 (seen:
+    // 157 ms a page at 300k events, against under 1 ms in key order).
+    let options = match config.get_options() {
+        Some(given) => format!("{given} -c enable_bitmapscan=off"),
+        None => "-c enable_bitmapscan=off".to_owned(),
+    };
+    config.options(&options);
     Ok(config)
 }
 

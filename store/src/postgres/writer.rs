@@ -194,10 +194,16 @@ async fn commit(
     let horizon = as_i64(time_ms.saturating_sub(dedupe_window_ms));
     let known = tx
         .query(
-            "SELECT i.channel, i.source, i.id, i.seq FROM eventbus_ids i
-             JOIN unnest($1::text[], $2::text[], $3::text[]) AS t(c, s, id)
-               ON i.channel = t.c AND i.source = t.s AND i.id = t.id
-             WHERE i.time_ms >= $4",
+            // One primary-key probe per id: as a plain join the planner hashes the whole
+            // table (seen: a sequential scan of every remembered id for each commit, the
+            // database's largest cost, growing with the window). LIMIT keeps the subquery
+            // from being pulled up into such a join.
+            "SELECT t.c, t.s, t.id, i.seq FROM unnest($1::text[], $2::text[], $3::text[]) AS t(c, s, id)
+             CROSS JOIN LATERAL (
+               SELECT seq FROM eventbus_ids
+               WHERE channel = t.c AND source = t.s AND id = t.id AND time_ms >= $4
+               LIMIT 1
+             ) i",
             &[&id_channels, &id_sources, &id_ids, &horizon],
         )
         .await?;
