@@ -243,8 +243,19 @@ impl Trust {
 
     /// A rustls client configuration trusting [`Trust::roots`] (for reqwest, WebSockets, NATS).
     pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        self.client_config_with(Vec::new())
+    }
+
+    /// [`Trust::client_config`] trusting `extra` too (a CA named for one connection, as
+    /// PostgreSQL's `sslrootcert`).
+    pub fn client_config_with(
+        &self,
+        extra: Vec<CertificateDer<'static>>,
+    ) -> Result<rustls::ClientConfig, String> {
         let mut store = rustls::RootCertStore::empty();
-        let (_added, _skipped) = store.add_parsable_certificates(self.roots()?);
+        let mut roots = self.roots()?;
+        roots.extend(extra);
+        let (_added, _skipped) = store.add_parsable_certificates(roots);
         Ok(rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|err| err.to_string())?

@@ -75,20 +75,21 @@ impl std::str::FromStr for DatabaseUrl {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        crate::postgres::config_of(text).map_err(|err| err.to_string())?;
+        crate::postgres::parse_url(text).map_err(|err| err.to_string())?;
         Ok(DatabaseUrl(text.to_owned()))
     }
 }
 
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match crate::postgres::config_of(&self.0) {
-            Ok(config) => write!(
+        match crate::postgres::parse_url(&self.0) {
+            Ok((config, _)) => write!(
                 f,
-                "postgres (hosts {:?}, database {:?}, user {:?})",
+                "postgres (hosts {:?}, database {:?}, user {:?}, TLS {:?})",
                 config.get_hosts(),
                 config.get_dbname(),
-                config.get_user()
+                config.get_user(),
+                config.get_ssl_mode()
             ),
             Err(_) => f.write_str("postgres (unparsable URL)"),
         }
@@ -162,6 +163,7 @@ impl Config {
             dedupe_window_ms: settings.dedupe_window_s.saturating_mul(1000),
             retention: settings.retention.clone(),
             max_channels_per_source: settings.max_channels_per_source,
+            trust: self.trust.clone(),
             ..crate::postgres::Options::new(url.0.clone())
         })
     }

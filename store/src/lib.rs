@@ -65,7 +65,7 @@ pub async fn run(
     let groups_task = match (&embedded, config.postgres_options()) {
         (None, Some(options)) => {
             let election = postgres::Election {
-                config: postgres::config_of(&options.url)?,
+                database: postgres::Database::parse(&options.url, &options.trust)?,
                 engine: engine.clone(),
                 me: config.advertised(listener.local_addr()?),
                 credential: credential.clone(),

@@ -193,6 +193,27 @@ impl Postgres {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Turns TLS on, with a certificate for localhost and 127.0.0.1 signed by `ca`; returns once
+    /// new connections are offered it. Plain connections stay allowed (what the server does when
+    /// `sslmode` asks for no TLS is the client's choice).
+    pub async fn serve_tls(&self, ca: &crate::tls::TestCa) {
+        let (cert, key) = (self.data.join("server.crt"), self.data.join("server.key"));
+        ca.write_server_pair(&cert, &key);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.args(["postgres:postgres"]).arg(&cert).arg(&key);
+            run(chown, "chown");
+        }
+        self.sql("ALTER SYSTEM SET ssl = on");
+        self.sql("SELECT pg_reload_conf()");
+        crate::eventually("PostgreSQL to offer TLS", || async {
+            (self.sql("SHOW ssl").trim() == "on").then_some(())
+        })
+        .await;
+    }
+
     /// Makes a standby the primary, and waits until it takes writes.
     pub async fn promote(&self) {
         let mut promote = program("pg_ctl");

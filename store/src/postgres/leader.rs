@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use super::{connect, unavailable};
+use super::unavailable;
 use crate::engine::Engine;
 use crate::groups::Groups;
 use crate::groups::route::Route;
@@ -32,7 +32,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// What a replica needs to take part.
 pub struct Election {
-    pub config: tokio_postgres::Config,
+    pub database: super::Database,
     pub engine: Arc<dyn Engine>,
     /// Where the other replicas reach this one's gRPC.
     pub me: String,
@@ -100,7 +100,7 @@ impl Election {
     pub async fn run(self) {
         let mut following: Option<String> = None;
         while !self.shutdown.is_triggered() {
-            let client = match connect(&self.config).await {
+            let client = match self.database.connect().await {
                 Ok(client) => Arc::new(client),
                 Err(err) => {
                     self.set(Route::Nobody("the database is unreachable"), &mut following);

@@ -29,8 +29,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use eventbus_model::StoredEvent;
+use eventbus_runtime::tls::Trust;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
 use crate::engine::{Engine, Snapshot};
@@ -52,6 +54,8 @@ pub struct Options {
     pub backbone_queue: usize,
     /// Connections for reads (the writer has its own).
     pub pool_size: usize,
+    /// Whom to trust when the URL asks for TLS (besides its `sslrootcert`).
+    pub trust: Trust,
 }
 
 impl Options {
@@ -64,6 +68,7 @@ impl Options {
             clock: Clock::system(),
             backbone_queue: 4096,
             pool_size: 8,
+            trust: Trust::default(),
         }
     }
 }
@@ -80,52 +85,148 @@ pub struct Postgres {
 }
 
 /// Any error of the database as the store's: the append's outcome is unknown, a retry is safe.
-pub(crate) fn unavailable(err: impl std::fmt::Display) -> LogError {
-    LogError::Unavailable(err.to_string())
+/// With its causes: tokio-postgres says "error performing TLS handshake" and keeps the why
+/// (an unknown issuer, a name mismatch) in its source.
+pub(crate) fn unavailable(err: impl std::error::Error) -> LogError {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    LogError::Unavailable(text)
 }
 
-/// The URL parsed, with a connect timeout when it names none (so a failover is noticed in
-/// seconds, not at the TCP timeout).
-pub fn config_of(url: &str) -> Result<tokio_postgres::Config, LogError> {
-    let mut config = tokio_postgres::Config::from_str(url)
-        .map_err(|err| LogError::Invalid(format!("the PostgreSQL URL: {err}")))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
-    }
-    config.keepalives_idle(Duration::from_secs(10));
-    if config.get_application_name().is_none() {
-        config.application_name("eventbus-store");
-    }
-    // Every query here walks a primary key in order (a page of a channel, an id probe). On a
-    // young or fast-growing table, whose statistics say it is small, the planner takes a bitmap
-    // scan instead: every event of the channel fetched and sorted for one page of 1000 (seen:
-    // 157 ms a page at 300k events, against under 1 ms in key order).
-    let options = match config.get_options() {
-        Some(given) => format!("{given} -c enable_bitmapscan=off"),
-        None => "-c enable_bitmapscan=off".to_owned(),
-    };
-    config.options(&options);
-    Ok(config)
+/// How to reach the database: the URL's settings, and TLS as its `sslmode` asks.
+#[derive(Clone)]
+pub struct Database {
+    pub config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
 }
 
-/// A new connection, its driver spawned.
-pub(crate) async fn connect(
-    config: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            warn!(cause = %err, "PostgreSQL connection ended");
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The config's Debug leaves the password out.
+        f.debug_struct("Database")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `sslmode` and `sslrootcert` taken out of a libpq URL or key=value string (tokio-postgres
+/// knows neither `verify-full` nor `sslrootcert`): (the rest, sslmode, sslrootcert).
+fn take_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut root) = (None, None);
+    let mut keep = |pair: &str| match pair.split_once('=') {
+        Some(("sslmode", value)) => {
+            mode = Some(value.to_owned());
+            false
         }
-    });
-    Ok(client)
+        Some(("sslrootcert", value)) => {
+            root = Some(value.to_owned());
+            false
+        }
+        _ => true,
+    };
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query.split('&').filter(|p| keep(p)).collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => url.to_owned(),
+        }
+    } else {
+        let kept: Vec<&str> = url.split_whitespace().filter(|p| keep(p)).collect();
+        kept.join(" ")
+    };
+    (rest, mode, root)
+}
+
+/// The connection settings of `url`, and its `sslrootcert`: checks the URL without reading
+/// anything.
+pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, Option<String>), LogError> {
+    let invalid = |what: String| LogError::Invalid(format!("the PostgreSQL URL: {what}"));
+    let (rest, mode, root) = take_tls_params(url);
+    let mut config =
+        tokio_postgres::Config::from_str(&rest).map_err(|err| invalid(err.to_string()))?;
+    let mode = match mode.as_deref() {
+        None | Some("disable") => SslMode::Disable,
+        Some("allow" | "prefer") => SslMode::Prefer,
+        Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+        Some(other) => return Err(invalid(format!("unknown sslmode {other:?}"))),
+    };
+    config.ssl_mode(mode);
+    Ok((config, root))
+}
+
+impl Database {
+    /// `url` parsed, with a connect timeout when it names none (so a failover is noticed in
+    /// seconds, not at the TCP timeout). TLS: none without `sslmode` or with `disable` (as
+    /// before, and what a database on a private network runs); with `prefer`, `require`,
+    /// `verify-ca` or `verify-full` the server's certificate is always verified, name included,
+    /// against `trust` (the system's roots and `--ca-file`) plus `sslrootcert`: stricter than
+    /// libpq's `require`, which encrypts without knowing whom to.
+    pub fn parse(url: &str, trust: &Trust) -> Result<Database, LogError> {
+        let invalid = |what: String| LogError::Invalid(format!("the PostgreSQL URL: {what}"));
+        let (mut config, root) = parse_url(url)?;
+        let mut extra = Vec::new();
+        if let Some(path) = &root {
+            use rustls::pki_types::pem::PemObject;
+            extra = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|err| invalid(format!("sslrootcert {path}: {err}")))?;
+            if extra.is_empty() {
+                return Err(invalid(format!("sslrootcert {path}: no certificate in it")));
+            }
+        }
+        // Without TLS never used, but built all the same: a bad `--ca-file` fails the start
+        // whatever the URL says.
+        let client = trust.client_config_with(extra).map_err(invalid)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.keepalives_idle(Duration::from_secs(10));
+        if config.get_application_name().is_none() {
+            config.application_name("eventbus-store");
+        }
+        // Every query here walks a primary key in order (a page of a channel, an id probe). On a
+        // young or fast-growing table, whose statistics say it is small, the planner takes a
+        // bitmap scan instead: every event of the channel fetched and sorted for one page of 1000
+        // (seen: 157 ms a page at 300k events, against under 1 ms in key order).
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c enable_bitmapscan=off"),
+            None => "-c enable_bitmapscan=off".to_owned(),
+        };
+        config.options(&options);
+        Ok(Database {
+            config,
+            tls: MakeRustlsConnect::new(client),
+        })
+    }
+
+    /// A new connection, its driver spawned.
+    pub(crate) async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                warn!(cause = %err, "PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
 }
 
 impl Postgres {
     /// Connects, migrates the schema, and starts the writer.
     pub async fn open(options: Options) -> Result<(Postgres, Committed), LogError> {
-        let config = config_of(&options.url)?;
-        let mut client = connect(&config).await.map_err(unavailable)?;
+        let database = Database::parse(&options.url, &options.trust)?;
+        let mut client = database.connect().await.map_err(unavailable)?;
         let version = schema::migrate(&mut client)
             .await
             .map_err(|err| match err {
@@ -134,8 +235,8 @@ impl Postgres {
             })?;
         drop(client);
         let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+            database.config.clone(),
+            database.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -153,7 +254,7 @@ impl Postgres {
         let (committed_tx, committed_rx) = mpsc::channel(options.backbone_queue.max(1));
         tokio::spawn(
             writer::Writer {
-                config,
+                database,
                 client: None,
                 max_channels_per_source: options.max_channels_per_source,
                 dedupe_window_ms: options.dedupe_window_ms,

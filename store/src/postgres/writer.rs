@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Client;
 use tracing::warn;
 
-use super::{as_i64, as_u64, connect, unavailable};
+use super::{as_i64, as_u64, unavailable};
 use crate::log::{Appended, Clock, Entry, LogError};
 
 /// Most events committed in one transaction; the rest wait for the next.
@@ -22,7 +22,7 @@ pub struct Job {
 }
 
 pub struct Writer {
-    pub config: tokio_postgres::Config,
+    pub database: super::Database,
     pub client: Option<Client>,
     pub max_channels_per_source: u64,
     pub dedupe_window_ms: u64,
@@ -55,7 +55,7 @@ impl Writer {
     async fn commit_group(&mut self, group: Vec<Job>) {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
-            match connect(&self.config).await {
+            match self.database.connect().await {
                 Ok(client) => self.client = Some(client),
                 Err(err) => {
                     self.reachable.store(false, Ordering::Release);
