@@ -6,7 +6,8 @@
 //! loses nothing acknowledged either, while publishes in between are refused (503, only that)
 //! and succeed when retried with the same id. A durable group is served through either replica,
 //! and when the replica serving it is killed the other takes over from its saved state: every
-//! event done, none saved as done handed out again.
+//! event done, none saved as done handed out again; and across the database failing over to its
+//! standby, the group goes on and every event is done.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -498,4 +499,100 @@ async fn a_durable_group_is_served_across_replicas_and_survives_its_leader_kille
         let work = groups.iter().find(|g| g.name == "work").expect("the group");
         assert_eq!((work.backlog, work.in_flight), (0, 0), "{work:?}");
     }
+}
+
+#[tokio::test]
+async fn a_durable_group_rides_out_the_database_failing_over() {
+    let mut primary = Postgres::primary().await;
+    let standby = Postgres::standby(&primary, true).await;
+    let url = format!(
+        "postgres://{}@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&connect_timeout=2",
+        eventbus_testkit::postgres::USER,
+        primary.port,
+        standby.port
+    );
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _store = store_process(port, &nats, &dir.path().join("store"), &url).await;
+    let store = client(&format!("http://127.0.0.1:{port}"));
+    store
+        .group_fetch(
+            "work",
+            "jobs.*",
+            "joiner",
+            0,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("join");
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..1000 {
+        let channel = format!("jobs.c{}", i % 3);
+        let stored = store
+            .append(vec![event(&channel, &format!("e{i}"))])
+            .await
+            .expect("append");
+        expected.insert((channel, stored[0].seq));
+    }
+    let done = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let workers: Vec<_> = (0..3)
+        .map(|w| {
+            let stores = [store.clone(), store.clone()];
+            tokio::spawn(group_worker(stores, format!("w{w}"), done.clone(), 1000))
+        })
+        .collect();
+    eventually("the group's state to be saved with work done", || {
+        let saved = Postgres::sql_at(
+            &primary.url(),
+            "SELECT count(*) FROM eventbus_groups WHERE name = 'work'",
+        );
+        let finished = done.lock().expect("lock").len();
+        async move { (saved.trim() == "1" && finished >= 100).then_some(()) }
+    })
+    .await;
+    // The database's primary dies mid-work; the standby is promoted. The group's leadership
+    // (a session lock) and its saved state move with the database.
+    primary.kill();
+    let at_kill = done.lock().expect("lock").len();
+    assert!(at_kill < 1000, "the database failed over mid-work");
+    standby.promote().await;
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    assert_eq!(*done.lock().expect("lock"), expected);
+    // Dones the old primary took after the group's last save there come back (at least once):
+    // a worker drains them, and then nothing is left, nothing outside what was appended.
+    eventually("the group to drain", || {
+        let store = store.clone();
+        let expected = expected.clone();
+        async move {
+            let again = store
+                .group_fetch(
+                    "work",
+                    "jobs.*",
+                    "drainer",
+                    100,
+                    std::time::Duration::from_millis(200),
+                    Default::default(),
+                )
+                .await
+                .ok()?;
+            let positions: Vec<(String, u64)> =
+                again.iter().map(|e| (e.channel.clone(), e.seq)).collect();
+            assert!(
+                positions.iter().all(|p| expected.contains(p)),
+                "{positions:?}"
+            );
+            store
+                .group_done("work", Some("jobs.*"), &positions)
+                .await
+                .ok()?;
+            let groups = store.groups().await.ok()?;
+            let work = groups.into_iter().find(|g| g.name == "work")?;
+            (again.is_empty() && work.backlog == 0 && work.in_flight == 0).then_some(())
+        }
+    })
+    .await;
 }
