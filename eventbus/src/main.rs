@@ -2,6 +2,12 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the publish path allocates from every worker thread at
+/// once, and glibc's arenas made a fifth of the CPU there malloc, free and their locks
+/// (docs/benchmarks.md, issue 17).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "eventbus",

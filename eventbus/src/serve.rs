@@ -101,12 +101,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let mut store_config = eventbus_store::Config::with_data(config.data.join("store"));
     store_config.internal = internal.clone();
     store_config.settings = config.store.clone();
+    // Ingest, the gateway and the webhooks call the store in this process: the same API as over
+    // gRPC without encoding it or a loopback hop (auth and the probes still use the port).
+    let in_process = eventbus_store_client::InProcess::new();
+    store_config.in_process = Some(in_process.clone());
     let store = tokio::spawn(eventbus_store::run(
         store_config,
         store_listener,
         backbone.clone(),
         shutdown.clone(),
     ));
+    // The services below start against a store that serves (in process too: it opens that
+    // before its port).
+    if let Err(err) = wait_for_store(&store_url, &credential, &shutdown, &store).await {
+        if store.is_finished() {
+            store.await??;
+        }
+        return Err(err);
+    }
 
     let mut auth_config = eventbus_auth::Config::with_keys_dir(config.data.join("auth"));
     auth_config.dev = config.dev;
@@ -145,6 +157,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     ingest_config.publish_rate = config.publish_rate.clone();
     ingest_config.upstream.internal = internal.clone();
     ingest_config.cors = config.cors.clone();
+    ingest_config.store_in_process = Some(in_process.clone());
     let ingest = eventbus_ingest::routes(&ingest_config)?;
 
     let mut hooks_config = eventbus_hooks::Config::new(
@@ -159,6 +172,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     hooks_config.upstream.internal = internal.clone();
     hooks_config.upstream.trust = config.trust.clone();
     hooks_config.cors = config.cors.clone();
+    hooks_config.store_in_process = Some(in_process.clone());
     let hooks = eventbus_hooks::routes(&hooks_config, shutdown.clone()).await?;
 
     let mut gateway_config = eventbus_gateway::Config::new(store_url.clone(), auth_url);
@@ -168,14 +182,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     gateway_config.publish_rate = config.publish_rate.clone();
     gateway_config.upstream.internal = internal;
     gateway_config.cors = config.cors.clone();
+    gateway_config.store_in_process = Some(in_process);
     let gateway = eventbus_gateway::service(&gateway_config, backbone, shutdown.clone())?;
-
-    if let Err(err) = wait_for_store(&store_url, &credential, &shutdown, &store).await {
-        if store.is_finished() {
-            store.await??;
-        }
-        return Err(err);
-    }
 
     // Ready while the store is (it is not while its disk is below the watermark).
     let store_ready = {

@@ -125,7 +125,7 @@ pub fn service(
     shutdown: Shutdown,
 ) -> Result<Service, Error> {
     let connections = TaskTracker::new();
-    let store = StoreClient::for_upstream(&config.upstream)
+    let store = StoreClient::for_upstream(&config.upstream, config.store_in_process.as_ref())
         .map_err(|err| Error::Config(err.to_string()))?;
     let id = config
         .id
@@ -233,7 +233,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let ready_backbone = backbone.clone();
     // Ready while NATS is connected and the store answers (catch-up and gap refill need it).
-    let probe_store = StoreClient::for_upstream(&config.upstream)
+    let probe_store = StoreClient::for_upstream(&config.upstream, config.store_in_process.as_ref())
         .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(Duration::from_secs(2), move || {
         let store = probe_store.clone();

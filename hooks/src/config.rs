@@ -70,6 +70,10 @@ pub struct Config {
     pub id: Option<String>,
     #[command(flatten)]
     pub upstream: eventbus_runtime::upstream::Args,
+    /// The store serving in this process (the all-in-one bus), called directly instead of
+    /// over `upstream`'s store URL.
+    #[arg(skip)]
+    pub store_in_process: Option<eventbus_store_client::InProcess>,
     #[command(flatten)]
     pub settings: Settings,
     /// Development mode: any destination and any browser origin are allowed.

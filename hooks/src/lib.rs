@@ -33,7 +33,7 @@ pub enum Error {
 /// The webhook API's routes, for [`run`] and for the all-in-one listener; this replica delivers
 /// while it holds the lease (see [`eventbus_store_client::lease`]).
 pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router, Error> {
-    let store = StoreClient::for_upstream(&config.upstream)
+    let store = StoreClient::for_upstream(&config.upstream, config.store_in_process.as_ref())
         .map_err(|err| Error::Config(err.to_string()))?;
     let webhooks = webhooks::Webhooks::start(
         webhooks::Settings {

@@ -73,7 +73,7 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         verifier: Verifier::new(
             GrpcKeySource::for_upstream(&config.upstream).map_err(Error::Config)?,
         ),
-        store: StoreClient::for_upstream(&config.upstream)
+        store: StoreClient::for_upstream(&config.upstream, config.store_in_process.as_ref())
             .map_err(|err| Error::Config(err.to_string()))?,
         limits: config.events.model(),
         max_batch_events: config.settings.max_batch_events,
@@ -104,7 +104,7 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
 /// Runs ingest on `listener` until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
     // Ready while the store answers: without it no publish can be made durable.
-    let store = StoreClient::for_upstream(&config.upstream)
+    let store = StoreClient::for_upstream(&config.upstream, config.store_in_process.as_ref())
         .map_err(|err| Error::Config(err.to_string()))?;
     let store_up = eventbus_runtime::probe(std::time::Duration::from_secs(2), move || {
         let store = store.clone();

@@ -3,8 +3,10 @@
 //! own events ([`StoreClient::append_own`]) and a [`lease::Lease`] that lets one replica of many
 //! act at a time.
 
+mod coalesce;
 pub mod lease;
 
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use eventbus_model::{Accepted, Appended, StoredEvent};
@@ -107,9 +109,136 @@ pub type Grpc = GrpcClient<InterceptedService<Channel, Credential>>;
 
 #[derive(Clone)]
 pub struct StoreClient {
-    inner: Grpc,
-    /// For calls that wait by design (a group fetch long-polls), past the usual timeout.
-    waiting: Grpc,
+    transport: Transport,
+}
+
+// A few clients per process: the size of the network variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Transport {
+    Network {
+        inner: Grpc,
+        /// For calls that wait by design (a group fetch long-polls), past the usual timeout.
+        waiting: Grpc,
+        /// Appends go through one task that combines those made at the same time
+        /// ([`coalesce`]); started at the first append, shared by every clone.
+        appends: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<coalesce::Waiting>>>,
+    },
+    InProcess {
+        store: InProcess,
+        timeout: Duration,
+    },
+}
+
+/// One call of the store's gRPC API, over the network or in this process: the same request, the
+/// same answer and the same errors either way. `waiting` for calls that long-poll.
+macro_rules! rpc {
+    ($client:expr, $method:ident, $request:expr) => {
+        rpc!($client, $method, $request, false)
+    };
+    ($client:expr, $method:ident, $request:expr, $waiting:expr) => {{
+        let request = $request;
+        match &$client.transport {
+            Transport::Network { inner, waiting, .. } => {
+                let mut grpc = if $waiting {
+                    waiting.clone()
+                } else {
+                    inner.clone()
+                };
+                grpc.$method(request).await
+            }
+            Transport::InProcess { store, timeout } => {
+                let limit = if $waiting {
+                    MAX_GROUP_WAIT + *timeout
+                } else {
+                    *timeout
+                };
+                store
+                    .call(limit, move |service| async move {
+                        service.$method(tonic::Request::new(request)).await
+                    })
+                    .await
+            }
+        }
+    }};
+}
+
+/// The store's gRPC service running in this process (the all-in-one bus), for clients that call
+/// it directly: no encoding, no loopback connection, no hop between tasks, and still the one API
+/// with its checks and error mapping, so both deployments behave alike.
+///
+/// The store opens it once it serves and closes it when it stops; calls outside that time are
+/// refused as unavailable, like calls to a store that is down.
+#[derive(Clone, Default)]
+pub struct InProcess(Arc<InProcessState>);
+
+#[derive(Default)]
+struct InProcessState {
+    service: RwLock<Option<Arc<dyn pb::store_server::Store>>>,
+    calls: tokio_util::task::TaskTracker,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InProcess")
+    }
+}
+
+impl InProcess {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Calls made from now on reach `service`.
+    pub fn open(&self, service: Arc<dyn pb::store_server::Store>) {
+        *self
+            .0
+            .service
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(service);
+    }
+
+    /// Calls made from now on are refused; returns once the calls in flight are answered (and
+    /// so no longer hold the service, or the log behind it).
+    pub async fn close(&self) {
+        self.0
+            .service
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.0.calls.close();
+        self.0.calls.wait().await;
+    }
+
+    async fn call<T, F, A>(
+        &self,
+        limit: Duration,
+        call: F,
+    ) -> Result<tonic::Response<T>, tonic::Status>
+    where
+        F: FnOnce(Arc<dyn pb::store_server::Store>) -> A,
+        A: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        // Counted before the service is taken, so that `close` cannot miss a call that has it.
+        let _in_flight = self.0.calls.token();
+        let service = self
+            .0
+            .service
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(service) = service else {
+            return Err(tonic::Status::unavailable("the store is not serving"));
+        };
+        tokio::time::timeout(limit, call(service))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "the store did not answer within {} ms",
+                    limit.as_millis()
+                )))
+            })
+    }
 }
 
 /// Longest a group fetch may wait (the store caps it too).
@@ -147,7 +276,14 @@ impl StoreClient {
 
     /// The store as a service reaches it: the URL, credential, trust and timeout of its upstream
     /// settings.
-    pub fn for_upstream(upstream: &eventbus_runtime::upstream::Args) -> Result<Self, StoreError> {
+    /// With `in_process`, the store serving in this process instead (same timeout).
+    pub fn for_upstream(
+        upstream: &eventbus_runtime::upstream::Args,
+        in_process: Option<&InProcess>,
+    ) -> Result<Self, StoreError> {
+        if let Some(store) = in_process {
+            return Ok(Self::in_process(store.clone(), upstream.store_timeout()));
+        }
         let credential = upstream.credential().map_err(StoreError::Invalid)?;
         Self::with_timeout(
             &upstream.store_url,
@@ -177,50 +313,71 @@ impl StoreClient {
             )
         };
         Ok(Self {
-            inner: client(timeout)?,
-            waiting: client(MAX_GROUP_WAIT + timeout)?,
+            transport: Transport::Network {
+                inner: client(timeout)?,
+                waiting: client(MAX_GROUP_WAIT + timeout)?,
+                appends: Default::default(),
+            },
         })
     }
 
+    /// A client of the store serving in this process through `store`, waiting at most `timeout`
+    /// for each answer (as over the network).
+    pub fn in_process(store: InProcess, timeout: Duration) -> Self {
+        Self {
+            transport: Transport::InProcess { store, timeout },
+        }
+    }
+
     /// The gRPC client itself, for passing requests on as they are (a store replica forwarding
-    /// group calls to the one serving the groups); `waiting` for calls that long-poll.
-    pub fn grpc(&self, waiting: bool) -> Grpc {
-        if waiting {
-            self.waiting.clone()
-        } else {
-            self.inner.clone()
+    /// group calls to the one serving the groups); `waiting` for calls that long-poll. None for
+    /// a client of the store in this process.
+    pub fn grpc(&self, waiting: bool) -> Option<Grpc> {
+        match &self.transport {
+            Transport::Network {
+                inner, waiting: w, ..
+            } => Some(if waiting { w.clone() } else { inner.clone() }),
+            Transport::InProcess { .. } => None,
         }
     }
 
     /// Appends validated events; resolves once every one is durable.
     pub async fn append(&self, events: Vec<Accepted>) -> Result<Vec<Appended>, StoreError> {
-        let request = pb::AppendRequest {
-            events: events
-                .into_iter()
-                .map(|e| pb::EventRecord {
-                    channel: e.channel,
-                    id: e.id,
-                    body: e.body.into(),
-                    key: e.key,
-                    deleted: e.deleted,
-                    source: e.source,
-                })
-                .collect(),
+        let events: Vec<pb::EventRecord> = events
+            .into_iter()
+            .map(|e| pb::EventRecord {
+                channel: e.channel,
+                id: e.id,
+                body: e.body.into(),
+                key: e.key,
+                deleted: e.deleted,
+                source: e.source,
+            })
+            .collect();
+        let results = match &self.transport {
+            // Batches are already worth their call: only small appends wait to be combined.
+            Transport::Network { inner, appends, .. } if events.len() <= coalesce::SMALL => {
+                let queue = appends.get_or_init(|| {
+                    let (queue, waiting) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(coalesce::run(inner.clone(), waiting));
+                    queue
+                });
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                queue
+                    .send(coalesce::Waiting { events, answer })
+                    .map_err(|_| StoreError::Unavailable("the append queue is gone".into()))?;
+                answered.await.map_err(|_| {
+                    StoreError::Unknown("the append was dropped before its answer".into())
+                })??
+            }
+            _ => {
+                rpc!(self, append, pb::AppendRequest { events })
+                    .map_err(append_error)?
+                    .into_inner()
+                    .results
+            }
         };
-        let response = self
-            .inner
-            .clone()
-            .append(request)
-            .await
-            .map_err(|status| match StoreError::from(status) {
-                StoreError::Unavailable(cause) | StoreError::Internal(cause) => {
-                    StoreError::Unknown(cause)
-                }
-                known => known,
-            })?
-            .into_inner();
-        Ok(response
-            .results
+        Ok(results
             .into_iter()
             .map(|r| Appended {
                 channel: r.channel,
@@ -271,10 +428,10 @@ impl StoreClient {
         settings: GroupSettings,
     ) -> Result<Vec<GroupEvent>, StoreError> {
         let wait = wait.min(MAX_GROUP_WAIT);
-        let response = self
-            .waiting
-            .clone()
-            .group_fetch(pb::GroupFetchRequest {
+        let response = rpc!(
+            self,
+            group_fetch,
+            pb::GroupFetchRequest {
                 group: group.to_owned(),
                 pattern: pattern.to_owned(),
                 member: member.to_owned(),
@@ -283,9 +440,10 @@ impl StoreClient {
                 visibility_ms: settings.visibility_ms.unwrap_or(0),
                 max_deliveries: settings.max_deliveries.unwrap_or(0),
                 prefetch: settings.prefetch.unwrap_or(0),
-            })
-            .await?
-            .into_inner();
+            },
+            true
+        )?
+        .into_inner();
         Ok(response
             .events
             .into_iter()
@@ -306,10 +464,10 @@ impl StoreClient {
         pattern: Option<&str>,
         done: &[(String, u64)],
     ) -> Result<u32, StoreError> {
-        let response = self
-            .inner
-            .clone()
-            .group_done(pb::GroupDoneRequest {
+        let response = rpc!(
+            self,
+            group_done,
+            pb::GroupDoneRequest {
                 group: group.to_owned(),
                 pattern: pattern.unwrap_or_default().to_owned(),
                 done: done
@@ -319,30 +477,27 @@ impl StoreClient {
                         seq: *seq,
                     })
                     .collect(),
-            })
-            .await?
-            .into_inner();
+            }
+        )?
+        .into_inner();
         Ok(response.done)
     }
 
     /// `member` of `group` is gone: what it held goes to the others.
     pub async fn group_leave(&self, group: &str, member: &str) -> Result<(), StoreError> {
-        self.inner
-            .clone()
-            .group_leave(pb::GroupLeaveRequest {
+        rpc!(
+            self,
+            group_leave,
+            pb::GroupLeaveRequest {
                 group: group.to_owned(),
                 member: member.to_owned(),
-            })
-            .await?;
+            }
+        )?;
         Ok(())
     }
 
     pub async fn groups(&self) -> Result<Vec<GroupInfo>, StoreError> {
-        Ok(self
-            .inner
-            .clone()
-            .list_groups(pb::ListGroupsRequest {})
-            .await?
+        Ok(rpc!(self, list_groups, pb::ListGroupsRequest {})?
             .into_inner()
             .groups)
     }
@@ -355,25 +510,27 @@ impl StoreClient {
         channel: Option<&str>,
         to: Option<u64>,
     ) -> Result<(), StoreError> {
-        self.inner
-            .clone()
-            .reset_group(pb::ResetGroupRequest {
+        rpc!(
+            self,
+            reset_group,
+            pb::ResetGroupRequest {
                 group: group.to_owned(),
                 channel: channel.unwrap_or_default().to_owned(),
                 to_seq: to.is_some(),
                 seq: to.unwrap_or(0),
-            })
-            .await?;
+            }
+        )?;
         Ok(())
     }
 
     pub async fn delete_group(&self, group: &str) -> Result<(), StoreError> {
-        self.inner
-            .clone()
-            .delete_group(pb::DeleteGroupRequest {
+        rpc!(
+            self,
+            delete_group,
+            pb::DeleteGroupRequest {
                 group: group.to_owned(),
-            })
-            .await?;
+            }
+        )?;
         Ok(())
     }
 
@@ -384,17 +541,17 @@ impl StoreClient {
         limit: u32,
         compact: bool,
     ) -> Result<Page, StoreError> {
-        let response = self
-            .inner
-            .clone()
-            .read(pb::ReadRequest {
+        let response = rpc!(
+            self,
+            read,
+            pb::ReadRequest {
                 channel: channel.to_owned(),
                 after,
                 limit,
                 compact,
-            })
-            .await?
-            .into_inner();
+            }
+        )?
+        .into_inner();
         Ok(Page {
             head: response.head,
             first: response.first,
@@ -418,16 +575,16 @@ impl StoreClient {
         after: &str,
         limit: u32,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let response = self
-            .inner
-            .clone()
-            .list_channels(pb::ListChannelsRequest {
+        let response = rpc!(
+            self,
+            list_channels,
+            pb::ListChannelsRequest {
                 prefix: prefix.to_owned(),
                 after: after.to_owned(),
                 limit,
-            })
-            .await?
-            .into_inner();
+            }
+        )?
+        .into_inner();
         Ok(response
             .channels
             .into_iter()
@@ -441,14 +598,14 @@ impl StoreClient {
 
     /// The first retained seq and the head of a channel.
     pub async fn bounds(&self, channel: &str) -> Result<(u64, u64), StoreError> {
-        let response = self
-            .inner
-            .clone()
-            .head(pb::HeadRequest {
+        let response = rpc!(
+            self,
+            head,
+            pb::HeadRequest {
                 channel: channel.to_owned(),
-            })
-            .await?
-            .into_inner();
+            }
+        )?
+        .into_inner();
         Ok((response.first, response.head))
     }
 
@@ -459,28 +616,38 @@ impl StoreClient {
         seq: u64,
         data: Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.inner
-            .clone()
-            .put_snapshot(pb::PutSnapshotRequest {
+        rpc!(
+            self,
+            put_snapshot,
+            pb::PutSnapshotRequest {
                 channel: channel.to_owned(),
                 seq,
                 data: data.into(),
-            })
-            .await?;
+            }
+        )?;
         Ok(())
     }
 
     /// The latest snapshot of `channel`: its seq and JSON text.
     pub async fn snapshot(&self, channel: &str) -> Result<Option<(u64, bytes::Bytes)>, StoreError> {
-        let response = self
-            .inner
-            .clone()
-            .get_snapshot(pb::GetSnapshotRequest {
+        let response = rpc!(
+            self,
+            get_snapshot,
+            pb::GetSnapshotRequest {
                 channel: channel.to_owned(),
-            })
-            .await?
-            .into_inner();
+            }
+        )?
+        .into_inner();
         Ok(response.found.then_some((response.seq, response.data)))
+    }
+}
+
+/// An append's error: one that may have happened after the events were written is an unknown
+/// outcome, not a refusal.
+fn append_error(status: tonic::Status) -> StoreError {
+    match StoreError::from(status) {
+        StoreError::Unavailable(cause) | StoreError::Internal(cause) => StoreError::Unknown(cause),
+        known => known,
     }
 }
 

@@ -136,6 +136,10 @@ pub struct Config {
     /// Whom a `tls://` NATS URL is trusted as.
     #[command(flatten)]
     pub trust: eventbus_runtime::tls::Trust,
+    /// Serve the gRPC API in this process as well, to clients made with
+    /// `StoreClient::in_process` (the all-in-one bus).
+    #[arg(skip)]
+    pub in_process: Option<eventbus_store_client::InProcess>,
 }
 
 impl Config {

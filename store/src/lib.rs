@@ -141,8 +141,12 @@ pub async fn run(
     });
 
     let (live_log, ready_log) = (engine.clone(), engine.clone());
-    let grpc = tonic::service::Routes::new(service::server(engine.clone(), routes.clone()))
-        .into_axum_router();
+    let (service, server) = service::server(engine.clone(), routes.clone());
+    if let Some(in_process) = &config.in_process {
+        in_process.open(service.clone());
+    }
+    drop(service);
+    let grpc = tonic::service::Routes::new(server).into_axum_router();
     let app = eventbus_runtime::internal::require(grpc, credential).merge(
         eventbus_runtime::health_routes_with(
             move || live_log.is_healthy(),
@@ -167,6 +171,10 @@ pub async fn run(
         }
     })
     .await?;
+    // Callers in this process are answered and let go of the log too.
+    if let Some(in_process) = &config.in_process {
+        in_process.close().await;
+    }
     let failed = !engine.is_healthy();
     if failed {
         shutdown.trigger();

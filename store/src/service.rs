@@ -16,10 +16,13 @@ use eventbus_proto::store::{
     FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
 };
 
-pub fn server(log: Arc<dyn Engine>, groups: Routes) -> StoreServer<Service> {
-    StoreServer::new(Service { log, groups })
+/// The gRPC service over `log`, and its server (which shares it).
+pub fn server(log: Arc<dyn Engine>, groups: Routes) -> (Arc<Service>, StoreServer<Service>) {
+    let service = Arc::new(Service { log, groups });
+    let server = StoreServer::from_arc(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    (service, server)
 }
 
 pub struct Service {
@@ -38,10 +41,11 @@ impl Service {
     fn route(&self) -> Result<Serve, Status> {
         match &*self.groups.borrow() {
             Route::Here(groups) => Ok(Serve::Here(groups.clone())),
-            Route::Leader { client, .. } => Ok(Serve::There(Box::new((
-                client.grpc(false),
-                client.grpc(true),
-            )))),
+            Route::Leader { client, .. } => match (client.grpc(false), client.grpc(true)) {
+                (Some(usual), Some(waiting)) => Ok(Serve::There(Box::new((usual, waiting)))),
+                // A leader is always another process.
+                _ => Err(Status::internal("the groups' leader has no network client")),
+            },
             Route::Nobody(why) => Err(Status::unavailable(format!(
                 "durable groups are not served right now ({why}); retry"
             ))),
