@@ -123,6 +123,8 @@ enum Transport {
         /// Appends go through one task that combines those made at the same time
         /// ([`coalesce`]); started at the first append, shared by every clone.
         appends: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<coalesce::Waiting>>>,
+        /// The longest an append waits for its answer, queued or on the wire.
+        timeout: Duration,
     },
     InProcess {
         store: InProcess,
@@ -317,6 +319,7 @@ impl StoreClient {
                 inner: client(timeout)?,
                 waiting: client(MAX_GROUP_WAIT + timeout)?,
                 appends: Default::default(),
+                timeout,
             },
         })
     }
@@ -356,7 +359,12 @@ impl StoreClient {
             .collect();
         let results = match &self.transport {
             // Batches are already worth their call: only small appends wait to be combined.
-            Transport::Network { inner, appends, .. } if events.len() <= coalesce::SMALL => {
+            Transport::Network {
+                inner,
+                appends,
+                timeout,
+                ..
+            } if events.len() <= coalesce::SMALL => {
                 let queue = appends.get_or_init(|| {
                     let (queue, waiting) = tokio::sync::mpsc::unbounded_channel();
                     tokio::spawn(coalesce::run(inner.clone(), waiting));
@@ -366,9 +374,22 @@ impl StoreClient {
                 queue
                     .send(coalesce::Waiting { events, answer })
                     .map_err(|_| StoreError::Unavailable("the append queue is gone".into()))?;
-                answered.await.map_err(|_| {
-                    StoreError::Unknown("the append was dropped before its answer".into())
-                })??
+                // Queued behind busy calls or on the wire: either way no longer than one call
+                // may take; it may still be stored later, so the outcome is unknown.
+                match tokio::time::timeout(*timeout, answered).await {
+                    Ok(Ok(answer)) => answer?,
+                    Ok(Err(_)) => {
+                        return Err(StoreError::Unknown(
+                            "the append was dropped before its answer".into(),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(StoreError::Unknown(format!(
+                            "no answer within {} ms",
+                            timeout.as_millis()
+                        )));
+                    }
+                }
             }
             _ => {
                 rpc!(self, append, pb::AppendRequest { events })
