@@ -171,13 +171,14 @@ pub async fn run(
         }
     })
     .await?;
-    // Callers in this process are answered and let go of the log too.
-    if let Some(in_process) = &config.in_process {
-        in_process.close().await;
-    }
     let failed = !engine.is_healthy();
     if failed {
         shutdown.trigger();
+    }
+    // Callers in this process are answered and let go of the log too (after the trigger above:
+    // group members long-poll, and they end on shutdown).
+    if let Some(in_process) = &config.in_process {
+        in_process.close().await;
     }
 
     let _ = retention.await;
