@@ -54,7 +54,7 @@ singles=() batches=()
 for run in $(seq "$runs"); do
   start
   single=$(wrk -t2 -c64 -d"${seconds}s" -s bench/wrk/publish.lua "$url/v1/events" | rate)
-  batch=$(wrk -t2 -c16 -d"${seconds}s" -s bench/wrk/batch.lua "$url/v1/events" | rate)
+  batch=$(BATCH=100 wrk -t2 -c16 -d"${seconds}s" -s bench/wrk/publish.lua "$url/v1/events" | rate)
   stop
   rm -rf "$data"
   batch_events=$(awk -v r="$batch" 'BEGIN {printf "%.0f", r * 100}')
