@@ -35,8 +35,9 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
 # The end-to-end suite once more with the store's log on PostgreSQL (each test cluster starts a
-# PostgreSQL of its own): both engines keep the same promises to clients.
-EVENTBUS_TEST_ENGINE=postgres cargo test -p eventbus --locked \
+# PostgreSQL of its own): both engines keep the same promises to clients. `--workspace` as above, so
+# that features resolve the same and the test binaries are reused rather than built a second time.
+EVENTBUS_TEST_ENGINE=postgres cargo test --workspace --locked \
   --test end_to_end --test sse --test groups --test groups_ws --test snapshots --test channels \
   --test cloudevents --test least_privilege --test webhooks --test presence --test retention \
   --test gateways --test bad_input --test hooks_takeover "$@" 2>&1 | tee -a "$log" || status=1
