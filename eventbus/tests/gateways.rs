@@ -263,22 +263,29 @@ async fn a_tail_the_backbone_never_carried_still_arrives() {
     let service = bus.service_token().await;
     let token = bus
         .auth
-        .client_token(&service, "watcher", &["quiet"], &[])
+        .client_token(&service, "watcher", &["quiet", "calm"], &[])
         .await;
     let (mut ws, _) = Ws::hello(&gateway, &token).await;
     let head = ws.subscribe(json!({"channel": "quiet"})).await["head"]
         .as_u64()
         .expect("head");
+    ws.subscribe(json!({"channel": "calm"})).await;
+    // Two channels with different tails: the check asks for both heads in one call, and each
+    // channel must be caught up to its own.
     let batch: Vec<Value> = (0..3)
         .map(|i| json!({"channel": "quiet", "type": "tick", "data": i}))
+        .chain([json!({"channel": "calm", "type": "tick", "data": 0})])
         .collect();
     assert_eq!(
         bus.api.publish(&service, &Value::Array(batch)).await.status,
         200
     );
+    let mut events = ws.events(4).await;
+    events.sort_by_key(|e| e["channel"] == "calm");
     assert_eq!(
-        seqs(&ws.events(3).await),
-        vec![head + 1, head + 2, head + 3]
+        seqs(&events),
+        vec![head + 1, head + 2, head + 3, 1],
+        "quiet's three events in order, then calm's one"
     );
     ws.send(json!({"op": "ping"})).await;
     assert_eq!(ws.recv().await["op"], "pong", "each event once");

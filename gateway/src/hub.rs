@@ -337,10 +337,17 @@ async fn tail_check(hub: std::sync::Weak<Inner>, interval: std::time::Duration) 
                 .collect();
             (store, targets)
         };
-        for (channel, members, last_seq) in targets {
-            let Ok(head) = store.head(&channel).await else {
+        // One call for every channel's head (the store answers in chunks of its limit), not one
+        // per channel: a gateway with 15k private inboxes would otherwise ask 3k times a second.
+        let channels: Vec<String> = targets.iter().map(|(c, _, _)| c.clone()).collect();
+        let heads = match store.heads(&channels).await {
+            Ok(heads) => heads,
+            Err(err) => {
+                debug!(error = %err, "tail check: the store did not answer with heads");
                 continue;
-            };
+            }
+        };
+        for ((channel, members, last_seq), head) in targets.into_iter().zip(heads) {
             let mut after = last_seq.load(Ordering::Relaxed);
             if head > after {
                 debug!(channel = %channel, from = after, to = head, "delivering a stranded tail from the store");

@@ -12,6 +12,8 @@ pub mod store {
     pub const FIRST_SEQ_METADATA: &str = "eventbus-first-seq";
     /// Most events one Append may carry.
     pub const MAX_APPEND_EVENTS: usize = 10_000;
+    /// Most channels one Heads call may ask about.
+    pub const MAX_HEADS: usize = 10_000;
     /// Largest gRPC message between the store and its clients.
     pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 }

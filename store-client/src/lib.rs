@@ -17,7 +17,7 @@ use eventbus_runtime::tls::Trust;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use eventbus_proto::store::{FIRST_SEQ_METADATA, MAX_MESSAGE_BYTES, QUOTA_METADATA};
+use eventbus_proto::store::{FIRST_SEQ_METADATA, MAX_HEADS, MAX_MESSAGE_BYTES, QUOTA_METADATA};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -615,6 +615,31 @@ impl StoreClient {
 
     pub async fn head(&self, channel: &str) -> Result<u64, StoreError> {
         Ok(self.bounds(channel).await?.1)
+    }
+
+    /// The heads of `channels`, in their order (0 for a channel with no events): one call per
+    /// [`MAX_HEADS`] channels rather than one per channel.
+    pub async fn heads(&self, channels: &[String]) -> Result<Vec<u64>, StoreError> {
+        let mut heads = Vec::with_capacity(channels.len());
+        for chunk in channels.chunks(MAX_HEADS) {
+            let response = rpc!(
+                self,
+                heads,
+                pb::HeadsRequest {
+                    channels: chunk.to_vec(),
+                }
+            )?
+            .into_inner();
+            if response.heads.len() != chunk.len() {
+                return Err(StoreError::Internal(format!(
+                    "asked for the heads of {} channels, got {}",
+                    chunk.len(),
+                    response.heads.len()
+                )));
+            }
+            heads.extend(response.heads);
+        }
+        Ok(heads)
     }
 
     /// The first retained seq and the head of a channel.

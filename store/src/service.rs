@@ -13,7 +13,7 @@ use crate::groups::{Changes, GroupError, Groups};
 use crate::log::{Entry, LogError};
 
 use eventbus_proto::store::{
-    FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
+    FIRST_SEQ_METADATA, MAX_APPEND_EVENTS, MAX_HEADS, MAX_MESSAGE_BYTES, QUOTA_METADATA,
 };
 
 /// The gRPC service over `log`, and its server (which shares it).
@@ -406,5 +406,23 @@ impl Store for Service {
         check_channel(&request.channel)?;
         let (first, head) = self.log.bounds(&request.channel).await.map_err(status)?;
         Ok(Response::new(pb::HeadResponse { head, first }))
+    }
+
+    async fn heads(
+        &self,
+        request: Request<pb::HeadsRequest>,
+    ) -> Result<Response<pb::HeadsResponse>, Status> {
+        let channels = request.into_inner().channels;
+        if channels.len() > MAX_HEADS {
+            return Err(Status::invalid_argument(format!(
+                "a heads request names at most {MAX_HEADS} channels, got {}",
+                channels.len()
+            )));
+        }
+        for channel in &channels {
+            check_channel(channel)?;
+        }
+        let heads = self.log.heads(&channels).await.map_err(status)?;
+        Ok(Response::new(pb::HeadsResponse { heads }))
     }
 }

@@ -150,6 +150,36 @@ async fn bad_requests_get_clear_errors_on(postgres: Option<String>) {
         Err(StoreError::Invalid(_))
     ));
 
+    // Many heads in one call, in the order asked, 0 where nothing was written; more channels than
+    // one call may carry are split by the client, and a bad name refuses the whole call.
+    store
+        .append(vec![event("payments", 1)])
+        .await
+        .expect("append");
+    let names = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        store
+            .heads(&names(&["payments", "never-written", "orders", "payments"]))
+            .await
+            .expect("heads"),
+        vec![1, 0, 2, 1]
+    );
+    let many: Vec<String> = (0..10_001)
+        .map(|n| {
+            if n == 10_000 {
+                "orders".into()
+            } else {
+                format!("c{n}")
+            }
+        })
+        .collect();
+    let heads = store.heads(&many).await.expect("heads in two calls");
+    assert_eq!((heads.len(), heads[0], heads[10_000]), (10_001, 0, 2));
+    assert!(matches!(
+        store.heads(&names(&["orders", "a.*"])).await,
+        Err(StoreError::Invalid(_))
+    ));
+
     // Still serving, and nothing of the refused requests was stored.
     assert_eq!(store.head("orders").await.expect("head"), 2);
     shutdown.trigger();
