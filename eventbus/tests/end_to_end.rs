@@ -13,6 +13,7 @@ async fn separate_services_on_nats() {
     scenarios::resume_gets_exactly_what_was_missed(&cluster.endpoints).await;
     scenarios::websocket_publish_inbox_and_compaction(&cluster.endpoints).await;
     scenarios::catch_up_races_live_publishing(&cluster.endpoints).await;
+    scenarios::a_long_catch_up_shares_the_connection(&cluster.endpoints).await;
     cluster.stop().await;
 }
 
@@ -23,6 +24,7 @@ async fn all_in_one() {
     scenarios::resume_gets_exactly_what_was_missed(&bus.endpoints).await;
     scenarios::websocket_publish_inbox_and_compaction(&bus.endpoints).await;
     scenarios::catch_up_races_live_publishing(&bus.endpoints).await;
+    scenarios::a_long_catch_up_shares_the_connection(&bus.endpoints).await;
     bus.stop().await;
 }
 

@@ -3,8 +3,11 @@
 //!
 //! One task owns the connection. Live events arrive in a bounded queue fed by the hub; the task
 //! writes everything queued, then flushes once, so a busy connection gets few large writes.
+//! History a subscription asked for is read from the log a page per turn of that task, taking
+//! turns with live events, so a long catch-up neither holds up the connection's other
+//! subscriptions nor lets their queue overflow.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,6 +125,26 @@ struct Sub {
     _presence: Option<eventbus_auth_client::presence::Membership>,
 }
 
+/// A subscription reading what it misses of one channel from the log: a channel subscription's
+/// history, one page per turn, or a gap before a live event, at once.
+#[derive(Debug)]
+struct CatchUp {
+    sub: u64,
+    channel: String,
+    /// Read up to here: the head at subscribe, raised by live events that arrive meanwhile (they
+    /// are dropped and come from the log instead, in order).
+    upto: u64,
+    /// The compacted phase's cursor (latest event per key up to the head), until that phase ends.
+    compacted: Option<u64>,
+}
+
+/// What a catch-up page left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    More,
+    Done,
+}
+
 struct Conn {
     gw: Arc<Gateway>,
     id: String,
@@ -131,6 +154,8 @@ struct Conn {
     subs: HashMap<u64, Sub>,
     by_name: HashMap<String, u64>,
     next_sub: u64,
+    /// Catch-ups in progress, oldest first (empty, and unallocated, on most connections).
+    catching: VecDeque<CatchUp>,
     mailbox: Mailbox,
     slow: Arc<Notify>,
     /// Acks of publishes, answered by their own tasks. Made at the first publish: most
@@ -166,6 +191,7 @@ pub async fn serve(
         subs: HashMap::new(),
         by_name: HashMap::new(),
         next_sub: 1,
+        catching: VecDeque::new(),
         mailbox: Mailbox {
             tx,
             slow: slow.clone(),
@@ -200,6 +226,9 @@ pub async fn serve(
     let timer = tokio::time::sleep_until(hello_deadline);
     tokio::pin!(timer);
     let mut timer_for = None;
+    // Whether a pending catch-up goes before live events this turn: they alternate, so that
+    // neither a long history nor a busy channel starves the other.
+    let mut catch_up_first = true;
     while ending.is_none() {
         // One timer for the connection's life, moved only when the token changes: a fresh timer
         // per wake-up would cost a timer-wheel insert and removal for every event delivered.
@@ -231,13 +260,24 @@ pub async fn serve(
                     conn.ping().await
                 }
             }
-            Some(first) = live.recv() => conn.on_live_batch(first, &mut live).await,
+            _ = std::future::ready(()), if catch_up_first && !conn.catching.is_empty() => {
+                catch_up_first = false;
+                Box::pin(conn.catch_up_turn()).await
+            }
+            Some(first) = live.recv() => {
+                catch_up_first = true;
+                conn.on_live_batch(first, &mut live).await
+            }
             Some(answer) = async {
                 match conn.answered.as_mut() {
                     Some(answered) => answered.recv().await,
                     None => std::future::pending().await,
                 }
             } => conn.send_answers(answer).await,
+            _ = std::future::ready(()), if !conn.catching.is_empty() => {
+                catch_up_first = false;
+                Box::pin(conn.catch_up_turn()).await
+            }
         };
         let step = match step {
             Ok(()) => conn.flush().await,
@@ -768,8 +808,14 @@ impl Conn {
             self.send(frames::with_ref(answer, reference).into())
                 .await?;
         }
-        if let (Some(_), Some(head)) = (after, head) {
-            self.catch_up(id, name, head, compact).await?;
+        if let (Some(after), Some(head)) = (after, head) {
+            // Read in turns with live events by the connection's loop (see `catch_up_turn`).
+            self.catching.push_back(CatchUp {
+                sub: id,
+                channel: name.to_owned(),
+                upto: head,
+                compacted: compact.then_some(after),
+            });
         }
         Ok(())
     }
@@ -950,76 +996,87 @@ impl Conn {
         }
     }
 
-    /// Catches subscription `id` up in `channel` from the log: up to `upto`, or (compacted) the
-    /// latest event per key up to the head. See [`follow`] for the rule and what can go wrong.
-    async fn catch_up(
-        &mut self,
-        id: u64,
-        channel: &str,
-        upto: u64,
-        compacted: bool,
-    ) -> Result<(), Ending> {
-        let Some(mut position) = self
-            .subs
-            .get(&id)
-            .and_then(|s| s.positions.get(channel).copied())
-        else {
+    /// One page of the oldest catch-up in progress (from the connection's loop); it goes back to
+    /// the front of the queue until it is done.
+    async fn catch_up_turn(&mut self) -> Result<(), Ending> {
+        let Some(mut job) = self.catching.pop_front() else {
             return Ok(());
         };
+        if self.catch_up_page(&mut job).await? == Progress::More {
+            self.catching.push_front(job);
+        }
+        Ok(())
+    }
+
+    /// Reads and delivers one page of `job` from the log. See [`follow`] for the rule and what
+    /// can go wrong: a history no longer retained ends the subscription (its client is told), an
+    /// unreachable log the connection.
+    async fn catch_up_page(&mut self, job: &mut CatchUp) -> Result<Progress, Ending> {
+        // A subscription that ended (or was replaced) meanwhile needs nothing more.
+        let Some(mut position) = self
+            .subs
+            .get(&job.sub)
+            .and_then(|sub| sub.positions.get(&job.channel).copied())
+        else {
+            return Ok(Progress::Done);
+        };
+        let channel = job.channel.as_str();
         let store = self.gw.store.clone();
-        let outcome = if compacted {
-            let mut cursor = position.last();
-            loop {
-                match follow::compacted(&store, channel, cursor).await {
-                    Ok((events, end)) => {
-                        for event in &events {
-                            self.send(frame_of(&event.json, self.cloudevents)?).await?;
-                            metrics().events_out.inc();
-                            cursor = event.seq;
-                        }
-                        self.flush().await?;
-                        if let Some(head) = end {
-                            position = position.caught_up(cursor, head);
-                            break Ok(());
-                        }
-                    }
-                    Err(missed) => break Err(missed),
+        let outcome = match job.compacted {
+            Some(cursor) => follow::compacted(&store, channel, cursor)
+                .await
+                .map(|(events, end)| (events, Some(end))),
+            None => follow::missing(&store, channel, &position, job.upto)
+                .await
+                .map(|events| (events, None)),
+        };
+        let progress = match outcome {
+            Ok((events, compacted)) => {
+                for event in &events {
+                    self.send(frame_of(&event.json, self.cloudevents)?).await?;
                 }
-            }
-        } else {
-            loop {
-                match follow::missing(&store, channel, &position, upto).await {
-                    Ok(events) if events.is_empty() => break Ok(()),
-                    Ok(events) => {
+                metrics().events_out.inc_by(events.len() as u64);
+                // Written before the position is kept: a write error ends the connection.
+                self.flush().await?;
+                match compacted {
+                    Some(end) => {
+                        let cursor = events.last().map_or(job.compacted.unwrap_or(0), |e| e.seq);
+                        match end {
+                            // What compaction let go is not owed: on from the head it read.
+                            Some(head) => {
+                                position = position.caught_up(cursor, head);
+                                job.compacted = None;
+                            }
+                            None => job.compacted = Some(cursor),
+                        }
+                        Progress::More
+                    }
+                    None if events.is_empty() => Progress::Done,
+                    None => {
                         for event in &events {
-                            self.send(frame_of(&event.json, self.cloudevents)?).await?;
-                            metrics().events_out.inc();
                             position.delivered(event.seq);
                         }
-                        // Written before the position is kept: a write error ends the connection.
-                        self.flush().await?;
-                        if let Some(sub) = self.subs.get_mut(&id) {
-                            sub.positions.insert(channel.to_owned(), position);
-                        }
+                        Progress::More
                     }
-                    Err(missed) => break Err(missed),
                 }
             }
-        };
-        if let Some(sub) = self.subs.get_mut(&id) {
-            sub.positions.insert(channel.to_owned(), position);
-        }
-        match outcome {
-            Ok(()) => Ok(()),
-            Err(Missed::Truncated { first }) => self.drop_truncated(id, channel, first).await,
-            Err(Missed::Behind) => {
-                // The log has less than was announced: the position stays where the log ends,
-                // and the caller drops the announced event.
-                debug!(connection = %self.id, channel, upto, "the store has less than the backbone announced");
-                Ok(())
+            Err(Missed::Truncated { first }) => {
+                self.drop_truncated(job.sub, channel, first).await?;
+                return Ok(Progress::Done);
             }
-            Err(Missed::Unreachable(err)) => Err(self.store_failed(err).await),
+            Err(Missed::Behind) => {
+                // The log has less than a live event announced (the head read at subscribe is in
+                // it): that event is dropped, the position stays where the log ends.
+                debug!(connection = %self.id, channel, upto = job.upto, "the store has less than the backbone announced");
+                metrics().backbone_beyond_head.inc();
+                Progress::Done
+            }
+            Err(Missed::Unreachable(err)) => return Err(self.store_failed(err).await),
+        };
+        if let Some(sub) = self.subs.get_mut(&job.sub) {
+            sub.positions.insert(job.channel.clone(), position);
         }
+        Ok(progress)
     }
 
     /// The range a subscription needs is no longer retained: it ends, and the client is told from
@@ -1074,6 +1131,15 @@ impl Conn {
             return Ok(false);
         };
         let delivery = &live.delivery;
+        // Still reading its history: the event comes from the log in its turn, in order.
+        if let Some(job) = self
+            .catching
+            .iter_mut()
+            .find(|job| job.sub == live.subscription && job.channel == delivery.channel)
+        {
+            job.upto = job.upto.max(delivery.seq);
+            return Ok(false);
+        }
         let step = match sub.positions.get(&delivery.channel) {
             // A pattern's or a group's first event of a channel: its position starts there.
             None => Step::Deliver,
@@ -1089,19 +1155,26 @@ impl Conn {
             Step::Refill { upto } => {
                 debug!(connection = %self.id, channel = %delivery.channel, upto, to = delivery.seq, sub = %sub.name, "gap, refilling from the store");
                 metrics().gap_refills.inc();
-                // Boxed, like request handling: the store read is rare here and its future large.
-                Box::pin(self.catch_up(live.subscription, &delivery.channel, upto, false)).await?;
+                // Read before this event, whole (a gap is short): boxed, like request handling,
+                // since the store read is rare here and its future large.
+                let mut job = CatchUp {
+                    sub: live.subscription,
+                    channel: delivery.channel.clone(),
+                    upto,
+                    compacted: None,
+                };
+                while Box::pin(self.catch_up_page(&mut job)).await? == Progress::More {}
                 let Some(sub) = self.subs.get(&live.subscription) else {
                     return Ok(false);
                 };
                 // Delivering it now would skip seqs the log does not have, and every real event
-                // after: an event announced beyond the store's head is dropped and counted.
+                // after: an event announced beyond the store's head is dropped (the refill
+                // counted it).
                 if sub
                     .positions
                     .get(&delivery.channel)
                     .is_none_or(|p| p.step(delivery.seq) != Step::Deliver)
                 {
-                    metrics().backbone_beyond_head.inc();
                     return Ok(false);
                 }
             }

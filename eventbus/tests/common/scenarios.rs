@@ -275,3 +275,58 @@ pub async fn catch_up_races_live_publishing(bus: &Endpoints) {
         reader.await.expect("reader saw every event once, in order");
     }
 }
+
+/// A long catch-up takes turns with the connection's live events: a subscriber reading a long
+/// history of one channel still gets another channel's events meanwhile, and the channel it
+/// catches up on stays gap-free and once-only while it keeps growing.
+pub async fn a_long_catch_up_shares_the_connection(bus: &Endpoints) {
+    let service = bus.service_token().await;
+    let reader = bus
+        .auth
+        .client_token(&service, "fay", &["archive", "pulse"], &[])
+        .await;
+    const HISTORY: u64 = 20_000;
+    for round in 0..HISTORY / 1000 {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| json!({"channel": "archive", "type": "old", "data": round * 1000 + i}))
+            .collect();
+        let answer = bus.api.publish(&service, &Value::Array(batch)).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let (mut ws, _) = Ws::hello(&bus.ws, &reader).await;
+    ws.subscribe(json!({"channel": "pulse"})).await;
+    ws.subscribe(json!({"channel": "archive", "after": 0}))
+        .await;
+    let first = ws.events(1).await;
+    assert_eq!(seqs(&first), vec![1]);
+    // While the history streams: an event on the other channel, and more on the one catching up.
+    let publish = |channel: &str, n: u64| json!({"channel": channel, "type": "new", "data": n});
+    let answer = bus.api.publish(&service, &publish("pulse", 0)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let more: Vec<Value> = (0..5).map(|n| publish("archive", n)).collect();
+    let answer = bus.api.publish(&service, &Value::Array(more)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+
+    let mut archive = seqs(&first);
+    let mut pulse_at = None;
+    while archive.len() < (HISTORY + 5) as usize || pulse_at.is_none() {
+        let event = ws.events(1).await.remove(0);
+        match event["channel"].as_str() {
+            Some("archive") => archive.push(event["seq"].as_u64().expect("seq")),
+            Some("pulse") => {
+                assert!(pulse_at.is_none(), "pulse's event once");
+                pulse_at = Some(archive.len());
+            }
+            other => panic!("an event of {other:?}"),
+        }
+    }
+    assert_eq!(archive, (1..=HISTORY + 5).collect::<Vec<_>>());
+    let pulse_at = pulse_at.expect("pulse's event");
+    assert!(
+        pulse_at < HISTORY as usize,
+        "the live event waited for the whole history: it came after {pulse_at} of {HISTORY} events"
+    );
+    ws.send(json!({"op": "ping"})).await;
+    assert_eq!(ws.recv().await["op"], "pong", "nothing more");
+    ws.close().await;
+}
