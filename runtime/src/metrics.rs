@@ -38,6 +38,9 @@ pub struct Metrics {
     pub store_appended: Counter,
     pub store_batch_events: Histogram,
     pub store_fsync_seconds: Histogram,
+    /// Appends a store client sent in one call together with others (separate ingest, whose
+    /// concurrent small appends are combined): beside `events_in`, how much combining happens.
+    pub store_combined_appends: Counter,
     /// Bytes of log segments on disk (updated at each retention pass).
     pub store_log_bytes: Gauge,
     /// Backbone messages dropped: not an eventbus event (malformed), or announcing a seq the store
@@ -80,6 +83,7 @@ impl Metrics {
             store_appended: Counter::default(),
             store_batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             store_fsync_seconds: seconds(),
+            store_combined_appends: Counter::default(),
             store_log_bytes: Gauge::default(),
             store_backbone_dropped: Counter::default(),
             connections_refused: Counter::default(),
@@ -162,6 +166,11 @@ impl Metrics {
             "store_batch_events",
             "Events per group commit",
             m.store_batch_events.clone(),
+        );
+        r.register(
+            "store_combined_appends",
+            "Appends sent to the store in one call together with others",
+            m.store_combined_appends.clone(),
         );
         r.register(
             "store_fsync_seconds",

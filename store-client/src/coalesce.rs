@@ -85,6 +85,9 @@ async fn send(grpc: Grpc, batch: Vec<Waiting>) {
         }
         return;
     }
+    eventbus_runtime::metrics::metrics()
+        .store_combined_appends
+        .inc_by(batch.len() as u64);
     let combined: Vec<pb::EventRecord> = batch
         .iter()
         .flat_map(|w| w.events.iter().cloned())
