@@ -258,7 +258,7 @@ impl Log {
         let started = std::time::Instant::now();
         let mut list = segments::list(&dir)?;
         if list.is_empty() {
-            drop(segments::open_append(&dir, 0)?);
+            drop(segments::open_write(&dir, 0)?);
             list.push(0);
         }
         let mut dedupe = Dedupe::new(options.dedupe_window_ms, options.dedupe_max_ids);
@@ -441,7 +441,7 @@ impl Log {
         });
         let (jobs_tx, jobs_rx) = mpsc::channel(4096);
         let (committed_tx, committed_rx) = mpsc::channel(options.backbone_queue.max(1));
-        let file = segments::open_append(&dir, active)?;
+        let file = segments::open_write(&dir, active)?;
         let state = writer::Writer {
             shared: shared.clone(),
             segment_bytes: options.segment_bytes,
@@ -449,6 +449,9 @@ impl Log {
             since_checkpoint: 0,
             active,
             active_len,
+            // Recovery cut the segment to its last record.
+            zeroed_to: active_len,
+            zeros_failed: false,
             file,
             heads,
             created,

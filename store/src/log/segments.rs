@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::LogError;
 use super::record::{self, Record};
@@ -38,11 +38,14 @@ pub fn open_read(dir: &Path, segment: u32) -> Result<File, LogError> {
     File::open(&path).map_err(|err| LogError::io(&path, err))
 }
 
-pub fn open_append(dir: &Path, segment: u32) -> Result<File, LogError> {
+/// Opens (creating it if new) a segment for the writer, which writes at offsets it keeps itself
+/// (not in append mode: the segment may end in zeros written ahead, see `writer`).
+pub fn open_write(dir: &Path, segment: u32) -> Result<File, LogError> {
     let path = path_of(dir, segment);
     let file = OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(false)
+        .write(true)
         .open(&path)
         .map_err(|err| LogError::io(&path, err))?;
     // A new file's directory entry must be durable too, or a crash could lose the whole segment.
@@ -120,6 +123,13 @@ pub fn scan(
         }
     }
     if let Some(cause) = failure {
+        // Zeros from the last record to the end are the space the writer fills ahead (a crash or
+        // a kill left them): no torn write, nothing to warn about, cut all the same.
+        if is_last && data[offset..].iter().all(|&b| b == 0) {
+            debug!(segment = %path.display(), offset, zeros = data.len() - offset, "cutting the zeros written ahead off the log");
+            truncate(&path, offset as u64)?;
+            return Ok(offset as u64);
+        }
         if !is_last {
             return Err(LogError::Corrupt {
                 path,
@@ -143,15 +153,19 @@ pub fn scan(
             cause,
             "cutting a torn tail off the log"
         );
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|err| LogError::io(&path, err))?;
-        file.set_len(offset as u64)
-            .map_err(|err| LogError::io(&path, err))?;
-        file.sync_all().map_err(|err| LogError::io(&path, err))?;
+        truncate(&path, offset as u64)?;
     }
     Ok(offset as u64)
+}
+
+/// Cuts a segment to `len` bytes, durably (the size is metadata: `sync_all`).
+pub fn truncate(path: &Path, len: u64) -> Result<(), LogError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|err| LogError::io(path, err))?;
+    file.set_len(len).map_err(|err| LogError::io(path, err))?;
+    file.sync_all().map_err(|err| LogError::io(path, err))
 }
 
 /// The offset of the first whole, checksummed record at or after `from`, trying every byte.

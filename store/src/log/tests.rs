@@ -436,3 +436,60 @@ async fn each_publisher_creates_at_most_its_quota_of_channels_across_restarts() 
     ));
     log.close();
 }
+
+/// The active segment runs ahead of its last record with zeros (so that an fdatasync writes no
+/// new size); a kill leaves them, and the next start cuts them quietly and appends right after the
+/// last record. A segment sealed by a roll, and one closed cleanly, end exactly at their last
+/// record.
+#[tokio::test]
+async fn zeros_written_ahead_are_cut_and_sealed_segments_end_at_their_last_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || Options {
+        segment_bytes: 64 * 1024,
+        ..Options::new(dir.path().to_owned())
+    };
+    let len_of = |segment| {
+        std::fs::metadata(segments::path_of(dir.path(), segment))
+            .unwrap()
+            .len()
+    };
+    let (log, _) = Log::open(options()).unwrap();
+    for i in 0..10 {
+        log.append(vec![entry("z", &format!("z{i}"), None, false)])
+            .await
+            .unwrap();
+    }
+    let written = len_of(0);
+    assert!(written >= 64 * 1024 / 2, "zeros ahead: {written} bytes");
+    log.crash();
+
+    let (log, _) = Log::open(options()).unwrap();
+    assert_eq!(log.head("z"), 10);
+    let records = len_of(0);
+    assert!(records < 10 * 300, "cut to the records: {records} bytes");
+    assert!(segments::verify_prefix(dir.path(), 0, records).unwrap());
+    // On past the first segment's size: it is sealed at its last record.
+    for i in 10..600 {
+        log.append(vec![entry("z", &format!("z{i}"), None, false)])
+            .await
+            .unwrap();
+    }
+    assert!(segments::list(dir.path()).unwrap().len() > 1, "rolled");
+    let sealed = len_of(0);
+    assert!(sealed <= 64 * 1024 && segments::verify_prefix(dir.path(), 0, sealed).unwrap());
+    assert_eq!(log.head("z"), 600);
+    log.close();
+    let last = *segments::list(dir.path()).unwrap().last().unwrap();
+    assert!(
+        segments::verify_prefix(dir.path(), last, len_of(last)).unwrap(),
+        "a clean stop leaves exact files"
+    );
+
+    let (log, _) = Log::open(options()).unwrap();
+    assert_eq!(log.head("z"), 600);
+    assert_eq!(
+        seqs(&log.read("z", 0, 1000, false).await.unwrap()),
+        (1..=600).collect::<Vec<_>>()
+    );
+    log.close();
+}

@@ -1,9 +1,15 @@
 //! The single writer: takes every append waiting, assigns seqs, writes them with one `write`, makes
 //! them durable with one `fdatasync`, publishes them to the index, and only then answers.
+//!
+//! The active segment is kept filled with zeros a little ahead of its last record. A commit then
+//! writes over blocks the file already has, and its `fdatasync` flushes data only: appending
+//! instead grows the file, and every `fdatasync` must also write the new size (ext4 on this
+//! machine: 0.27 ms against 0.19 ms per sync). Recovery cuts the zeros like a torn tail; a sealed
+//! segment and a clean stop end exactly at the last record.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -19,6 +25,11 @@ use super::{Appended, Entry, LogError, Shared, segments};
 
 /// A group commit stops taking more work past this many bytes, to bound latency and memory.
 const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
+/// Zeros are kept at most this far ahead of the active segment's last record, written
+/// [`ZEROS_STEP`] at a time when fewer remain: the commit after a step flushes those zeros and the
+/// new size once, every 128 KiB of log.
+const ZEROS_AHEAD: u64 = 256 * 1024;
+const ZEROS_STEP: u64 = 128 * 1024;
 
 pub struct Job {
     pub entries: Vec<Entry>,
@@ -33,6 +44,11 @@ pub struct Writer {
     pub since_checkpoint: u64,
     pub active: u32,
     pub active_len: u64,
+    /// The active segment's length on disk: records up to `active_len`, zeros after.
+    pub zeroed_to: u64,
+    /// Writing zeros ahead failed (a full disk, say): not tried again in this segment, whose
+    /// appends grow the file instead.
+    pub zeros_failed: bool,
     pub file: File,
     pub heads: HashMap<String, u64>,
     /// Channels each publisher created, when they are limited.
@@ -78,6 +94,9 @@ impl Writer {
         #[cfg(test)]
         if self.shared.faults.crashed.load(Ordering::Acquire) {
             return;
+        }
+        if let Err(err) = self.seal() {
+            warn!(cause = %err, "cannot cut the zeros written ahead off the log; the next start does");
         }
         // A clean stop leaves a checkpoint, so the next start scans nothing.
         if let Err(err) = self.checkpoint() {
@@ -183,6 +202,7 @@ impl Writer {
         let base = self.active_len;
         self.active_len += buf.len() as u64;
         self.since_checkpoint += buf.len() as u64;
+        self.zero_ahead();
 
         {
             let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
@@ -292,13 +312,14 @@ impl Writer {
         if let Some(torn) = self.shared.faults.take_torn_write() {
             // A crash in the middle of the write: a prefix reached the file, nothing was synced.
             self.file
-                .write_all(&buf[..torn.min(buf.len())])
+                .write_all_at(&buf[..torn.min(buf.len())], self.active_len)
                 .map_err(|err| LogError::io(&path, err))?;
             return Err(LogError::io(&path, std::io::Error::other("injected crash")));
         }
         self.file
-            .write_all(buf)
+            .write_all_at(buf, self.active_len)
             .map_err(|err| LogError::io(&path, err))?;
+        self.zeroed_to = self.zeroed_to.max(self.active_len + buf.len() as u64);
         let started = std::time::Instant::now();
         let synced = self
             .file
@@ -310,10 +331,44 @@ impl Writer {
         synced
     }
 
+    /// Writes zeros ahead of the last record when fewer than half of [`ZEROS_AHEAD`] remain, up to
+    /// the segment's size. Best effort: a failure (a full disk) only costs speed, never a record.
+    fn zero_ahead(&mut self) {
+        static ZEROS: [u8; ZEROS_STEP as usize] = [0; ZEROS_STEP as usize];
+        let end = self.active_len;
+        let want = (end + ZEROS_AHEAD).min(self.segment_bytes);
+        if self.zeros_failed || self.zeroed_to >= end + ZEROS_AHEAD / 2 || self.zeroed_to >= want {
+            return;
+        }
+        let from = self.zeroed_to.max(end);
+        let len = (want - from).min(ZEROS_STEP) as usize;
+        match self.file.write_all_at(&ZEROS[..len], from) {
+            Ok(()) => self.zeroed_to = from + len as u64,
+            Err(err) => {
+                // Whatever part was written is zeros past the last record, as recovery expects.
+                debug!(cause = %err, segment = self.active, "cannot write zeros ahead; appends grow the segment");
+                self.zeros_failed = true;
+            }
+        }
+    }
+
+    /// Cuts the zeros written ahead off the active segment, durably: a sealed segment must end at
+    /// its last record (recovery reads sealed segments strictly), and a clean stop leaves exact
+    /// files.
+    fn seal(&mut self) -> Result<(), LogError> {
+        let path = segments::path_of(&self.shared.dir, self.active);
+        let io = |err| LogError::io(&path, err);
+        self.file.set_len(self.active_len).map_err(io)?;
+        self.file.sync_all().map_err(io)?;
+        self.zeroed_to = self.active_len;
+        Ok(())
+    }
+
     /// Seals the active segment (already durable) and begins the next one.
     fn roll(&mut self) -> Result<(), LogError> {
+        self.seal()?;
         let next = self.active + 1;
-        self.file = segments::open_append(&self.shared.dir, next)?;
+        self.file = segments::open_write(&self.shared.dir, next)?;
         let reader = segments::open_read(&self.shared.dir, next)?;
         self.shared
             .files
@@ -322,6 +377,8 @@ impl Writer {
             .insert(next, Arc::new(reader));
         self.active = next;
         self.active_len = 0;
+        self.zeroed_to = 0;
+        self.zeros_failed = false;
         self.shared
             .active
             .store(next, std::sync::atomic::Ordering::Release);
