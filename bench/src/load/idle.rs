@@ -47,7 +47,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &args.server,
             &tokens(&args.server, &http, channel).await?.client,
         ),
-        Target::Nats => ws_url(&args.server, ""),
+        Target::Nats | Target::Pusher => ws_url(&args.server, ""),
     };
     // Warm up: the first connections pay for buffers and tables every later one shares.
     let warm = Fleet::start(

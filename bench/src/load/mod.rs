@@ -23,6 +23,9 @@ pub enum Target {
     Eventbus,
     /// A plain nats-server with its WebSocket listener, published to over core NATS.
     Nats,
+    /// A Pusher-protocol server (Sockudo, Soketi): subscribers on `/app/{key}` (protocol 7),
+    /// events published one per signed `POST /apps/{id}/events`.
+    Pusher,
 }
 
 /// Where the servers are and how to get in.
@@ -45,6 +48,16 @@ pub struct Server {
     /// NATS: its WebSocket listener.
     #[arg(long, default_value = "ws://127.0.0.1:8443")]
     pub nats_ws_url: String,
+    /// Pusher: the server's base URL (HTTP API and WebSocket).
+    #[arg(long, default_value = "http://127.0.0.1:6001")]
+    pub pusher_url: String,
+    /// Pusher: the app's id, key and secret (as configured in the server).
+    #[arg(long, default_value = "bench-app")]
+    pub pusher_app_id: String,
+    #[arg(long, default_value = "bench-key")]
+    pub pusher_key: String,
+    #[arg(long, default_value = "bench-secret")]
+    pub pusher_secret: String,
     /// Subscriber processes (one process holds at most ~20,000 open files).
     #[arg(long, default_value_t = 2)]
     pub procs: usize,
@@ -145,6 +158,7 @@ impl Fleet {
                     match server.target {
                         Target::Eventbus => "eventbus",
                         Target::Nats => "nats",
+                        Target::Pusher => "pusher",
                     },
                     "--ws-url",
                     ws_url,
@@ -324,6 +338,11 @@ pub fn emit(value: &Value, out: Option<&std::path::Path>) -> anyhow::Result<()> 
 pub fn ws_url(server: &Server, token: &str) -> String {
     match server.target {
         Target::Nats => server.nats_ws_url.clone(),
+        Target::Pusher => format!(
+            "{}/app/{}?protocol=7&client=bench&version=1.0",
+            server.pusher_url.replacen("http", "ws", 1),
+            server.pusher_key
+        ),
         Target::Eventbus => {
             let base = server.gateway_url.as_deref().unwrap_or(&server.url);
             format!("{}/v1/ws?token={token}", base.replacen("http", "ws", 1))

@@ -152,8 +152,13 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// The sequence number and send time of a frame of the load tool: `"seq":` (eventbus, the
 /// store's number) or `"n":` (NATS, the publisher's count), and `"t":` in the event data.
 pub fn parse_payload(text: &[u8], counter: &[u8]) -> Option<(u64, u64)> {
+    parse_numbers(text, counter, b"\"t\":")
+}
+
+/// The numbers after `counter` and after `time` in `text`.
+fn parse_numbers(text: &[u8], counter: &[u8], time: &[u8]) -> Option<(u64, u64)> {
     let seq = number_at(text, find(text, counter)? + counter.len())?;
-    let t = number_at(text, find(text, b"\"t\":")? + 4)?;
+    let t = number_at(text, find(text, time)? + time.len())?;
     Some((seq, t))
 }
 
@@ -213,6 +218,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let result = match args.target {
                 Target::Eventbus => eventbus_connection(&args, &totals, &opening, &ready).await,
                 Target::Nats => nats_connection(&args, &totals, &opening, &ready).await,
+                Target::Pusher => pusher_connection(&args, &totals, &opening, &ready).await,
             };
             if let Err(err) = result {
                 let _ = ready.send(Err(err)).await;
@@ -299,6 +305,65 @@ async fn eventbus_connection(
                 if let Some((seq, sent)) = parse_payload(text.as_bytes(), b"\"seq\":") {
                     order.see(seq, totals);
                     totals.record(sent, now);
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                totals.closed_with(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(_) => {
+                totals.closed_with(1006);
+                return Ok(());
+            }
+        }
+    }
+    totals.closed_with(1006);
+    Ok(())
+}
+
+/// A Pusher client (protocol 7), as pusher-js runs one: the connection's welcome, a subscribe, then
+/// events whose `data` is JSON text (so its numbers appear escaped); pings are answered.
+async fn pusher_connection(
+    args: &Args,
+    totals: &Totals,
+    opening: &Semaphore,
+    ready: &tokio::sync::mpsc::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let permit = opening.acquire().await?;
+    let (mut ws, _) = connect(&args.ws_url).await?;
+    let welcome = ws.next().await.context("closed before the welcome")??;
+    if !welcome
+        .to_text()
+        .unwrap_or("")
+        .contains("pusher:connection_established")
+    {
+        bail!("expected pusher:connection_established, got {welcome:?}");
+    }
+    if args.subscribe {
+        let subscribe =
+            serde_json::json!({"event": "pusher:subscribe", "data": {"channel": args.channel}});
+        ws.send(Message::text(subscribe.to_string())).await?;
+        let answer = ws.next().await.context("closed before subscribed")??;
+        let text = answer.to_text().unwrap_or("");
+        if !text.contains("pusher_internal:subscription_succeeded") {
+            bail!("expected pusher_internal:subscription_succeeded, got {text}");
+        }
+    }
+    drop(permit);
+    ready.send(Ok(())).await?;
+    let mut order = Order { last: 0 };
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) => {
+                let now = now_ns();
+                let bytes = text.as_bytes();
+                if let Some((n, sent)) = parse_numbers(bytes, br#"\"n\":"#, br#"\"t\":"#) {
+                    order.see(n, totals);
+                    totals.record(sent, now);
+                } else if find(bytes, b"pusher:ping").is_some() {
+                    ws.send(Message::text(r#"{"event":"pusher:pong","data":{}}"#))
+                        .await?;
                 }
             }
             Ok(Message::Close(frame)) => {
@@ -412,6 +477,12 @@ mod tests {
         );
         assert_eq!(parse_payload(br#"{"n":7,"t":9}"#, b"\"n\":"), Some((7, 9)));
         assert_eq!(parse_payload(br#"{"n":7}"#, b"\"n\":"), None);
+        // A Pusher event: the payload is JSON text inside `data`.
+        let pusher = br#"{"event":"bench.tick","channel":"bench","data":"{\"op\":\"event\",\"event\":{\"n\":3,\"data\":{\"t\":99,\"pad\":\"x\"}}}"}"#;
+        assert_eq!(
+            parse_numbers(pusher, br#"\"n\":"#, br#"\"t\":"#),
+            Some((3, 99))
+        );
     }
 
     #[test]
