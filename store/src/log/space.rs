@@ -2,7 +2,7 @@
 //! the file system holding the log has less than `min_free` bytes available, and accepted again by
 //! themselves once space is freed. The free space is read (statvfs) at most every
 //! [`REFRESH`], and in between lowered by what each admitted append brings, so a burst between two
-//! readings cannot run past the watermark unnoticed.
+//! readings cannot run past the watermark unnoticed; an append is refused only on a fresh reading.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +51,10 @@ impl Watch {
         {
             return; // another caller is reading it
         }
+        self.read();
+    }
+
+    fn read(&self) {
         // A file system that cannot tell is not refused for it.
         let free = rustix::fs::statvfs(&self.dir)
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
@@ -76,7 +80,13 @@ impl Watch {
             return Ok(());
         }
         self.refresh();
-        let free = self.free.load(Ordering::Acquire);
+        let mut free = self.free.load(Ordering::Acquire);
+        if free < self.min_free.saturating_add(bytes) {
+            // The estimate errs low (an append written over the zeros the writer keeps ahead takes
+            // no new space): refuse only on a reading, so that readiness, which reads too, agrees.
+            self.read();
+            free = self.free.load(Ordering::Acquire);
+        }
         if free < self.min_free.saturating_add(bytes) {
             self.refused.store(bytes, Ordering::Relaxed);
             return Err(LogError::LowSpace {
