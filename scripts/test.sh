@@ -33,11 +33,12 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # The end-to-end suite once more with the store's log on PostgreSQL (each test cluster starts a
 # PostgreSQL of its own): both engines keep the same promises to clients. `--workspace` as above, so
 # that features resolve the same and the test binaries are reused rather than built a second time.
-EVENTBUS_TEST_ENGINE=postgres cargo test --workspace --locked \
+EVENTBUS_TEST_ENGINE=postgres cargo test --workspace --locked --no-fail-fast \
   --test end_to_end --test sse --test groups --test groups_ws --test snapshots --test channels \
   --test cloudevents --test least_privilege --test webhooks --test presence --test retention \
   --test gateways --test bad_input --test hooks_takeover "$@" 2>&1 | tee -a "$log" || status=1
