@@ -237,6 +237,77 @@ async fn a_refresh_is_a_new_grant_and_snapshots_are_written_by_services() {
 }
 
 /// A receiver on loopback that records what it is sent; `status` is what it answers.
+
+/// A refresh that narrows the grant in the middle of a long catch-up ends that subscription at
+/// once: after its `forbidden` frame, not one more event of the channel, though most of its
+/// history was still to be read; the channel still allowed goes on.
+#[tokio::test]
+async fn a_narrowing_refresh_stops_a_catch_up_in_progress() {
+    use eventbus_testkit::ws::Ws;
+    let bus = AllInOne::start(false).await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    for round in 0..20 {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| json!({"channel": "vault", "type": "t", "data": round * 1000 + i}))
+            .collect();
+        assert_eq!(
+            api.publish(&service, &Value::Array(batch)).await.status,
+            200
+        );
+    }
+    let client = |subscribe: Value| {
+        let auth = bus.endpoints.auth.clone();
+        async move {
+            auth.token(
+                Some(API_KEY_SECRET),
+                json!({"sub": "mallory", "subscribe": subscribe, "publish": []}),
+            )
+            .await
+        }
+    };
+    let both = client(json!(["vault", "lobby"])).await;
+    let lobby_only = client(json!(["lobby"])).await;
+    let (mut ws, _) = Ws::hello(&bus.endpoints.ws, &both).await;
+    ws.subscribe(json!({"channel": "lobby"})).await;
+    ws.subscribe(json!({"channel": "vault", "after": 0})).await;
+    assert_eq!(ws.events(1).await[0]["seq"], 1);
+    ws.send(json!({"op": "refresh", "token": lobby_only, "ref": "r"}))
+        .await;
+    // Pages already written may arrive first, in order; then the subscription ends.
+    let mut last = 1;
+    loop {
+        let frame = ws.recv().await;
+        if frame["op"] == "event" {
+            assert_eq!(frame["event"]["seq"], last + 1, "{frame}");
+            last += 1;
+            continue;
+        }
+        assert_eq!(
+            (&frame["op"], &frame["code"], &frame["channel"]),
+            (&json!("error"), &json!("forbidden"), &json!("vault")),
+            "{frame}"
+        );
+        break;
+    }
+    assert!(
+        last < 20_000,
+        "the whole history was sent before the refresh was read"
+    );
+    assert_eq!(ws.recv().await["op"], "refreshed");
+    let answer = api
+        .publish(&service, &json!({"channel": "lobby", "type": "t"}))
+        .await;
+    assert_eq!(answer.status, 200);
+    let next = ws.recv().await;
+    assert_eq!(
+        next["event"]["channel"], "lobby",
+        "nothing more of vault: {next}"
+    );
+    ws.send(json!({"op": "ping"})).await;
+    assert_eq!(ws.recv().await["op"], "pong");
+    bus.stop().await;
+}
 async fn receiver(
     status: u16,
     location: Option<String>,
