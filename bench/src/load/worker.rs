@@ -298,13 +298,34 @@ async fn eventbus_connection(
     }
     drop(permit);
     ready.send(Ok(())).await?;
+    receive(ws, order, totals, b"\"seq\":", b"\"t\":", None).await
+}
+
+/// Reads text frames until the connection ends, checking the order of and timing every event
+/// found in them (its counter after `counter`, its send time after `time`), and answering a frame
+/// that contains `ping.0` with `ping.1`.
+async fn receive(
+    mut ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    mut order: Order,
+    totals: &Totals,
+    counter: &[u8],
+    time: &[u8],
+    ping: Option<(&[u8], &'static str)>,
+) -> anyhow::Result<()> {
     while let Some(message) = ws.next().await {
         match message {
             Ok(Message::Text(text)) => {
                 let now = now_ns();
-                if let Some((seq, sent)) = parse_payload(text.as_bytes(), b"\"seq\":") {
-                    order.see(seq, totals);
+                let bytes = text.as_bytes();
+                if let Some((n, sent)) = parse_numbers(bytes, counter, time) {
+                    order.see(n, totals);
                     totals.record(sent, now);
+                } else if let Some((asked, answer)) = ping
+                    && find(bytes, asked).is_some()
+                {
+                    ws.send(Message::text(answer)).await?;
                 }
             }
             Ok(Message::Close(frame)) => {
@@ -352,33 +373,15 @@ async fn pusher_connection(
     }
     drop(permit);
     ready.send(Ok(())).await?;
-    let mut order = Order { last: 0 };
-    while let Some(message) = ws.next().await {
-        match message {
-            Ok(Message::Text(text)) => {
-                let now = now_ns();
-                let bytes = text.as_bytes();
-                if let Some((n, sent)) = parse_numbers(bytes, br#"\"n\":"#, br#"\"t\":"#) {
-                    order.see(n, totals);
-                    totals.record(sent, now);
-                } else if find(bytes, b"pusher:ping").is_some() {
-                    ws.send(Message::text(r#"{"event":"pusher:pong","data":{}}"#))
-                        .await?;
-                }
-            }
-            Ok(Message::Close(frame)) => {
-                totals.closed_with(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
-                return Ok(());
-            }
-            Ok(_) => {}
-            Err(_) => {
-                totals.closed_with(1006);
-                return Ok(());
-            }
-        }
-    }
-    totals.closed_with(1006);
-    Ok(())
+    receive(
+        ws,
+        Order { last: 0 },
+        totals,
+        br#"\"n\":"#,
+        br#"\"t\":"#,
+        Some((b"pusher:ping", r#"{"event":"pusher:pong","data":{}}"#)),
+    )
+    .await
 }
 
 /// A NATS client over WebSocket, as a browser would run one: the NATS text protocol in binary
