@@ -236,8 +236,6 @@ async fn a_refresh_is_a_new_grant_and_snapshots_are_written_by_services() {
     bus.stop().await;
 }
 
-/// A receiver on loopback that records what it is sent; `status` is what it answers.
-
 /// A refresh that narrows the grant in the middle of a long catch-up ends that subscription at
 /// once: after its `forbidden` frame, not one more event of the channel, though most of its
 /// history was still to be read; the channel still allowed goes on.
@@ -308,6 +306,7 @@ async fn a_narrowing_refresh_stops_a_catch_up_in_progress() {
     assert_eq!(ws.recv().await["op"], "pong");
     bus.stop().await;
 }
+/// A receiver on loopback that records what it is sent; `status` is what it answers.
 async fn receiver(
     status: u16,
     location: Option<String>,
