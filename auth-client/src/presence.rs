@@ -5,7 +5,7 @@
 //! report on the resync topic, and the gateway sends one at once. [`decode_report`] is the rule a
 //! listener applies to what it receives.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,7 +219,9 @@ async fn report_loop(
     mut rx: mpsc::UnboundedReceiver<Change>,
 ) {
     let ttl_s = ttl.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
-    let mut current: HashMap<(String, String), Entry> = HashMap::new();
+    // Each membership joins and leaves with the same entry, so the entry is its own key (keyed
+    // apart, connection and channel were stored twice: 15k subscribers' worth of strings).
+    let mut current: HashSet<Entry> = HashSet::new();
     let (mut joined, mut left): (Vec<Entry>, Vec<Entry>) = (Vec::new(), Vec::new());
     let mut full = true;
     let mut failing = false;
@@ -242,7 +244,7 @@ async fn report_loop(
                 while let Some(change) = next {
                     match change {
                         Change::Joined(e) => {
-                            current.insert((e.connection.clone(), e.channel.clone()), e.clone());
+                            current.insert(e.clone());
                             // Left and joined again before a report: the listeners' view stays right.
                             match left.iter().position(|l| *l == e) {
                                 Some(i) => { left.swap_remove(i); }
@@ -250,7 +252,7 @@ async fn report_loop(
                             }
                         }
                         Change::Left(e) => {
-                            current.remove(&(e.connection.clone(), e.channel.clone()));
+                            current.remove(&e);
                             // A join not yet reported cancels out.
                             match joined.iter().position(|j| *j == e) {
                                 Some(i) => { joined.swap_remove(i); }
@@ -281,7 +283,7 @@ async fn report_loop(
         }
         let (all_joined, all_left): (Vec<pb::PresenceEntry>, Vec<pb::PresenceEntry>) = if full {
             (
-                current.values().cloned().map(Into::into).collect(),
+                current.iter().cloned().map(Into::into).collect(),
                 Vec::new(),
             )
         } else {

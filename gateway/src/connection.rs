@@ -19,14 +19,15 @@ use eventbus_router::pattern::is_pattern;
 use futures_util::SinkExt;
 use serde_json::json;
 use serde_json::value::RawValue;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::Gateway;
 use crate::follow::{self, Follow, Missed, Start, Step};
 use crate::frames::{self, FrameError, Request};
-use crate::hub::{Interest, Live, Mailbox};
+use crate::hub::{Interest, Live};
+use crate::mailbox::{Inbox, Mailbox};
 use eventbus_runtime::metrics::metrics;
 
 /// Close codes of the protocol.
@@ -116,7 +117,7 @@ struct Sub {
     kind: Kind,
     /// Its position in each channel (one for a channel subscription; a pattern's or a group's
     /// grow as their channels appear).
-    positions: HashMap<String, Follow>,
+    positions: Positions,
     /// Live events from the hub (none for a durable group: the store hands those out).
     _interest: Option<Interest>,
     /// Boxed: most subscriptions are not in a durable group, and the member's state is large.
@@ -124,6 +125,50 @@ struct Sub {
     _counted: Counted,
     /// Channel subscriptions count in presence until they end.
     _presence: Option<eventbus_auth_client::presence::Membership>,
+}
+
+/// A subscription's position in each of its channels. A channel subscription, the common case
+/// and every connection's inbox, has one: kept inline, without a map's first allocation (room for
+/// four) and a second copy of the name (300 bytes of every idle connection's two).
+enum Positions {
+    /// The subscription's own channel (its name).
+    One(Option<Follow>),
+    Many(HashMap<String, Follow>),
+}
+
+impl Sub {
+    fn position(&self, channel: &str) -> Option<Follow> {
+        match &self.positions {
+            Positions::One(position) => position.filter(|_| channel == self.name),
+            Positions::Many(positions) => positions.get(channel).copied(),
+        }
+    }
+
+    fn position_mut(&mut self, channel: &str) -> Option<&mut Follow> {
+        match &mut self.positions {
+            Positions::One(position) if channel == self.name => position.as_mut(),
+            Positions::One(_) => None,
+            Positions::Many(positions) => positions.get_mut(channel),
+        }
+    }
+
+    fn set_position(&mut self, channel: &str, position: Follow) {
+        match &mut self.positions {
+            Positions::One(own) if channel == self.name => *own = Some(position),
+            // Not expected (only a channel subscription starts with one), but kept right.
+            Positions::One(own) => {
+                let mut positions = HashMap::new();
+                if let Some(own) = own {
+                    positions.insert(self.name.clone(), *own);
+                }
+                positions.insert(channel.to_owned(), position);
+                self.positions = Positions::Many(positions);
+            }
+            Positions::Many(positions) => {
+                positions.insert(channel.to_owned(), position);
+            }
+        }
+    }
 }
 
 /// A subscription reading what it misses of one channel from the log: a channel subscription's
@@ -154,153 +199,172 @@ struct Conn {
     verified: Option<Verified>,
     /// Boxed entries: a map's first allocation holds four of them, and every connection has at
     /// least its inbox subscription (with entries inline that was 2.8 KiB per idle connection).
+    /// Found by name with a scan: at most EVENTBUS_GATEWAY_MAX_SUBSCRIPTIONS of them, and a map
+    /// by name was 200 bytes of every idle connection.
     subs: HashMap<u64, Box<Sub>>,
-    by_name: HashMap<String, u64>,
     next_sub: u64,
     /// Catch-ups in progress, oldest first (empty, and unallocated, on most connections).
     catching: VecDeque<CatchUp>,
     mailbox: Mailbox,
-    slow: Arc<Notify>,
     /// Acks of publishes, answered by their own tasks. Made at the first publish: most
     /// connections never publish, and a channel costs about 1 KiB.
     answers: Option<mpsc::UnboundedSender<String>>,
     answered: Option<mpsc::UnboundedReceiver<String>>,
-    publishes: Arc<Semaphore>,
+    /// Publishes in flight, at most [`MAX_PUBLISHES_IN_FLIGHT`]. Made at the first publish too.
+    publishes: Option<Arc<Semaphore>>,
     /// Events as bare CloudEvents (the `cloudevents.json` subprotocol).
     cloudevents: bool,
     /// This connection's place among its identity's connections (released when it ends).
     _slot: Option<crate::identities::Slot>,
 }
 
-pub async fn serve(
+pub fn serve(
     gw: Arc<Gateway>,
     socket: WebSocket,
     pre_authenticated: Option<Verified>,
     cloudevents: bool,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let id = format!(
         "{}-{}",
         gw.id,
         gw.next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let (tx, mut live) = mpsc::channel(gw.queue_len);
-    let slow = Arc::new(Notify::new());
-    let mut conn = Conn {
-        gw: gw.clone(),
-        id: id.clone(),
+    let (mailbox, live) = crate::mailbox::mailbox(gw.queue_len);
+    let conn = Conn {
+        gw,
+        id,
         socket,
         verified: None,
         subs: HashMap::new(),
-        by_name: HashMap::new(),
         next_sub: 1,
         catching: VecDeque::new(),
-        mailbox: Mailbox {
-            tx,
-            slow: slow.clone(),
-        },
-        slow: slow.clone(),
+        mailbox,
         answers: None,
         answered: None,
-        publishes: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+        publishes: None,
         cloudevents,
         _slot: None,
     };
-    debug!(connection = %id, "connection opened");
-    let _open = Counted::new(&metrics().connections);
-    let hello_deadline = Instant::now() + gw.hello_timeout;
-    let shutdown = gw.shutdown.wait();
-    tokio::pin!(shutdown);
+    // Built here, not in an async fn, for the reason given at `run`.
+    conn.run(live, pre_authenticated)
+}
 
-    let mut ending = match pre_authenticated {
-        // Everything fed must be flushed before waiting: a read does not reliably push it out.
-        Some(verified) => match Box::pin(conn.authenticate(verified, None)).await {
-            Ok(()) => conn.flush().await.err(),
-            Err(end) => Some(end),
-        },
-        None => None,
-    };
-    // Heartbeats: a ping every interval; a peer not heard from for two intervals is gone (a dead
-    // network path never says so itself).
-    let mut heartbeat =
-        tokio::time::interval_at(Instant::now() + gw.ping_interval, gw.ping_interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let timer = tokio::time::sleep_until(hello_deadline);
-    tokio::pin!(timer);
-    let mut timer_for = None;
-    // Whether a pending catch-up goes before live events this turn: they alternate, so that
-    // neither a long history nor a busy channel starves the other.
-    let mut catch_up_first = true;
-    while ending.is_none() {
-        // One timer for the connection's life, moved only when the token changes: a fresh timer
-        // per wake-up would cost a timer-wheel insert and removal for every event delivered.
-        let expires_at = conn.verified.as_ref().map(|v| v.expires_at);
-        if expires_at != timer_for {
-            timer_for = expires_at;
-            let deadline = match expires_at {
-                Some(at) => Instant::now() + Duration::from_secs(at.saturating_sub(now_s())),
-                None => hello_deadline,
+impl Conn {
+    // Not an async fn: an async fn's arguments are copied into its body, and both copies stay in
+    // its future; an async block uses what it captures in place (the connection's state is 688
+    // bytes of every idle connection's task).
+    #[allow(clippy::manual_async_fn)]
+    fn run(
+        mut self,
+        mut live: Inbox,
+        pre_authenticated: Option<Verified>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let conn = &mut self;
+            let gw = conn.gw.clone();
+            debug!(connection = %conn.id, "connection opened");
+            let _open = Counted::new(&metrics().connections);
+            let shutdown = gw.shutdown.wait();
+            tokio::pin!(shutdown);
+
+            let mut ending = match pre_authenticated {
+                // Everything fed must be flushed before waiting: a read does not reliably push it out.
+                Some(verified) => match Box::pin(conn.authenticate(verified, None)).await {
+                    Ok(()) => conn.flush().await.err(),
+                    Err(end) => Some(end),
+                },
+                None => None,
             };
-            timer.as_mut().reset(deadline);
-        }
-        let step = tokio::select! {
-            biased;
-            _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
-            _ = slow.notified() => Err(slow_consumer()),
-            _ = &mut timer => Err(Box::pin(conn.expired()).await),
-            message = conn.socket.recv() => {
-                last_heard = Instant::now();
-                // Boxed: handling a request awaits store and auth calls whose futures are large,
-                // and inline they would sit in every idle connection's task for its whole life.
-                Box::pin(conn.on_message(message)).await
-            }
-            _ = heartbeat.tick() => {
-                if last_heard.elapsed() > 2 * gw.ping_interval {
-                    debug!(connection = %conn.id, "peer silent for two ping intervals, dropped");
-                    Err(Ending::Gone)
-                } else {
-                    conn.ping().await
+            // One timer for the connection's life, for two deadlines: the hello's (then the token's
+            // expiry), and the next heartbeat. A ping goes out every interval; a peer not heard from
+            // for two intervals is gone (a dead network path never says so itself). The timer is
+            // moved only when a deadline changes: a fresh one per wake-up would cost a timer-wheel
+            // insert and removal for every event delivered.
+            let mut expiry = Instant::now() + gw.hello_timeout;
+            let mut expiry_for = None;
+            let mut next_ping = Instant::now() + gw.ping_interval;
+            let mut last_heard = Instant::now();
+            let timer = tokio::time::sleep_until(expiry.min(next_ping));
+            tokio::pin!(timer);
+            // Whether a pending catch-up goes before live events this turn: they alternate, so that
+            // neither a long history nor a busy channel starves the other.
+            let mut catch_up_first = true;
+            while ending.is_none() {
+                let expires_at = conn.verified.as_ref().map(|v| v.expires_at);
+                if expires_at != expiry_for {
+                    expiry_for = expires_at;
+                    if let Some(at) = expires_at {
+                        expiry = Instant::now() + Duration::from_secs(at.saturating_sub(now_s()));
+                    }
                 }
-            }
-            _ = std::future::ready(()), if catch_up_first && !conn.catching.is_empty() => {
-                catch_up_first = false;
-                Box::pin(conn.catch_up_turn()).await
-            }
-            Some(first) = live.recv() => {
-                catch_up_first = true;
-                conn.on_live_batch(first, &mut live).await
-            }
-            Some(answer) = async {
-                match conn.answered.as_mut() {
-                    Some(answered) => answered.recv().await,
-                    None => std::future::pending().await,
+                let due = expiry.min(next_ping);
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
                 }
-            } => conn.send_answers(answer).await,
-            _ = std::future::ready(()), if !conn.catching.is_empty() => {
-                catch_up_first = false;
-                Box::pin(conn.catch_up_turn()).await
+                let step = tokio::select! {
+                    biased;
+                    _ = &mut shutdown => Err(closing(close::GOING_AWAY, "server shutting down, reconnect")),
+                    _ = conn.mailbox.slow() => Err(slow_consumer()),
+                    _ = &mut timer => {
+                        let now = Instant::now();
+                        if now >= expiry {
+                            Err(Box::pin(conn.expired()).await)
+                        } else if last_heard.elapsed() > 2 * gw.ping_interval {
+                            debug!(connection = %conn.id, "peer silent for two ping intervals, dropped");
+                            Err(Ending::Gone)
+                        } else {
+                            next_ping = now + gw.ping_interval;
+                            conn.ping().await
+                        }
+                    }
+                    message = conn.socket.recv() => {
+                        last_heard = Instant::now();
+                        // Boxed: handling a request awaits store and auth calls whose futures are
+                        // large, and inline they would sit in every idle connection's task for its
+                        // whole life.
+                        Box::pin(conn.on_message(message)).await
+                    }
+                    _ = std::future::ready(()), if catch_up_first && !conn.catching.is_empty() => {
+                        catch_up_first = false;
+                        Box::pin(conn.catch_up_turn()).await
+                    }
+                    first = live.recv() => {
+                        catch_up_first = true;
+                        conn.on_live_batch(first, &mut live).await
+                    }
+                    Some(answer) = async {
+                        match conn.answered.as_mut() {
+                            Some(answered) => answered.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => conn.send_answers(answer).await,
+                    _ = std::future::ready(()), if !conn.catching.is_empty() => {
+                        catch_up_first = false;
+                        Box::pin(conn.catch_up_turn()).await
+                    }
+                };
+                let step = match step {
+                    Ok(()) => conn.flush().await,
+                    Err(end) => Err(end),
+                };
+                ending = step.err();
             }
-        };
-        let step = match step {
-            Ok(()) => conn.flush().await,
-            Err(end) => Err(end),
-        };
-        ending = step.err();
-    }
-    if let Some(Ending::Close(code, reason)) = ending {
-        if code == close::SLOW_CONSUMER {
-            metrics().slow_consumer_closes.inc();
+            if let Some(Ending::Close(code, reason)) = ending {
+                if code == close::SLOW_CONSUMER {
+                    metrics().slow_consumer_closes.inc();
+                }
+                debug!(connection = %conn.id, code, reason = %reason, "closing connection");
+                let frame = Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from(reason),
+                }));
+                // A stalled peer cannot take even the close frame: give up after a moment.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.socket.send(frame)).await;
+            }
+            debug!(connection = %conn.id, "connection ended");
         }
-        debug!(connection = %id, code, reason = %reason, "closing connection");
-        let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason),
-        }));
-        // A stalled peer cannot take even the close frame: give up after a moment.
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.socket.send(frame)).await;
     }
-    debug!(connection = %id, "connection ended");
 }
 
 impl Conn {
@@ -309,7 +373,7 @@ impl Conn {
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), Ending> {
         tokio::select! {
             written = self.socket.feed(Message::Text(text)) => written.map_err(|_| Ending::Gone),
-            _ = self.slow.notified() => Err(slow_consumer()),
+            _ = self.mailbox.slow() => Err(slow_consumer()),
         }
     }
 
@@ -329,14 +393,14 @@ impl Conn {
     async fn ping(&mut self) -> Result<(), Ending> {
         tokio::select! {
             written = self.socket.feed(Message::Ping(bytes::Bytes::new())) => written.map_err(|_| Ending::Gone),
-            _ = self.slow.notified() => Err(slow_consumer()),
+            _ = self.mailbox.slow() => Err(slow_consumer()),
         }
     }
 
     async fn flush(&mut self) -> Result<(), Ending> {
         tokio::select! {
             flushed = self.socket.flush() => flushed.map_err(|_| Ending::Gone),
-            _ = self.slow.notified() => Err(slow_consumer()),
+            _ = self.mailbox.slow() => Err(slow_consumer()),
         }
     }
 
@@ -479,9 +543,8 @@ impl Conn {
                 Err(NotSubscribed::Ended(ending)) => Err(ending),
                 Err(NotSubscribed::Refused(refused)) => self.refuse(refused, reference).await,
             },
-            Request::Unsubscribe { channel } => match self.by_name.remove(&channel) {
-                Some(id) => {
-                    self.subs.remove(&id);
+            Request::Unsubscribe { channel } => match self.remove_named(&channel) {
+                Some(_) => {
                     self.send(
                         frames::with_ref(
                             json!({"op": "unsubscribed", "channel": channel}),
@@ -574,8 +637,9 @@ impl Conn {
         }
         // A refresh is a new grant: what the new token no longer allows ends now.
         let mut revoked: Vec<(String, String)> = self
-            .by_name
-            .keys()
+            .subs
+            .values()
+            .map(|sub| &sub.name)
             .filter_map(|name| {
                 fresh
                     .grant
@@ -586,9 +650,7 @@ impl Conn {
             .collect();
         revoked.sort();
         for (name, why) in revoked {
-            if let Some(id) = self.by_name.remove(&name) {
-                self.subs.remove(&id);
-            }
+            self.remove_named(&name);
             self.refuse(
                 FrameError::new(
                     "forbidden",
@@ -655,7 +717,11 @@ impl Conn {
                 .await;
         }
         // Waiting here (when 64 publishes are already in flight) stops reading from this client only.
-        let Ok(permit) = self.publishes.clone().acquire_owned().await else {
+        let publishes = self
+            .publishes
+            .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)))
+            .clone();
+        let Ok(permit) = publishes.acquire_owned().await else {
             return Err(Ending::Gone);
         };
         let store = self.gw.store.clone();
@@ -705,10 +771,7 @@ impl Conn {
             return refuse(denied.code(), denied.to_string());
         }
         // The inbox is not counted: it is the connection's own.
-        if announce
-            && !self.by_name.contains_key(name)
-            && self.by_name.len() > self.gw.max_subscriptions
-        {
+        if announce && !self.holds(name) && self.subs.len() > self.gw.max_subscriptions {
             return refuse(
                 "too_many_subscriptions",
                 format!(
@@ -736,9 +799,7 @@ impl Conn {
             );
         }
         // A second subscribe to the same name replaces the first.
-        if let Some(old) = self.by_name.remove(name) {
-            self.subs.remove(&old);
-        }
+        remove_named(&mut self.subs, name);
         let id = self.next_sub;
         self.next_sub += 1;
         let interest = match self
@@ -758,7 +819,10 @@ impl Conn {
         let mut sub = Sub {
             name: name.to_owned(),
             kind,
-            positions: HashMap::new(),
+            positions: match kind {
+                Kind::Channel => Positions::One(None),
+                _ => Positions::Many(HashMap::new()),
+            },
             _interest: Some(interest),
             durable: None,
             _counted: Counted::new(&metrics().subscriptions),
@@ -791,7 +855,7 @@ impl Conn {
                     return Err(NotSubscribed::Refused(truncated(name, first)));
                 }
             };
-            sub.positions.insert(name.to_owned(), position);
+            sub.set_position(name, position);
             head = Some(now);
             // The implicit inbox subscription (not announced) is nobody's business.
             if announce {
@@ -805,7 +869,6 @@ impl Conn {
             }
         }
         self.subs.insert(id, Box::new(sub));
-        self.by_name.insert(name.to_owned(), id);
         if announce {
             let answer = json!({"op": "subscribed", "channel": name, "head": head});
             self.send(frames::with_ref(answer, reference).into())
@@ -825,6 +888,15 @@ impl Conn {
 
     /// Where frames made by other tasks (publish acks, durable group events) wait to be written.
     /// Made at first use: most connections never need it, and a channel costs about 1 KiB.
+    fn holds(&self, name: &str) -> bool {
+        self.subs.values().any(|sub| sub.name == name)
+    }
+
+    /// Ends the subscription of that name, if there is one.
+    fn remove_named(&mut self, name: &str) -> Option<Box<Sub>> {
+        remove_named(&mut self.subs, name)
+    }
+
     fn outbox(&mut self) -> mpsc::UnboundedSender<String> {
         match &self.answers {
             Some(answers) => answers.clone(),
@@ -870,7 +942,7 @@ impl Conn {
         if let Err(err) = eventbus_model::names::validate_group(&group) {
             return refuse("invalid_frame", format!("a group's name {err}"));
         }
-        if !self.by_name.contains_key(name) && self.by_name.len() > self.gw.max_subscriptions {
+        if !self.holds(name) && self.subs.len() > self.gw.max_subscriptions {
             return refuse(
                 "too_many_subscriptions",
                 format!(
@@ -913,9 +985,7 @@ impl Conn {
                 other => refuse("unavailable", format!("cannot join the group now: {other}")),
             };
         }
-        if let Some(old) = self.by_name.remove(name) {
-            self.subs.remove(&old);
-        }
+        self.remove_named(name);
         let id = self.next_sub;
         self.next_sub += 1;
         let member = format!("{}/{id}", self.member_prefix());
@@ -923,7 +993,7 @@ impl Conn {
         let sub = Sub {
             name: name.to_owned(),
             kind: Kind::Durable,
-            positions: HashMap::new(),
+            positions: Positions::Many(HashMap::new()),
             _interest: None,
             durable: Some(Box::new(crate::durable::Member::start(
                 self.gw.store.clone(),
@@ -935,7 +1005,6 @@ impl Conn {
             _presence: None,
         };
         self.subs.insert(id, Box::new(sub));
-        self.by_name.insert(name.to_owned(), id);
         let answer = json!({"op": "subscribed", "channel": name, "group": group, "durable": true});
         self.send(frames::with_ref(answer, reference).into())
             .await?;
@@ -1019,7 +1088,7 @@ impl Conn {
         let Some(mut position) = self
             .subs
             .get(&job.sub)
-            .and_then(|sub| sub.positions.get(&job.channel).copied())
+            .and_then(|sub| sub.position(&job.channel))
         else {
             return Ok(Progress::Done);
         };
@@ -1077,7 +1146,7 @@ impl Conn {
             Err(Missed::Unreachable(err)) => return Err(self.store_failed(err).await),
         };
         if let Some(sub) = self.subs.get_mut(&job.sub) {
-            sub.positions.insert(job.channel.clone(), position);
+            sub.set_position(&job.channel, position);
         }
         Ok(progress)
     }
@@ -1085,9 +1154,7 @@ impl Conn {
     /// The range a subscription needs is no longer retained: it ends, and the client is told from
     /// where history is kept, so that it decides (resubscribe from there, or reload a snapshot).
     async fn drop_truncated(&mut self, id: u64, channel: &str, first: u64) -> Result<(), Ending> {
-        if let Some(sub) = self.subs.remove(&id) {
-            self.by_name.remove(&sub.name);
-        }
+        self.subs.remove(&id);
         let err = truncated(channel, first);
         self.send(frames::error(&err, None).into()).await
     }
@@ -1106,11 +1173,7 @@ impl Conn {
         )
     }
 
-    async fn on_live_batch(
-        &mut self,
-        first: Live,
-        queue: &mut mpsc::Receiver<Live>,
-    ) -> Result<(), Ending> {
+    async fn on_live_batch(&mut self, first: Live, queue: &mut Inbox) -> Result<(), Ending> {
         // Counted once per batch: a shared counter touched per frame would bounce between cores.
         let mut sent = 0;
         let mut outcome = self.on_live(first).await.map(|s| sent += u64::from(s));
@@ -1119,8 +1182,8 @@ impl Conn {
                 break;
             }
             match queue.try_recv() {
-                Ok(live) => outcome = self.on_live(live).await.map(|s| sent += u64::from(s)),
-                Err(_) => break,
+                Some(live) => outcome = self.on_live(live).await.map(|s| sent += u64::from(s)),
+                None => break,
             }
         }
         metrics().events_out.inc_by(sent);
@@ -1143,7 +1206,7 @@ impl Conn {
             job.upto = job.upto.max(delivery.seq);
             return Ok(false);
         }
-        let step = match sub.positions.get(&delivery.channel) {
+        let step = match sub.position(&delivery.channel) {
             // A pattern's or a group's first event of a channel: its position starts there.
             None => Step::Deliver,
             Some(position) => match (sub.kind, position.step(delivery.seq)) {
@@ -1174,8 +1237,7 @@ impl Conn {
                 // after: an event announced beyond the store's head is dropped (the refill
                 // counted it).
                 if sub
-                    .positions
-                    .get(&delivery.channel)
+                    .position(&delivery.channel)
                     .is_none_or(|p| p.step(delivery.seq) != Step::Deliver)
                 {
                     return Ok(false);
@@ -1189,13 +1251,19 @@ impl Conn {
         };
         self.send(frame).await?;
         if let Some(sub) = self.subs.get_mut(&live.subscription) {
-            sub.positions
-                .entry(delivery.channel.clone())
-                .and_modify(|p| p.delivered(delivery.seq))
-                .or_insert(Follow::at(delivery.seq));
+            match sub.position_mut(&delivery.channel) {
+                Some(position) => position.delivered(delivery.seq),
+                None => sub.set_position(&delivery.channel, Follow::at(delivery.seq)),
+            }
         }
         Ok(true)
     }
+}
+
+/// A function of the map alone, so that it can be called while the grant is borrowed.
+fn remove_named(subs: &mut HashMap<u64, Box<Sub>>, name: &str) -> Option<Box<Sub>> {
+    let id = *subs.iter().find(|(_, sub)| sub.name == name)?.0;
+    subs.remove(&id)
 }
 
 fn truncated(channel: &str, first: u64) -> FrameError {

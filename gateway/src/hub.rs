@@ -11,9 +11,10 @@ use axum::extract::ws::Utf8Bytes;
 use eventbus_model::event_frame;
 use eventbus_router::pattern::is_pattern;
 use eventbus_router::{Backbone, BackboneError};
-use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
+
+use crate::mailbox::{Mailbox, Offered};
 
 /// One event as every connection receives it: encoded once, shared by all.
 #[derive(Debug)]
@@ -30,13 +31,6 @@ pub struct Live {
     pub delivery: Arc<Delivery>,
 }
 
-/// A connection's end of the hub: its queue and its slow-consumer alarm.
-#[derive(Clone)]
-pub struct Mailbox {
-    pub tx: mpsc::Sender<Live>,
-    pub slow: Arc<Notify>,
-}
-
 #[derive(Clone)]
 struct Member {
     /// Unique in the hub (subscription ids are only unique within a connection).
@@ -48,17 +42,10 @@ struct Member {
 impl Member {
     /// Offers a delivery without waiting; false when the member's queue is full or gone.
     fn offer(&self, delivery: &Arc<Delivery>) -> bool {
-        match self.mailbox.tx.try_send(Live {
+        self.mailbox.offer(Live {
             subscription: self.subscription,
             delivery: delivery.clone(),
-        }) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.mailbox.slow.notify_one();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
+        }) == Offered::Queued
     }
 }
 
@@ -378,18 +365,12 @@ async fn tail_check(hub: std::sync::Weak<Inner>, interval: std::time::Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mailbox::Inbox;
     use eventbus_model::StoredEvent;
     use eventbus_router::InProcessBackbone;
 
-    fn mailbox() -> (Mailbox, mpsc::Receiver<Live>) {
-        let (tx, rx) = mpsc::channel(16);
-        (
-            Mailbox {
-                tx,
-                slow: Arc::new(Notify::new()),
-            },
-            rx,
-        )
+    fn mailbox() -> (Mailbox, Inbox) {
+        crate::mailbox::mailbox(16)
     }
 
     #[tokio::test]
@@ -413,7 +394,7 @@ mod tests {
             committed_ms: 0,
         };
         backbone.publish(&event).await.unwrap();
-        let (got_a, got_b) = (rx_a.recv().await.unwrap(), rx_b.recv().await.unwrap());
+        let (got_a, got_b) = (rx_a.recv().await, rx_b.recv().await);
         assert!(
             Arc::ptr_eq(&got_a.delivery, &got_b.delivery),
             "the frame is encoded once and shared"
@@ -433,7 +414,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            rx_b.recv().await.unwrap().delivery.seq,
+            rx_b.recv().await.delivery.seq,
             2,
             "b is still served after a left"
         );
@@ -451,8 +432,8 @@ mod tests {
     async fn each_event_reaches_exactly_the_members_of_its_moment() {
         let backbone = InProcessBackbone::new();
         let hub = Hub::new(Arc::new(backbone.clone()));
-        let mut present: Vec<(Interest, mpsc::Receiver<Live>)> = Vec::new();
-        let mut gone: Vec<mpsc::Receiver<Live>> = Vec::new();
+        let mut present: Vec<(Interest, Inbox)> = Vec::new();
+        let mut gone: Vec<Inbox> = Vec::new();
         let mut random = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move |below: usize| {
             random ^= random << 13;
@@ -481,7 +462,7 @@ mod tests {
             };
             backbone.publish(&event).await.unwrap();
             for (_, rx) in &mut present {
-                let live = rx.recv().await.unwrap();
+                let live = rx.recv().await;
                 assert_eq!(
                     live.delivery.seq, seq,
                     "a member misses or repeats an event"
@@ -489,7 +470,10 @@ mod tests {
             }
             // Fan-out offers in one pass: it is over, so a member that left would have it by now.
             for rx in &mut gone {
-                assert!(rx.try_recv().is_err(), "a member that left got event {seq}");
+                assert!(
+                    rx.try_recv().is_none(),
+                    "a member that left got event {seq}"
+                );
             }
         }
     }

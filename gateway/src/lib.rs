@@ -11,6 +11,7 @@ mod follow;
 mod frames;
 pub mod hub;
 mod identities;
+mod mailbox;
 mod sse;
 
 /// The decoders of what clients send, for the fuzz tests (`fuzz/`). Not an API.

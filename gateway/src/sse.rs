@@ -21,13 +21,14 @@ use axum::response::{IntoResponse, Response};
 use eventbus_auth_client::Verified;
 use eventbus_auth_client::claims::now_s;
 use eventbus_runtime::problem::{Kind, Problem, bearer};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
 use crate::Gateway;
 use crate::follow::{self, Follow, Missed, Start, Step};
-use crate::hub::{Interest, Live, Mailbox};
+use crate::hub::Interest;
+use crate::mailbox::{Inbox, Mailbox};
 
 /// Most channels in one stream.
 const MAX_CHANNELS: usize = 64;
@@ -220,12 +221,7 @@ async fn open(
         .unwrap_or_default();
 
     // Interest first, then heads: anything committed after a head is queued live.
-    let (tx, live) = mpsc::channel(gw.queue_len);
-    let slow = Arc::new(Notify::new());
-    let mailbox = Mailbox {
-        tx,
-        slow: slow.clone(),
-    };
+    let (mailbox, live) = crate::mailbox::mailbox(gw.queue_len);
     let mut interests = Vec::new();
     let mut positions: Vec<(String, Follow)> = Vec::new();
     let mut heads = Vec::new();
@@ -268,7 +264,7 @@ async fn open(
         verified,
         positions,
         out,
-        slow,
+        mailbox,
         _interests: interests,
         _slot: slot,
     };
@@ -305,7 +301,8 @@ struct Feeder {
     /// The position in each channel, in the order of the query.
     positions: Vec<(String, Follow)>,
     out: mpsc::Sender<Result<Event, Infallible>>,
-    slow: Arc<Notify>,
+    /// Kept for its slow-consumer alarm.
+    mailbox: Mailbox,
     _interests: Vec<Interest>,
     /// This stream's place among its identity's connections.
     _slot: crate::identities::Slot,
@@ -317,7 +314,7 @@ enum End {
 }
 
 impl Feeder {
-    async fn run(mut self, heads: Vec<u64>, mut live: mpsc::Receiver<Live>) {
+    async fn run(mut self, heads: Vec<u64>, mut live: Inbox) {
         let opened = eventbus_runtime::metrics::metrics();
         opened.connections.inc();
         let _ = self.serve(heads, &mut live).await;
@@ -325,7 +322,7 @@ impl Feeder {
         debug!("sse stream ended");
     }
 
-    async fn serve(&mut self, heads: Vec<u64>, live: &mut mpsc::Receiver<Live>) -> Result<(), End> {
+    async fn serve(&mut self, heads: Vec<u64>, live: &mut Inbox) -> Result<(), End> {
         // Where the stream starts, even before any event.
         let start: serde_json::Map<String, serde_json::Value> = self
             .positions
@@ -353,10 +350,9 @@ impl Feeder {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Err(End::Stop),
-                _ = self.slow.notified() => return Err(End::Stop),
+                _ = self.mailbox.slow() => return Err(End::Stop),
                 _ = &mut expires => return Err(End::Stop),
                 item = live.recv() => {
-                    let Some(item) = item else { return Err(End::Stop) };
                     let i = item.subscription as usize;
                     let Some(&(_, position)) = self.positions.get(i) else { continue };
                     let delivery = &item.delivery;
@@ -442,7 +438,7 @@ impl Feeder {
     async fn emit(&self, event: Event) -> Result<(), End> {
         tokio::select! {
             sent = self.out.send(Ok(event)) => sent.map_err(|_| End::Stop),
-            _ = self.slow.notified() => Err(End::Stop),
+            _ = self.mailbox.slow() => Err(End::Stop),
         }
     }
 }

@@ -21,6 +21,10 @@ pub struct Args {
     /// Subscribe each connection to one shared channel (off: authenticated only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub subscribe: bool,
+    /// Open and authenticate every connection first, then have all subscribe at once and time
+    /// that alone (eventbus only): the subscribe storm.
+    #[arg(long)]
+    pub storm: bool,
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -61,7 +65,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let before = settled_rss(args.server_pid)
         .await
         .context("reading the server's memory")?;
-    let fleet = Fleet::start(&args.server, &ws, channel, args.connections, args.subscribe).await?;
+    let storm = args.storm && args.subscribe && args.server.target == Target::Eventbus;
+    let mut fleet = Fleet::start(
+        &args.server,
+        &ws,
+        channel,
+        args.connections,
+        args.subscribe && !storm,
+    )
+    .await?;
+    let storm_s = if storm {
+        let took = fleet.join_all().await?;
+        eprintln!(
+            "storm: {} connections subscribed to {channel} at once in {:.2} s",
+            args.connections,
+            took.as_secs_f64()
+        );
+        Some(took.as_secs_f64())
+    } else {
+        None
+    };
     let after = settled_rss(args.server_pid).await?;
     let per_connection = after.saturating_sub(before) as f64 / args.connections as f64;
     fleet.stop().await;
@@ -71,6 +94,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "target": format!("{:?}", args.server.target).to_lowercase(),
         "connections": args.connections,
         "subscribed": args.subscribe,
+        "storm_s": storm_s,
         "rss_before_bytes": before,
         "rss_after_bytes": after,
         "bytes_per_connection": per_connection.round(),

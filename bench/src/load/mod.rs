@@ -276,6 +276,27 @@ impl Fleet {
         Ok(merged)
     }
 
+    /// Tells every connection, opened without subscribing, to subscribe now, and waits until all
+    /// have: how long the storm took.
+    pub async fn join_all(&mut self) -> anyhow::Result<Duration> {
+        let started = std::time::Instant::now();
+        for worker in &mut self.workers {
+            worker.stdin.write_all(b"join\n").await?;
+            worker.stdin.flush().await?;
+        }
+        for worker in &mut self.workers {
+            loop {
+                let line = tokio::time::timeout(Duration::from_secs(300), worker.next_line())
+                    .await
+                    .context("connections took over 300 s to subscribe")??;
+                if line.starts_with("joined ") {
+                    break;
+                }
+            }
+        }
+        Ok(started.elapsed())
+    }
+
     pub async fn stop(mut self) {
         for worker in &mut self.workers {
             let _ = worker.stdin.shutdown().await;

@@ -4,7 +4,9 @@
 //! 20,000 open files here) and still merge one histogram.
 //!
 //! stdout: `ready <connections>`, then `progress <received> <closed>` every 200 ms, and
-//! `report <json>` after each `report` line on stdin (which also resets the counts). EOF on stdin
+//! `report <json>` after each `report` line on stdin (which also resets the counts). Connections
+//! opened without subscribing all subscribe at once on a `join` line (eventbus only), and
+//! `joined <connections>` follows when every one is subscribed: a subscribe storm. EOF on stdin
 //! ends the process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,14 +211,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let opening = Arc::new(Semaphore::new(args.open_concurrency.max(1)));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(1024);
+    let (join_tx, join_rx) = tokio::sync::watch::channel(false);
+    let (joined_tx, mut joined_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     for _ in 0..args.connections {
         let args = args.clone();
         let totals = totals.clone();
         let opening = opening.clone();
         let ready = ready_tx.clone();
+        let storm = Storm {
+            join: join_rx.clone(),
+            joined: joined_tx.clone(),
+        };
         tokio::spawn(async move {
             let result = match args.target {
-                Target::Eventbus => eventbus_connection(&args, &totals, &opening, &ready).await,
+                Target::Eventbus => {
+                    eventbus_connection(&args, &totals, &opening, &ready, storm).await
+                }
                 Target::Nats => nats_connection(&args, &totals, &opening, &ready).await,
                 Target::Pusher => pusher_connection(&args, &totals, &opening, &ready).await,
             };
@@ -242,9 +252,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut joined = 0;
     loop {
         tokio::select! {
+            Some(()) = joined_rx.recv() => {
+                joined += 1;
+                if joined == args.connections {
+                    stdout.write_all(format!("joined {joined}\n").as_bytes()).await?;
+                    stdout.flush().await?;
+                }
+            }
             line = stdin.next_line() => match line? {
+                Some(line) if line.trim() == "join" => {
+                    join_tx.send_replace(true);
+                }
                 Some(line) if line.trim() == "report" => {
                     let report = serde_json::to_string(&totals.take_report()?)?;
                     stdout.write_all(format!("report {report}\n").as_bytes()).await?;
@@ -269,11 +290,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// A connection's part in a subscribe storm: wait for the word, subscribe, say so.
+struct Storm {
+    join: tokio::sync::watch::Receiver<bool>,
+    joined: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 async fn eventbus_connection(
     args: &Args,
     totals: &Totals,
     opening: &Semaphore,
     ready: &tokio::sync::mpsc::Sender<anyhow::Result<()>>,
+    mut storm: Storm,
 ) -> anyhow::Result<()> {
     let permit = opening.acquire().await?;
     let (mut ws, _) = connect(&args.ws_url).await?;
@@ -283,31 +314,50 @@ async fn eventbus_connection(
     }
     let mut order = Order { last: 0 };
     if args.subscribe {
-        let subscribe = serde_json::json!({"op": "subscribe", "channel": args.channel});
-        ws.send(Message::text(subscribe.to_string())).await?;
-        let answer = ws.next().await.context("closed before subscribed")??;
-        let text = answer.to_text().unwrap_or("");
-        if !text.contains("\"subscribed\"") {
-            bail!("expected subscribed, got {text}");
-        }
-        order.last = number_at(
-            text.as_bytes(),
-            find(text.as_bytes(), b"\"head\":").unwrap_or(0) + 7,
-        )
-        .unwrap_or(0);
+        order.last = eventbus_subscribe(&mut ws, &args.channel).await?;
     }
     drop(permit);
     ready.send(Ok(())).await?;
+    if !args.subscribe {
+        loop {
+            tokio::select! {
+                join = storm.join.wait_for(|join| *join) => {
+                    join?;
+                    break;
+                }
+                // Reading meanwhile answers the gateway's pings.
+                frame = ws.next() => {
+                    frame.context("closed before the storm")??;
+                }
+            }
+        }
+        order.last = eventbus_subscribe(&mut ws, &args.channel).await?;
+        storm.joined.send(())?;
+    }
     receive(ws, order, totals, b"\"seq\":", b"\"t\":", None).await
+}
+
+/// Subscribes from the head: the head it answers.
+async fn eventbus_subscribe(ws: &mut Socket, channel: &str) -> anyhow::Result<u64> {
+    let subscribe = serde_json::json!({"op": "subscribe", "channel": channel});
+    ws.send(Message::text(subscribe.to_string())).await?;
+    let answer = ws.next().await.context("closed before subscribed")??;
+    let text = answer.to_text().unwrap_or("");
+    if !text.contains("\"subscribed\"") {
+        bail!("expected subscribed, got {text}");
+    }
+    Ok(number_at(
+        text.as_bytes(),
+        find(text.as_bytes(), b"\"head\":").unwrap_or(0) + 7,
+    )
+    .unwrap_or(0))
 }
 
 /// Reads text frames until the connection ends, checking the order of and timing every event
 /// found in them (its counter after `counter`, its send time after `time`), and answering a frame
 /// that contains `ping.0` with `ping.1`.
 async fn receive(
-    mut ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    mut ws: Socket,
     mut order: Order,
     totals: &Totals,
     counter: &[u8],
