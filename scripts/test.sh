@@ -57,6 +57,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 (cd web && npm ci --no-audit --no-fund --silent)
 node --test web/test/ 2>&1 | tee -a "$log" | grep -E "^# (pass|fail)" || status=1
+# The npm package: packed, installed into a fresh project, run from Node against a real bus.
+EVENTBUS_BIN="$PWD/target/debug/eventbus" node --test web/package-test/ 2>&1 | tee -a "$log" \
+  | grep -E "^(not )?ok|^# (pass|fail)" || status=1
 EVENTBUS_BIN="$PWD/target/debug/eventbus" node --test web/browser-test/ 2>&1 | tee -a "$log" \
   | grep -E "^(not )?ok|^# (pass|fail)" || status=1
 # One closing line for the whole workspace, summed over every test binary.

@@ -1,4 +1,4 @@
-// Types of eventbus.js and eventbus-dom.js.
+// Types of eventbus.js (the DOM bridge's are in eventbus-dom.d.ts).
 
 /** An event as the bus stores and delivers it (DESIGN §1, docs/protocol.md §1). */
 export interface StoredEvent {
@@ -85,16 +85,3 @@ export class EventBus extends EventTarget {
 
 export function backoffDelay(attempt: number, options?: { initialMs?: number; maxMs?: number }, random?: () => number): number;
 export function covers(pattern: string, channel: string): boolean;
-
-// eventbus-dom.js
-export interface BridgeOptions {
-  channel: string;
-  /** Names of the bubbling CustomEvents forwarded to the bus as events of that type. */
-  domainEvents: string[];
-  toEvent?: (domEvent: CustomEvent) => Omit<NewEvent, "channel">;
-  render?: (event: StoredEvent) => void;
-  after?: number;
-  compact?: boolean;
-}
-export function bridge(root: Element, bus: EventBus, options: BridgeOptions): { subscription: Subscription; stop(): void };
-export function emit(element: Element, name: string, detail?: unknown): void;
