@@ -62,8 +62,19 @@ EVENTBUS_BIN="$PWD/target/debug/eventbus" node --test web/package-test/ 2>&1 | t
   | grep -E "^(not )?ok|^# (pass|fail)" || status=1
 EVENTBUS_BIN="$PWD/target/debug/eventbus" node --test web/browser-test/ 2>&1 | tee -a "$log" \
   | grep -E "^(not )?ok|^# (pass|fail)" || status=1
+# The Python client: installed from the repo as a user would, then pytest against a real bus
+# (deploy/validate.sh above made sure python3 can make a venv).
+pyvenv=target/python-client
+if [ ! -x "$pyvenv/bin/pytest" ]; then
+  python3 -m venv "$pyvenv"
+  "$pyvenv/bin/pip" install --quiet --disable-pip-version-check pytest==9.2.0
+fi
+"$pyvenv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall ./clients/python
+EVENTBUS_BIN="$PWD/target/debug/eventbus" "$pyvenv/bin/pytest" -q clients/python/tests 2>&1 | tee -a "$log" \
+  | grep -E "passed|failed|error" || status=1
 # One closing line for the whole workspace, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      /^# pass / { p += $3 } /^# fail / { f += $3 }
+     / passed in | failed in / { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "workspace: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"
