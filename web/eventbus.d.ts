@@ -85,3 +85,18 @@ export class EventBus extends EventTarget {
 
 export function backoffDelay(attempt: number, options?: { initialMs?: number; maxMs?: number }, random?: () => number): number;
 export function covers(pattern: string, channel: string): boolean;
+
+/** The claims of `POST /v1/tokens` (docs/protocol.md §2). */
+export interface TokenClaims {
+  sub?: string;
+  role?: "client" | "service";
+  subscribe?: string[];
+  publish?: string[];
+  ttl_s?: number;
+}
+/** Mints a token with an API key or a service token as `credential` (in a backend). */
+export function mintToken(
+  baseUrl: string,
+  claims?: TokenClaims,
+  options?: { credential?: string; fetch?: typeof fetch },
+): Promise<{ token: string; expires_at: string }>;

@@ -440,3 +440,27 @@ export class EventBus extends EventTarget {
 }
 
 export { PROTOCOL_CLOSE };
+
+/**
+ * Mints a token (`POST /v1/tokens`, docs/protocol.md §2): in a backend, with an API key or a
+ * service token as `credential`, e.g. a client token for a browser:
+ * `mintToken("https://bus.example.com", { sub: "alice", subscribe: ["orders"], ttl_s: 3600 }, { credential })`.
+ * Resolves to `{ token, expires_at }`; rejects with an Error carrying the problem's `status`,
+ * `type` and `field` when refused.
+ */
+export async function mintToken(baseUrl, claims = {}, { credential, fetch: fetchFn = globalThis.fetch } = {}) {
+  const headers = { "Content-Type": "application/json" };
+  if (credential) headers.Authorization = `Bearer ${credential}`;
+  const response = await fetchFn(`${baseUrl.replace(/\/+$/, "")}/v1/tokens`, {
+    method: "POST",
+    headers,
+    body: JSON.stringify(claims),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const err = new Error(body.detail ?? `minting a token failed: ${response.status}`);
+    Object.assign(err, { status: response.status, type: body.type, field: body.field });
+    throw err;
+  }
+  return body;
+}

@@ -158,12 +158,7 @@ pub async fn issue(
             ttl_s: None,
         }
     } else {
-        serde_json::from_slice(&body).map_err(|err| {
-            Problem::new(
-                Kind::InvalidRequest,
-                format!("invalid token request: {err}"),
-            )
-        })?
+        Problem::json_body(&body, "invalid token request")?
     };
     let role = request.role.unwrap_or(if request.sub.is_some() {
         Role::Client

@@ -198,7 +198,16 @@ async fn http_bad_input_gets_problem_documents() {
                 .json(&json!({"sub": "x", "colour": 1})),
             400,
             "invalid-request",
-            None,
+            Some("colour"),
+        ),
+        (
+            bus.auth
+                .post("/v1/tokens")
+                .bearer_auth(&service)
+                .json(&json!({"ttl_s": -1})),
+            400,
+            "invalid-request",
+            Some("ttl_s"),
         ),
         (
             bus.auth

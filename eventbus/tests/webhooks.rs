@@ -244,6 +244,8 @@ async fn bad_webhook_registrations_get_problems() {
         ("channels", json!([])),
         ("channels", json!(["a..b"])),
         ("secret", json!("short")),
+        ("channels", json!("a.*")),
+        ("url", json!(7)),
     ] {
         let mut body = good.clone();
         body[field] = value;
@@ -256,6 +258,9 @@ async fn bad_webhook_registrations_get_problems() {
     for (what, body) in cases {
         let answer = post(Some(service.clone()), body).await;
         assert_eq!(answer.status, 400, "{what}: {:?}", answer.body);
+        // The member at fault is named, whether its value is invalid or of the wrong type.
+        let named = answer.body.get("field").and_then(Value::as_str);
+        assert_eq!(named, (what != "body").then_some(what), "{:?}", answer.body);
     }
     let missing = api
         .send(api.get("/v1/webhooks/nope").bearer_auth(&service))

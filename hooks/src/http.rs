@@ -66,8 +66,7 @@ pub async fn register_webhook(
     body: Bytes,
 ) -> Result<(axum::http::StatusCode, Json<Value>), Problem> {
     let grant = api.service_grant(&headers).await?;
-    let request: WebhookRequest = serde_json::from_slice(&body)
-        .map_err(|err| Problem::new(Kind::InvalidRequest, format!("invalid webhook: {err}")))?;
+    let request: WebhookRequest = Problem::json_body(&body, "invalid webhook")?;
     let hook = api
         .webhooks
         .register(&grant, request.url, request.channels, request.secret)

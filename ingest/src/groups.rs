@@ -75,8 +75,7 @@ fn invalid(field: &str, message: impl Into<String>) -> Problem {
 }
 
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8], shape: &str) -> Result<T, Problem> {
-    serde_json::from_slice(bytes)
-        .map_err(|err| Problem::new(Kind::InvalidRequest, format!("{shape}: {err}")))
+    Problem::json_body(bytes, shape)
 }
 
 /// The caller, if it may use groups at all.

@@ -73,12 +73,7 @@ pub async fn put(
                 format!("the snapshot is over {} bytes", ingest.max_body_bytes),
             )
         })?;
-    let snapshot: PutSnapshot = serde_json::from_slice(&body).map_err(|err| {
-        Problem::new(
-            Kind::InvalidRequest,
-            format!("a snapshot is {{\"seq\":N,\"data\":…}}: {err}"),
-        )
-    })?;
+    let snapshot: PutSnapshot = Problem::json_body(&body, "a snapshot is {\"seq\":N,\"data\":…}")?;
     ingest
         .store
         .put_snapshot(

@@ -101,6 +101,39 @@ impl Problem {
         self
     }
 
+    /// A JSON request body of shape `T`, or a 400 whose `field` names the member at fault, for a
+    /// value of the wrong type as for an unknown member (the documented "invalid … with
+    /// `field`"). `shape` says in words what the body should be.
+    pub fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8], shape: &str) -> Result<T, Self> {
+        let mut json = serde_json::Deserializer::from_slice(bytes);
+        let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut json);
+        let refused = |detail: String, field: Option<String>| {
+            let problem = Self::new(Kind::InvalidRequest, format!("{shape}: {detail}"));
+            match field {
+                Some(field) => problem.with("field", field),
+                None => problem,
+            }
+        };
+        match parsed {
+            Ok(value) => match json.end() {
+                Ok(()) => Ok(value),
+                Err(err) => Err(refused(err.to_string(), None)),
+            },
+            Err(err) => {
+                // The path of the member being read, an unknown member's own name included;
+                // none when the body as a whole is at fault (not an object, cut short).
+                let located = err.path().iter().next().is_some()
+                    && !err
+                        .path()
+                        .iter()
+                        .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
+                let field = located.then(|| err.path().to_string());
+                let inner = err.into_inner();
+                Err(refused(inner.to_string(), field))
+            }
+        }
+    }
+
     pub fn body(&self) -> Value {
         let mut body = json!({
             "type": format!("{TYPE_PREFIX}{}", self.kind.slug()),
@@ -158,4 +191,46 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Request {
+        ttl_s: Option<u64>,
+        channels: Option<Vec<String>>,
+        inner: Option<Inner>,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        n: u64,
+    }
+
+    fn field(body: &str) -> Option<Value> {
+        match Problem::json_body::<Request>(body.as_bytes(), "a request") {
+            Ok(request) => panic!("{body} was taken as {request:?}"),
+            Err(problem) => problem.extra.get("field").cloned(),
+        }
+    }
+
+    #[test]
+    fn a_refused_body_names_the_member_at_fault() {
+        assert_eq!(field(r#"{"ttl_s":-1}"#), Some(json!("ttl_s")));
+        assert_eq!(field(r#"{"ttl_s":"x"}"#), Some(json!("ttl_s")));
+        assert_eq!(field(r#"{"bogus":1}"#), Some(json!("bogus")));
+        assert_eq!(field(r#"{"channels":["a",1]}"#), Some(json!("channels[1]")));
+        assert_eq!(field(r#"{"inner":{"x":1}}"#), Some(json!("inner.x")));
+        assert_eq!(field(r#"{"inner":{"n":true}}"#), Some(json!("inner.n")));
+        assert_eq!(field("[1]"), None, "the whole body is at fault");
+        assert_eq!(field("{} trailing"), None);
+        assert_eq!(field("{"), None);
+        assert!(Problem::json_body::<Request>(br#"{"ttl_s":5}"#, "a request").is_ok());
+    }
 }

@@ -43,17 +43,20 @@ async function publish(url, n) {
 // What the installed package runs: imports by name (both entry points), subscribes from the
 // start, publishes once, and prints every event it is handed as one line of JSON.
 const consumer = `
-import { EventBus } from "@eventbus/client";
+import { EventBus, mintToken } from "@eventbus/client";
 import { bridge, emit } from "@eventbus/client/dom";
 if (typeof bridge !== "function" || typeof emit !== "function") throw new Error("no DOM entry point");
 const url = process.env.BUS_URL;
+// Development mode mints without a credential; a backend gives { credential: apiKey }.
 const bus = new EventBus(url.replace("http", "ws") + "/v1/ws", {
-  token: async () => (await (await fetch(url + "/v1/tokens", { method: "POST" })).json()).token,
+  token: async () => (await mintToken(url, { sub: "pkg-app", role: "service" })).token,
   backoff: { initialMs: 50, maxMs: 500 },
 });
 bus.subscribe("pkg.orders", (event) => console.log(JSON.stringify({ seq: event.seq, n: event.data.n })), { after: 0 });
 const ack = await bus.publish({ channel: "pkg.orders", type: "order.placed", data: { n: 0 } });
 console.log(JSON.stringify({ acked: ack.seq }));
+const refused = await mintToken(url, { ttl_s: -1 }).then(() => null, (err) => ({ status: err.status, field: err.field }));
+console.log(JSON.stringify({ refused }));
 `;
 
 test("the packed package installs, imports by name, and resumes across a bus restart", async () => {
@@ -81,9 +84,11 @@ test("the packed package installs, imports by name, and resumes across a bus res
   children.push(app);
   const seen = [];
   let acked = null;
+  let refused;
   createInterface({ input: app.stdout }).on("line", (line) => {
     const message = JSON.parse(line);
     if ("acked" in message) acked = message.acked;
+    else if ("refused" in message) refused = message.refused;
     else seen.push(message);
   });
 
@@ -108,5 +113,7 @@ test("the packed package installs, imports by name, and resumes across a bus res
     "every event once, in seq order, across the restart",
   );
   assert.equal(acked, 1, "the consumer's publish was stored first, and acknowledged with its seq");
+  await until("the refused mint", () => refused !== undefined);
+  assert.deepEqual(refused, { status: 400, field: "ttl_s" }, "a refused mint rejects with the problem's fields");
   assert.deepEqual(seen.map((e) => e.n), [0, 1, 2, 3, 4, 5, 6, 7]);
 });
