@@ -72,6 +72,10 @@ fi
 "$pyvenv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall ./clients/python
 EVENTBUS_BIN="$PWD/target/debug/eventbus" "$pyvenv/bin/pytest" -q clients/python/tests 2>&1 | tee -a "$log" \
   | grep -E "passed|failed|error" || status=1
+# The HTTP API against its description: schemathesis, every check, a short run (the long one is
+# in docs/testing.md).
+EVENTBUS_BIN="$PWD/target/debug/eventbus" scripts/schemathesis.sh 20 2>&1 | tee -a "$log" \
+  | grep -E "issues found|failures? in|errors? in" || status=1
 # One closing line for the whole workspace, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      /^# pass / { p += $3 } /^# fail / { f += $3 }

@@ -34,6 +34,7 @@ struct TokenRequest {
     role: Option<Role>,
     subscribe: Option<Vec<String>>,
     publish: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "eventbus_model::whole::optional")]
     ttl_s: Option<u64>,
 }
 

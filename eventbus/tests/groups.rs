@@ -395,6 +395,30 @@ async fn groups_stay_within_the_grant_and_say_what_is_wrong() {
         )
         .await;
     assert_eq!(garbage.status, 400);
+    // A reset names a well-formed channel, or it moves nothing: a 400 naming the member. A seq
+    // written with a fraction part is still a whole number (JSON Schema's integer).
+    for (body, status, field) in [
+        (json!({"to": 0, "channel": "a..b"}), 400, Some("channel")),
+        (json!({"to": 1.5}), 400, Some("to")),
+        (json!({"to": 0.0}), 200, None),
+    ] {
+        let answer = bus
+            .api
+            .send(
+                bus.api
+                    .post("/v1/groups/billing/reset")
+                    .bearer_auth(&token)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(answer.status, status, "{body}: {}", answer.body);
+        assert_eq!(
+            answer.body.get("field").and_then(|f| f.as_str()),
+            field,
+            "{body}: {}",
+            answer.body
+        );
+    }
     // Reset and delete, for the service that covers it.
     let reset = bus
         .api

@@ -33,17 +33,17 @@ const MAX_WAIT_S: u64 = 60;
 #[serde(deny_unknown_fields)]
 struct Fetch {
     channel: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "eventbus_model::whole::optional")]
     max: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "eventbus_model::whole::optional")]
     wait_s: Option<u64>,
     #[serde(default)]
     member: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "eventbus_model::whole::optional")]
     visibility_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "eventbus_model::whole::optional")]
     max_deliveries: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "eventbus_model::whole::optional")]
     prefetch: Option<u32>,
 }
 
@@ -59,6 +59,7 @@ struct Done {
 #[serde(deny_unknown_fields)]
 struct DonePosition {
     channel: String,
+    #[serde(deserialize_with = "eventbus_model::whole::required")]
     seq: u64,
 }
 
@@ -276,11 +277,14 @@ pub async fn reset(
     let to = match &request.to {
         Value::String(s) if s == "head" => None,
         Value::Number(n) => Some(
-            n.as_u64()
-                .ok_or_else(|| invalid("to", "to is \"head\" or a seq"))?,
+            eventbus_model::whole::of(n).ok_or_else(|| invalid("to", "to is \"head\" or a seq"))?,
         ),
         _ => return Err(invalid("to", "to is \"head\" or a seq")),
     };
+    if let Some(channel) = &request.channel {
+        eventbus_model::names::validate_channel(channel)
+            .map_err(|err| invalid("channel", format!("channel {err}")))?;
+    }
     if to.is_some() && request.channel.is_none() && info.channels.len() > 1 {
         return Err(invalid(
             "channel",

@@ -21,6 +21,7 @@ use crate::publish::store_problem;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutSnapshot {
+    #[serde(deserialize_with = "eventbus_model::whole::required")]
     seq: u64,
     data: Box<RawValue>,
 }

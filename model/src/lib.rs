@@ -9,6 +9,7 @@
 pub mod event;
 pub mod names;
 pub mod stored;
+pub mod whole;
 
 pub use event::{Accepted, Appended, EventError, Limits, parse_event, parse_events};
 pub use names::{NameError, validate_channel, validate_identity};
