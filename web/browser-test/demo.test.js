@@ -132,6 +132,34 @@ test("two pages share a board across a server crash, and a late page gets the co
   });
   assert.equal(await admin.$$eval("#gateways tbody tr", (trs) => trs.length), 1, "the all-in-one's one gateway");
 
+  // A burst moves the charts; the channel browser finds its channel, and its live tail follows.
+  await bus.publish(Array.from({ length: 200 }, (_, i) => ({ channel: "admin.burst", type: "tick", data: { i } })));
+  await until("the events-in chart to show the burst", async () =>
+    Number(await admin.$eval("#chart-in", (f) => f.dataset.peak ?? 0)) > 0);
+  await until("the connections chart to count the pages", async () =>
+    Number(await admin.$eval("#chart-connections", (f) => f.dataset.last ?? 0)) >= 3);
+  await admin.fill("#prefix", "admin.");
+  await admin.click("#channel-search button");
+  await until("the channel in the browser", async () =>
+    (await admin.$$eval("#channel-list tbody tr", (trs) => trs.map((tr) => tr.textContent))).some((t) => t.includes("admin.burst") && t.includes("200")));
+  await admin.click("#channel-list tbody button");
+  await until("the channel's facts", async () => {
+    const facts = await admin.$$eval("#channel-facts tr", (trs) => Object.fromEntries(trs.map((tr) => [tr.children[0].textContent, tr.children[1].textContent])));
+    return facts["head (last seq)"] === "200" && facts["first retained seq"] === "1";
+  });
+  await until("the tail's last ten", async () => (await admin.$$eval("#tail li", (lis) => lis.length)) === 10);
+  await bus.publish({ channel: "admin.burst", type: "tick", data: { i: 200 } });
+  await until("the tail to follow live", async () =>
+    (await admin.$$eval("#tail li", (lis) => lis.map((li) => Number(li.dataset.seq))))[0] === 201);
+  const tailSeqs = await admin.$$eval("#tail li", (lis) => lis.map((li) => Number(li.dataset.seq)));
+  assert.deepEqual(tailSeqs, Array.from({ length: 11 }, (_, i) => 201 - i), "the tail: newest first, each once");
+  assert.equal(await admin.$eval("#presence", (p) => p.textContent), "nobody", "read before the tail subscribed: nobody else is on it");
+  assert.equal(await admin.$eval("#webhooks-none", (p) => p.hidden), false);
+  // A few seconds of samples, so that the screenshot shows lines (one sample a second).
+  await until("eight samples on the charts", async () =>
+    Number(await admin.$eval("#chart-in", (f) => f.dataset.samples ?? 0)) >= 8);
+  await admin.screenshot({ path: process.env.ADMIN_SCREENSHOT ?? join(root, "target", "admin.png"), fullPage: true });
+
   mkdirSync(join(root, "target"), { recursive: true });
   await a.screenshot({ path: process.env.SCREENSHOT ?? join(root, "target", "demo.png") });
 });
