@@ -269,6 +269,97 @@ async fn bad_webhook_registrations_get_problems() {
     bus.stop().await;
 }
 
+/// A dead webhook, retried, goes on from where it stopped: the event it could not deliver comes
+/// first, then the rest, each once, and its state, failures and error are clear.
+#[tokio::test]
+async fn a_dead_webhook_retried_delivers_from_where_it_stopped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |c| {
+        allow_loopback(c);
+        c.hooks.webhook_max_attempts = 2
+    })
+    .await;
+    let api = bus.endpoints.api.clone();
+    let service = bus.endpoints.service_token().await;
+    let receiver = Arc::new(Receiver::default());
+    receiver.refuse.store(2, Ordering::SeqCst);
+    let url = start_receiver(receiver.clone()).await;
+    let registered = api
+        .send(
+            api.post("/v1/webhooks")
+                .bearer_auth(&service)
+                .json(&json!({"url": url, "channels": ["retry.>"], "secret": SECRET})),
+        )
+        .await;
+    assert_eq!(registered.status, 201);
+    let id = registered.body["id"].as_str().expect("id").to_owned();
+    let show = || {
+        let api = api.clone();
+        let service = service.clone();
+        let id = id.clone();
+        async move {
+            api.send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(&service))
+                .await
+        }
+    };
+    api.publish(
+        &service,
+        &json!({"channel": "retry.a", "type": "t", "data": 1}),
+    )
+    .await;
+    eventually("the webhook to be dead", || async {
+        (show().await.body["state"] == "dead").then_some(())
+    })
+    .await;
+    api.publish(
+        &service,
+        &json!({"channel": "retry.a", "type": "t", "data": 2}),
+    )
+    .await;
+
+    // A client token may not; the owner's service token sets it going. A retry of what is not
+    // there is a 404.
+    let client = bus
+        .endpoints
+        .auth
+        .client_token(&service, "alice", &["retry.a"], &[])
+        .await;
+    let refused = api
+        .send(
+            api.post(&format!("/v1/webhooks/{id}/retry"))
+                .bearer_auth(&client),
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let missing = api
+        .send(api.post("/v1/webhooks/nope/retry").bearer_auth(&service))
+        .await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    let retried = api
+        .send(
+            api.post(&format!("/v1/webhooks/{id}/retry"))
+                .bearer_auth(&service),
+        )
+        .await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    assert_eq!(retried.body["state"], "active");
+    assert_eq!(retried.body["failures"], 0);
+    assert_eq!(retried.body["last_error"], Value::Null);
+    eventually("both events delivered", || async {
+        (seqs(&receiver, "retry.a").len() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        seqs(&receiver, "retry.a"),
+        vec![1, 2],
+        "from where it stopped, each once"
+    );
+    let shown = show().await;
+    assert_eq!(shown.body["state"], "active");
+    assert_eq!(shown.body["delivered"], 2);
+    bus.stop().await;
+}
+
 /// Registrations and deliveries all save the webhook file at once: it must stay whole (auth
 /// refused to start on a torn one), hold every registration, and every position saved after a
 /// delivery. Several worker threads, as in production, so that saves really overlap.

@@ -113,6 +113,21 @@ pub async fn get_webhook(
         .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
 }
 
+/// `POST /v1/webhooks/{id}/retry`: a dead webhook goes again from where it stopped; 200 with it.
+pub async fn retry_webhook(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Problem> {
+    let owner = api.service(&headers).await?;
+    api.webhooks
+        .retry(&owner, &id)
+        .await
+        .map_err(|err| Problem::new(Kind::Unavailable, err.to_string()))?
+        .map(|h| Json(h.public()))
+        .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
+}
+
 /// `DELETE /v1/webhooks/{id}`: 204.
 pub async fn delete_webhook(
     State(api): State<Arc<Api>>,

@@ -72,6 +72,7 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
             "/v1/webhooks/{id}",
             get(http::get_webhook).delete(http::delete_webhook),
         )
+        .route("/v1/webhooks/{id}/retry", post(http::retry_webhook))
         .with_state(api)
         .layer(origins.layer()))
 }

@@ -296,6 +296,40 @@ impl Webhooks {
             .filter(|h| h.registration.owner == owner))
     }
 
+    /// Sets a dead webhook going again from where it stopped (its positions are kept): active,
+    /// failures and last error cleared. `None` when it is not the owner's or does not exist; a
+    /// webhook that is not dead is left as it is.
+    pub async fn retry(&self, owner: &str, id: &str) -> Result<Option<Webhook>, WebhookError> {
+        let Some(mut hook) = self.get(owner, id).await? else {
+            return Ok(None);
+        };
+        if hook.progress.state != State::Dead {
+            return Ok(Some(hook));
+        }
+        hook.progress.state = State::Active;
+        hook.progress.failures = 0;
+        hook.progress.last_error = None;
+        self.inner
+            .kept
+            .put_progress(id, &hook.progress)
+            .await
+            .map_err(store_error)?;
+        // The holder's working copy goes at once when the holder is this replica; another
+        // holder takes the change up at its next look (`refresh`).
+        let here = match self.lock().get_mut(id) {
+            Some(working) => {
+                working.progress = hook.progress.clone();
+                true
+            }
+            None => false,
+        };
+        if here && self.may_deliver() {
+            self.spawn(id.to_owned());
+        }
+        info!(webhook = %id, "dead webhook set going again");
+        Ok(Some(hook))
+    }
+
     pub async fn delete(&self, owner: &str, id: &str) -> Result<bool, WebhookError> {
         if self.get(owner, id).await?.is_none() {
             return Ok(false);
@@ -509,7 +543,14 @@ async fn refresh(webhooks: &Webhooks) -> Result<(), WebhookError> {
         .keys()
         .filter(|id| !known.contains(id))
         .collect();
-    if !new.is_empty() {
+    // A dead webhook retried through another replica is active in the store only.
+    let dead: Vec<String> = webhooks
+        .lock()
+        .iter()
+        .filter(|(_, h)| h.progress.state == State::Dead)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if !new.is_empty() || !dead.is_empty() {
         let mut progress = kept.progress().await.map_err(store_error)?;
         let mut hooks = webhooks.lock();
         for id in new {
@@ -521,6 +562,13 @@ async fn refresh(webhooks: &Webhooks) -> Result<(), WebhookError> {
                     backlog: 0,
                 },
             );
+        }
+        for id in dead {
+            if let (Some(stored), Some(working)) = (progress.remove(&id), hooks.get_mut(&id))
+                && stored.state == State::Active
+            {
+                working.progress = stored;
+            }
         }
     }
     let active: Vec<String> = webhooks

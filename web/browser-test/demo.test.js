@@ -22,7 +22,8 @@ class Bus {
   async start() {
     this.process = spawn(BIN, ["serve", "--dev", "--listen", `127.0.0.1:${this.port}`, "--data", this.data], {
       stdio: ["ignore", "ignore", "inherit"],
-      env: { ...process.env, EVENTBUS_LOG: "warn" },
+      // One attempt before a webhook is dead, so that the admin page's test sees one soon.
+      env: { ...process.env, EVENTBUS_LOG: "warn", EVENTBUS_WEBHOOK_MAX_ATTEMPTS: "1" },
     });
     await until("the bus to answer", async () => (await fetch(`${this.url}/healthz`)).ok);
   }
@@ -155,6 +156,22 @@ test("two pages share a board across a server crash, and a late page gets the co
   assert.deepEqual(tailSeqs, Array.from({ length: 11 }, (_, i) => 201 - i), "the tail: newest first, each once");
   assert.equal(await admin.$eval("#presence", (p) => p.textContent), "nobody", "read before the tail subscribed: nobody else is on it");
   assert.equal(await admin.$eval("#webhooks-none", (p) => p.hidden), false);
+
+  // A webhook whose receiver is not there dies (one attempt, as this bus is configured); the
+  // page shows it dead with its error, and its retry button sets it going again.
+  const token = (await (await fetch(`${bus.url}/v1/tokens`, { method: "POST" })).json()).token;
+  const registered = await fetch(`${bus.url}/v1/webhooks`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+    body: JSON.stringify({ url: "http://127.0.0.1:9/nobody", channels: ["admin.hooked"], secret: "admin-test-secret-0123" }),
+  });
+  assert.equal(registered.status, 201, await registered.text());
+  await bus.publish({ channel: "admin.hooked", type: "tick" });
+  await until("the dead webhook on the page", async () =>
+    (await admin.$$eval("#webhooks tbody tr", (trs) => trs.map((tr) => tr.children[2].textContent))).includes("dead"), 30000);
+  const retried = admin.waitForResponse((r) => r.url().endsWith("/retry") && r.request().method() === "POST");
+  await admin.click("#webhooks button.retry");
+  assert.equal((await retried).status(), 200, "the retry was taken");
   // A few seconds of samples, so that the screenshot shows lines (one sample a second).
   await until("eight samples on the charts", async () =>
     Number(await admin.$eval("#chart-in", (f) => f.dataset.samples ?? 0)) >= 8);
