@@ -5,7 +5,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, writeFileSync, rmSync, readdirSync } from "node:fs";
+import { mkdtempSync, writeFileSync, rmSync, readdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -75,6 +75,11 @@ test("the packed package installs, imports by name, and resumes across a bus res
   const data = join(temp, "data");
   let bus = startBus(port, data);
   await until("the bus to answer", async () => (await fetch(`${url}/healthz`)).ok);
+  // What the bus serves to pages (and the browser tests run) is the packed build, byte for byte.
+  for (const file of ["eventbus.js", "eventbus-dom.js"]) {
+    const installed = readFileSync(join(project, "node_modules", "@eventbus", "client", file), "utf8");
+    assert.equal(await (await fetch(`${url}/${file}`)).text(), installed, `/${file} is the packed ${file}`);
+  }
 
   const app = spawn(process.execPath, [...nodeFlags, "consumer.js"], {
     cwd: project,
