@@ -158,14 +158,19 @@ async fn webhooks_deliver_every_event_once_in_order_signed_and_survive_a_restart
     bus.stop().await;
 }
 
-#[tokio::test]
-async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
+/// A bus whose webhooks die after two failed attempts in a row.
+async fn dying_after_two_attempts() -> AllInOne {
     let dir = tempfile::tempdir().expect("temp dir");
-    let bus = AllInOne::start_with(dir, false, |c| {
+    AllInOne::start_with(dir, false, |c| {
         allow_loopback(c);
         c.hooks.webhook_max_attempts = 2
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_answers_makes_the_webhook_dead_with_its_error() {
+    let bus = dying_after_two_attempts().await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     let registered = api
@@ -273,12 +278,7 @@ async fn bad_webhook_registrations_get_problems() {
 /// first, then the rest, each once, and its state, failures and error are clear.
 #[tokio::test]
 async fn a_dead_webhook_retried_delivers_from_where_it_stopped() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let bus = AllInOne::start_with(dir, false, |c| {
-        allow_loopback(c);
-        c.hooks.webhook_max_attempts = 2
-    })
-    .await;
+    let bus = dying_after_two_attempts().await;
     let api = bus.endpoints.api.clone();
     let service = bus.endpoints.service_token().await;
     let receiver = Arc::new(Receiver::default());

@@ -105,12 +105,7 @@ pub async fn get_webhook(
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
     let owner = api.service(&headers).await?;
-    api.webhooks
-        .get(&owner, &id)
-        .await
-        .map_err(|err| Problem::new(Kind::Unavailable, err.to_string()))?
-        .map(|h| Json(h.public()))
-        .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
+    shown(api.webhooks.get(&owner, &id).await)
 }
 
 /// `POST /v1/webhooks/{id}/retry`: a dead webhook goes again from where it stopped; 200 with it.
@@ -120,9 +115,14 @@ pub async fn retry_webhook(
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
     let owner = api.service(&headers).await?;
-    api.webhooks
-        .retry(&owner, &id)
-        .await
+    shown(api.webhooks.retry(&owner, &id).await)
+}
+
+/// One of the caller's webhooks as the API shows it, or 404 when it is not the caller's.
+fn shown(
+    found: Result<Option<crate::webhooks::Webhook>, WebhookError>,
+) -> Result<Json<Value>, Problem> {
+    found
         .map_err(|err| Problem::new(Kind::Unavailable, err.to_string()))?
         .map(|h| Json(h.public()))
         .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
