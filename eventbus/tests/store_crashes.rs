@@ -384,3 +384,90 @@ async fn a_store_paused_past_the_timeout_makes_the_outcome_unknown_and_a_retry_s
         .collect();
     assert_eq!(ids, ["before", "in-doubt"], "stored once");
 }
+
+/// A subscription reading a long history in pages while the store (its own process) is killed
+/// between two pages: the connection says so with close 1013 (the log is unreachable during
+/// catch-up) after the events it had, in order; once the store is back, a resume with `after`
+/// gives the rest, each once, in order.
+#[tokio::test]
+async fn a_store_killed_between_two_catch_up_pages_ends_in_1013_and_a_resume_gets_the_rest() {
+    const BATCHES: u64 = 20;
+    const PER_BATCH: u64 = 1000;
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_port = free_port();
+    let data = dir.path().join("store");
+    let mut store = store(store_port, &nats, &data, &[]).await;
+    let cluster = Cluster::start_with_store(Some(format!("http://127.0.0.1:{store_port}"))).await;
+    let bus = cluster.endpoints.clone();
+    let token = bus.service_token().await;
+    // 20 pages of history, 1 KiB each event: far more than the socket buffers hold, so that the
+    // connection is still reading pages from the store while the client has seen only the first.
+    let pad = "x".repeat(1024);
+    for batch in 0..BATCHES {
+        let events: Vec<Value> = (0..PER_BATCH)
+            .map(|i| json!({"id": format!("e{batch}-{i}"), "channel": "pages", "type": "t", "data": {"pad": pad}}))
+            .collect();
+        let answer = bus.api.publish(&token, &Value::Array(events)).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+
+    let (mut ws, _) = eventbus_testkit::ws::Ws::hello(&bus.ws, &token).await;
+    ws.subscribe(json!({"channel": "pages", "after": 0})).await;
+    let first = ws.recv_op("event").await;
+    assert_eq!(first["event"]["seq"], 1);
+    // The client has read one event: the connection is blocked writing an early page.
+    store.kill();
+    let mut seqs = vec![1];
+    let ending = loop {
+        match ws.next().await {
+            Ok(frame) if frame["op"] == "event" => {
+                seqs.push(frame["event"]["seq"].as_u64().expect("seq"));
+            }
+            Ok(_) => {}
+            Err(closed) => break closed,
+        }
+    };
+    assert_eq!(
+        ending,
+        eventbus_testkit::ws::Closed::Code(1013),
+        "after {} events",
+        seqs.len()
+    );
+    let last = *seqs.last().expect("one at least");
+    assert!(
+        last < BATCHES * PER_BATCH,
+        "the kill landed before the last page"
+    );
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "in order, each once, up to the close"
+    );
+
+    // The store back: a resume from the last seq seen gives exactly the rest.
+    store.restart().await;
+    let rest = eventually("a resume once the store is back", || {
+        let bus = bus.clone();
+        let token = token.clone();
+        async move {
+            let (mut ws, _) = eventbus_testkit::ws::Ws::hello(&bus.ws, &token).await;
+            ws.send(json!({"op": "subscribe", "channel": "pages", "after": last}))
+                .await;
+            let answer = ws.recv().await;
+            (answer["op"] == "subscribed").then_some(ws)
+        }
+    })
+    .await;
+    let mut ws = rest;
+    let events = ws.events((BATCHES * PER_BATCH - last) as usize).await;
+    let resumed: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(
+        resumed,
+        (last + 1..=BATCHES * PER_BATCH).collect::<Vec<_>>()
+    );
+    cluster.stop().await;
+}
