@@ -222,7 +222,9 @@ async fn report_loop(
     // Each membership joins and leaves with the same entry, so the entry is its own key (keyed
     // apart, connection and channel were stored twice: 15k subscribers' worth of strings).
     let mut current: HashSet<Entry> = HashSet::new();
-    let (mut joined, mut left): (Vec<Entry>, Vec<Entry>) = (Vec::new(), Vec::new());
+    // Sets, not lists: a join cancels a pending leave of the same entry and the other way round,
+    // and a storm of 10k joins in one burst would scan a list 10k times.
+    let (mut joined, mut left): (HashSet<Entry>, HashSet<Entry>) = (HashSet::new(), HashSet::new());
     let mut full = true;
     let mut failing = false;
     let mut number = 0;
@@ -246,17 +248,15 @@ async fn report_loop(
                         Change::Joined(e) => {
                             current.insert(e.clone());
                             // Left and joined again before a report: the listeners' view stays right.
-                            match left.iter().position(|l| *l == e) {
-                                Some(i) => { left.swap_remove(i); }
-                                None => joined.push(e),
+                            if !left.remove(&e) {
+                                joined.insert(e);
                             }
                         }
                         Change::Left(e) => {
                             current.remove(&e);
                             // A join not yet reported cancels out.
-                            match joined.iter().position(|j| *j == e) {
-                                Some(i) => { joined.swap_remove(i); }
-                                None => left.push(e),
+                            if !joined.remove(&e) {
+                                left.insert(e);
                             }
                         }
                         Change::Flush(done) => waiting.push(done),
