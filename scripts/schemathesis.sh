@@ -22,9 +22,26 @@ key=schemathesis-key-0123456789abcdef
 EVENTBUS_API_KEYS="st:$key" EVENTBUS_LOG=warn "$bin" serve --listen "127.0.0.1:$port" --data "$data" >"$data/log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-token=$(curl -sf -X POST -H "Authorization: Bearer $key" "http://127.0.0.1:$port/v1/tokens" \
-  | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
+# Ready, then a service token for the key (python3 rather than curl: it is here already).
+token=$(python3 - "$port" "$key" <<'PY'
+import json, sys, time, urllib.request
+port, key = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+deadline = time.monotonic() + 60
+while True:
+    try:
+        urllib.request.urlopen(base + "/readyz", timeout=1)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("the bus was not ready within 60 s")
+        time.sleep(0.1)
+request = urllib.request.Request(
+    base + "/v1/tokens", data=b"", method="POST", headers={"Authorization": f"Bearer {key}"}
+)
+print(json.load(urllib.request.urlopen(request, timeout=10))["token"])
+PY
+)
 exclude=(--exclude-path "/v1/groups/{group}/fetch")
 for arg in "$@"; do [ "$arg" = --with-fetch ] && exclude=(); done
 args=()
