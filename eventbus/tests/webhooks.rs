@@ -554,6 +554,28 @@ async fn the_webhook_api_gives_each_token_its_own_and_no_more() {
             deleted.body
         );
     }
+    // The owner's narrowed token may not set going again what it may not read itself.
+    let retried = api
+        .send(
+            api.post(&format!("/v1/webhooks/{id}/retry"))
+                .bearer_auth(&narrow),
+        )
+        .await;
+    assert_eq!(retried.status, 403, "{}", retried.body);
+    assert_eq!(retried.body["field"], "channels");
+    for token in [&client, &other_client] {
+        let retried = api
+            .send(
+                api.post(&format!("/v1/webhooks/{id}/retry"))
+                    .bearer_auth(token),
+            )
+            .await;
+        assert!(
+            matches!(retried.status.as_u16(), 403 | 404),
+            "{}",
+            retried.body
+        );
+    }
     let still = api
         .send(api.get(&format!("/v1/webhooks/{id}")).bearer_auth(&service))
         .await;

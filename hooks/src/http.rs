@@ -71,14 +71,19 @@ pub async fn register_webhook(
         .webhooks
         .register(&grant, request.url, request.channels, request.secret)
         .await
-        .map_err(|err| match err {
-            WebhookError::Invalid { field, .. } => invalid(field, err.to_string()),
-            WebhookError::Forbidden(message) => {
-                Problem::new(Kind::Forbidden, message).with("field", "channels")
-            }
-            other => Problem::new(Kind::Unavailable, other.to_string()),
-        })?;
+        .map_err(problem)?;
     Ok((axum::http::StatusCode::CREATED, Json(hook.public())))
+}
+
+/// The problem for a refusal of the webhooks (registering, retrying).
+fn problem(err: WebhookError) -> Problem {
+    match err {
+        WebhookError::Invalid { field, .. } => invalid(field, err.to_string()),
+        WebhookError::Forbidden(message) => {
+            Problem::new(Kind::Forbidden, message).with("field", "channels")
+        }
+        other => Problem::new(Kind::Unavailable, other.to_string()),
+    }
 }
 
 /// `GET /v1/webhooks`: the caller's webhooks.
@@ -114,8 +119,8 @@ pub async fn retry_webhook(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    let owner = api.service(&headers).await?;
-    shown(api.webhooks.retry(&owner, &id).await)
+    let grant = api.service_grant(&headers).await?;
+    shown(api.webhooks.retry(&grant, &id).await)
 }
 
 /// One of the caller's webhooks as the API shows it, or 404 when it is not the caller's.
@@ -123,7 +128,7 @@ fn shown(
     found: Result<Option<crate::webhooks::Webhook>, WebhookError>,
 ) -> Result<Json<Value>, Problem> {
     found
-        .map_err(|err| Problem::new(Kind::Unavailable, err.to_string()))?
+        .map_err(problem)?
         .map(|h| Json(h.public()))
         .ok_or_else(|| Problem::new(Kind::NotFound, "no such webhook"))
 }

@@ -205,11 +205,7 @@ impl Webhooks {
         }
         // A webhook reads what its owner may read, no more: every user's inbox is not a pattern
         // away from a URL of the caller's choice.
-        for pattern in &channels {
-            grant.check_subscribe(pattern).map_err(|denied| {
-                WebhookError::Forbidden(format!("channels: {pattern:?}: {denied}"))
-            })?;
-        }
+        covered(grant, &channels)?;
         self.inner
             .settings
             .guard
@@ -298,11 +294,14 @@ impl Webhooks {
 
     /// Sets a dead webhook going again from where it stopped (its positions are kept): active,
     /// failures and last error cleared. `None` when it is not the owner's or does not exist; a
-    /// webhook that is not dead is left as it is.
-    pub async fn retry(&self, owner: &str, id: &str) -> Result<Option<Webhook>, WebhookError> {
-        let Some(mut hook) = self.get(owner, id).await? else {
+    /// webhook that is not dead is left as it is. The caller's grant must cover the webhook's
+    /// channels, as it must to register them: a narrowed token of the owner does not set going
+    /// again a delivery of what it may not read.
+    pub async fn retry(&self, grant: &Grant, id: &str) -> Result<Option<Webhook>, WebhookError> {
+        let Some(mut hook) = self.get(&grant.identity, id).await? else {
             return Ok(None);
         };
+        covered(grant, &hook.registration.channels)?;
         if hook.progress.state != State::Dead {
             return Ok(Some(hook));
         }
@@ -418,6 +417,16 @@ impl Webhooks {
         let task = tokio::spawn(deliver_loop(self.clone(), id.clone()));
         tasks.insert(id, task);
     }
+}
+
+/// Whether `grant` may read every one of `channels` (patterns included).
+fn covered(grant: &Grant, channels: &[String]) -> Result<(), WebhookError> {
+    for pattern in channels {
+        grant.check_subscribe(pattern).map_err(|denied| {
+            WebhookError::Forbidden(format!("channels: {pattern:?}: {denied}"))
+        })?;
+    }
+    Ok(())
 }
 
 fn store_error(err: eventbus_store_client::StoreError) -> WebhookError {
