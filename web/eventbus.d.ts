@@ -53,8 +53,11 @@ export interface Subscription {
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
 
 export interface EventBusOptions {
-  /** A token, or a function returning one (called at every connect and before expiry). */
-  token: string | (() => string | Promise<string>);
+  /**
+   * A token, or a function returning one (called at every connect and before expiry). Left out,
+   * the bus asks the application's connect hook with the page's cookies (docs/protocol.md §9).
+   */
+  token?: string | (() => string | Promise<string>);
   /** Seconds before the token's expiry to send a fresh one (default 60). */
   refreshBeforeS?: number;
   /** Reconnect backoff (default 250 ms doubling to 10 s, with jitter). */

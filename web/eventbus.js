@@ -10,7 +10,7 @@
 // with `after`, so handlers see every event once, in seq order. Publishes get an `id` before they
 // are first sent, so one re-sent after a reconnect is answered as a duplicate, never stored twice.
 
-const PROTOCOL_CLOSE = { GOING_AWAY: 1001, UNAUTHORIZED: 4001, SLOW: 4008, TOO_LARGE: 4009 };
+const PROTOCOL_CLOSE = { GOING_AWAY: 1001, UNAUTHORIZED: 4001, REFUSED: 4003, SLOW: 4008, TOO_LARGE: 4009 };
 
 /** Delay before reconnect attempt `attempt` (0-based): exponential, capped, with jitter. */
 export function backoffDelay(attempt, { initialMs = 250, maxMs = 10000 } = {}, random = Math.random) {
@@ -90,7 +90,9 @@ export class EventBus extends EventTarget {
   /**
    * @param {string} url  the gateway's WebSocket URL (`ws(s)://host/v1/ws`)
    * @param {object} options
-   *   token: a token, or a function (sync or async) returning one; called at every connect
+   *   token: a token, or a function (sync or async) returning one; called at every connect.
+   *     None at all: the bus asks the app's connect hook, with the page's cookies, who this is
+   *     (docs/protocol.md §9); the app's refusal (close 4003) ends the connection for good.
    *   refreshBeforeS: seconds before expiry to send a fresh token (default 60)
    *   backoff: { initialMs, maxMs }
    *   WebSocket: the WebSocket class (default: globalThis.WebSocket)
@@ -225,6 +227,12 @@ export class EventBus extends EventTarget {
       this.timers.clear();
       if (this.closedByUser) return;
       this.dispatchEvent(Object.assign(new Event("disconnect"), { code: event.code, reason: event.reason }));
+      if (event.code === PROTOCOL_CLOSE.REFUSED) {
+        // The application said no: asking again would get the same answer.
+        this._report(Object.assign(new Error(event.reason || "refused by the application"), { code: "refused" }));
+        this.close();
+        return;
+      }
       this._scheduleReconnect();
     };
     socket.onerror = () => {}; // onclose follows and handles it
@@ -360,7 +368,8 @@ export class EventBus extends EventTarget {
       if (known.length) positions.push(`${channel}:${Math.min(...known)}`);
     }
     const query = channels.map((c) => `channel=${encodeURIComponent(c)}`);
-    query.push(`token=${encodeURIComponent(token)}`);
+    // Without a token, the bus asks the app's connect hook (the browser sends the page's cookies).
+    if (token !== undefined) query.push(`token=${encodeURIComponent(token)}`);
     if (positions.length) query.push(`last_event_id=${encodeURIComponent(positions.join(","))}`);
     const source = new this.EventSource(`${this.httpBase}/v1/sse?${query.join("&")}`);
     this.source = source;

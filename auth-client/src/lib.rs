@@ -3,8 +3,10 @@
 //! per request), and the gateway's presence [`presence::Reporter`].
 #![forbid(unsafe_code)]
 
+pub mod app_hooks;
 pub mod claims;
 pub mod presence;
+pub mod signature;
 pub mod verifier;
 
 pub use claims::{Claims, TokenError, Verified};

@@ -67,6 +67,8 @@ pub struct Config {
     pub tls: eventbus_runtime::tls::Args,
     #[command(flatten)]
     pub trust: eventbus_runtime::tls::Trust,
+    #[command(flatten)]
+    pub app_hooks: eventbus_auth_client::app_hooks::Args,
 }
 
 impl Config {
@@ -157,6 +159,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     ingest_config.publish_rate = config.publish_rate.clone();
     ingest_config.upstream.internal = internal.clone();
     ingest_config.cors = config.cors.clone();
+    ingest_config.app_hooks = config.app_hooks.clone();
+    ingest_config.upstream.trust = config.trust.clone();
     ingest_config.store_in_process = Some(in_process.clone());
     let ingest = eventbus_ingest::routes(&ingest_config)?;
 
@@ -182,6 +186,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     gateway_config.publish_rate = config.publish_rate.clone();
     gateway_config.upstream.internal = internal;
     gateway_config.cors = config.cors.clone();
+    gateway_config.app_hooks = config.app_hooks.clone();
+    gateway_config.upstream.trust = config.trust.clone();
     gateway_config.store_in_process = Some(in_process);
     let gateway = eventbus_gateway::service(&gateway_config, backbone, shutdown.clone())?;
 

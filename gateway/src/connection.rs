@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use eventbus_auth_client::Verified;
+use eventbus_auth_client::app_hooks::{AppHooks, Refusal};
 use eventbus_auth_client::claims::now_s;
 use eventbus_model::{EventError, event_frame};
 use eventbus_router::pattern::is_pattern;
@@ -37,6 +38,8 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const PROTOCOL: u16 = 4000;
     pub const UNAUTHORIZED: u16 = 4001;
+    /// The application's connect hook refused the connection (its reason is the close reason).
+    pub const REFUSED: u16 = 4003;
     /// The identity already holds as many connections to this gateway as it may.
     pub const TOO_MANY_CONNECTIONS: u16 = 4029;
     pub const SLOW_CONSUMER: u16 = 4008;
@@ -216,12 +219,18 @@ struct Conn {
     cloudevents: bool,
     /// This connection's place among its identity's connections (released when it ends).
     _slot: Option<crate::identities::Slot>,
+    /// The allow-listed headers of the upgrade request, for the connect hook, until the hello.
+    /// A thin pointer on purpose: a boxed slice would cost every idle connection 8 bytes more.
+    #[allow(clippy::box_collection)]
+    for_hook: Option<Box<Vec<(String, String)>>>,
 }
 
+#[allow(clippy::box_collection)] // See `Conn::for_hook`.
 pub fn serve(
     gw: Arc<Gateway>,
     socket: WebSocket,
     pre_authenticated: Option<Verified>,
+    for_hook: Option<Box<Vec<(String, String)>>>,
     cloudevents: bool,
 ) -> impl Future<Output = ()> + Send + 'static {
     let id = format!(
@@ -245,6 +254,7 @@ pub fn serve(
         publishes: None,
         cloudevents,
         _slot: None,
+        for_hook,
     };
     // Built here, not in an async fn, for the reason given at `run`.
     conn.run(live, pre_authenticated)
@@ -477,14 +487,18 @@ impl Conn {
         let reference = frame.reference.as_deref();
         let Some(identity) = self.verified.as_ref().map(|v| v.grant.identity.clone()) else {
             return match frame.request {
-                Request::Hello { token } => match self.gw.verifier.verify(&token).await {
-                    Ok(verified) => self.authenticate(verified, reference).await,
-                    Err(err) => {
-                        self.refuse(FrameError::new(err.code(), err.to_string()), reference)
-                            .await?;
-                        Err(closing(close::UNAUTHORIZED, "unauthorized"))
+                Request::Hello { token: None } => self.hello_by_hook(reference).await,
+                Request::Hello { token: Some(token) } => {
+                    self.for_hook = None;
+                    match self.gw.verifier.verify(&token).await {
+                        Ok(verified) => self.authenticate(verified, reference).await,
+                        Err(err) => {
+                            self.refuse(FrameError::new(err.code(), err.to_string()), reference)
+                                .await?;
+                            Err(closing(close::UNAUTHORIZED, "unauthorized"))
+                        }
                     }
-                },
+                }
                 _ => {
                     self.refuse(
                         FrameError::new("unauthorized", "send hello with a token first"),
@@ -567,6 +581,32 @@ impl Conn {
         }
     }
 
+    /// A hello without a token: the application's connect hook says who this is, or refuses
+    /// (4003 with its reason; 1013 when it cannot be asked, so that the client tries again).
+    async fn hello_by_hook(&mut self, reference: Option<&RawValue>) -> Result<(), Ending> {
+        let headers = self.for_hook.take();
+        let (Some(app), Some(headers)) = (self.gw.app.clone(), headers) else {
+            self.refuse(
+                FrameError::new("unauthorized", "hello needs a token"),
+                reference,
+            )
+            .await?;
+            return Err(closing(close::UNAUTHORIZED, "unauthorized"));
+        };
+        match app.connect("websocket", *headers).await {
+            Ok(verified) => self.authenticate(verified, reference).await,
+            Err(refusal) => {
+                let message = refusal.to_string();
+                self.refuse(FrameError::new(refusal.code(), message.clone()), reference)
+                    .await?;
+                Err(match refusal {
+                    Refusal::Refused(_) => closing(close::REFUSED, close_reason(&message)),
+                    _ => closing(close::TRY_AGAIN_LATER, "the application did not answer"),
+                })
+            }
+        }
+    }
+
     async fn authenticate(
         &mut self,
         verified: Verified,
@@ -640,6 +680,14 @@ impl Conn {
             .subs
             .values()
             .map(|sub| &sub.name)
+            // The channels the application decides stay: its answer did not come from the token.
+            .filter(|name| {
+                !self
+                    .gw
+                    .app
+                    .as_ref()
+                    .is_some_and(|app| app.decides_subscribe(&fresh.grant, name))
+            })
             .filter_map(|name| {
                 fresh
                     .grant
@@ -693,11 +741,20 @@ impl Conn {
                         .await;
                 }
             };
-        let allowed = self
-            .verified
-            .as_ref()
-            .map(|v| v.grant.check_publish(&accepted.channel));
-        if let Some(Err(denied)) = allowed {
+        let Some(grant) = self.verified.as_ref().map(|v| &v.grant) else {
+            return Err(Ending::Gone);
+        };
+        // The application's publish hook is asked by the publish's own task, below: its answer
+        // must not hold up this connection's deliveries.
+        let asks_app = match &self.gw.app {
+            Some(app) if app.decides_publish(grant, &accepted.channel) => {
+                Some((app.clone(), grant.clone(), self.gw.limits))
+            }
+            _ => None,
+        };
+        if asks_app.is_none()
+            && let Err(denied) = grant.check_publish(&accepted.channel)
+        {
             return self
                 .refuse(
                     FrameError::new(denied.code(), denied.to_string()),
@@ -728,6 +785,19 @@ impl Conn {
         let answers = self.outbox();
         let reference = reference.map(|r| r.to_owned());
         tokio::spawn(async move {
+            let accepted = match asks_app {
+                None => accepted,
+                Some((app, grant, limits)) => {
+                    match AppHooks::check_publish(Some(&app), &grant, accepted, &limits).await {
+                        Ok(accepted) => accepted,
+                        Err(refusal) => {
+                            let answer = json!({"op": "error", "code": refusal.code(), "message": refusal.to_string()});
+                            let _ = answers.send(frames::with_ref(answer, reference.as_deref()));
+                            return;
+                        }
+                    }
+                }
+            };
             let answer = match store.append(vec![accepted]).await {
                 Ok(mut appended) if appended.len() == 1 => {
                     let a = appended.remove(0);
@@ -767,8 +837,10 @@ impl Conn {
         let Some(verified) = &self.verified else {
             return refuse("unauthorized", "send hello first".into());
         };
-        if let Err(denied) = verified.grant.check_subscribe(name) {
-            return refuse(denied.code(), denied.to_string());
+        if let Err(refusal) =
+            AppHooks::check_subscribe(self.gw.app.as_deref(), &verified.grant, name).await
+        {
+            return refuse(refusal.code(), refusal.to_string());
         }
         // The inbox is not counted: it is the connection's own.
         if announce && !self.holds(name) && self.subs.len() > self.gw.max_subscriptions {
@@ -1264,6 +1336,16 @@ impl Conn {
 fn remove_named(subs: &mut HashMap<u64, Box<Sub>>, name: &str) -> Option<Box<Sub>> {
     let id = *subs.iter().find(|(_, sub)| sub.name == name)?.0;
     subs.remove(&id)
+}
+
+/// A close frame's reason holds at most 123 bytes (RFC 6455 §5.5): longer ones are cut, at a
+/// character boundary.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
 }
 
 fn truncated(channel: &str, first: u64) -> FrameError {

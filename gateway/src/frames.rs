@@ -47,8 +47,9 @@ pub struct Durable {
 
 #[derive(Debug)]
 pub enum Request {
+    /// Without a token, the connect hook decides who the connection is (when one is configured).
     Hello {
-        token: String,
+        token: Option<String>,
     },
     Subscribe {
         channel: String,
@@ -180,7 +181,7 @@ pub fn parse(text: &str) -> Result<Frame, (FrameError, Option<Box<RawValue>>)> {
             .map_err(|_| FrameError::new("bad_frame", "a frame needs an op"))?;
         let request = match op.as_str() {
             "hello" => Request::Hello {
-                token: fields.required("token")?,
+                token: fields.string("token")?,
             },
             "subscribe" => {
                 let channel = fields.required("channel")?;

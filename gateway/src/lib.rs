@@ -70,6 +70,8 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 pub(crate) struct Gateway {
     hub: hub::Hub,
     verifier: Verifier,
+    /// The application's hooks (connect, subscribe, publish), when the operator configured any.
+    app: Option<Arc<eventbus_auth_client::app_hooks::AppHooks>>,
     store: StoreClient,
     limits: Limits,
     origins: Origins,
@@ -146,6 +148,11 @@ pub fn service(
         verifier: Verifier::new(
             GrpcKeySource::for_upstream(&config.upstream).map_err(Error::Config)?,
         ),
+        app: eventbus_auth_client::app_hooks::AppHooks::new(
+            &config.app_hooks,
+            &config.upstream.trust,
+        )
+        .map_err(Error::Config)?,
         store,
         limits: config.events.model(),
         origins: Origins::new(&config.cors, config.dev),
@@ -209,6 +216,12 @@ async fn upgrade(
             Err(err) => return Problem::from(err).into_response(),
         },
     };
+    // Without a token, a hello without one asks the connect hook about this request: all it
+    // will see of it are the allow-listed headers, kept until then.
+    let for_hook = match (&verified, &gateway.app) {
+        (None, Some(app)) if app.connects() => Some(Box::new(app.passed_headers(&headers))),
+        _ => None,
+    };
     let tracker = gateway.connections.clone();
     let upgrade = upgrade.protocols([connection::CLOUDEVENTS_PROTOCOL]);
     let cloudevents = upgrade.selected_protocol().is_some();
@@ -221,7 +234,13 @@ async fn upgrade(
         .max_message_size(gateway.max_frame_bytes)
         .max_frame_size(gateway.max_frame_bytes)
         .on_upgrade(move |socket| {
-            tracker.track_future(connection::serve(gateway, socket, verified, cloudevents))
+            tracker.track_future(connection::serve(
+                gateway,
+                socket,
+                verified,
+                for_hook,
+                cloudevents,
+            ))
         })
 }
 

@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use eventbus_auth_client::Verified;
+use eventbus_auth_client::app_hooks::AppHooks;
 use eventbus_auth_client::claims::now_s;
 use eventbus_runtime::problem::{Kind, Problem, bearer};
 use tokio::sync::mpsc;
@@ -175,16 +176,21 @@ async fn open(
         ));
     }
     let query = parse_query(raw)?;
-    let token = bearer(headers)
-        .map(str::to_owned)
-        .or(query.token.clone())
-        .ok_or_else(|| {
-            Problem::new(
+    let token = bearer(headers).map(str::to_owned).or(query.token.clone());
+    let verified = match (token, &gw.app) {
+        (Some(token), _) => gw.verifier.verify(&token).await.map_err(Problem::from)?,
+        // Without a token, the application's connect hook says who this is.
+        (None, Some(app)) if app.connects() => app
+            .connect("sse", app.passed_headers(headers))
+            .await
+            .map_err(Problem::from)?,
+        (None, _) => {
+            return Err(Problem::new(
                 Kind::Unauthorized,
                 "send a token as Bearer or as the token query parameter",
-            )
-        })?;
-    let verified = gw.verifier.verify(&token).await.map_err(Problem::from)?;
+            ));
+        }
+    };
     let slot = gw.identities.take(&verified.grant.identity).ok_or_else(|| {
         Problem::new(
             Kind::Overloaded,
@@ -203,10 +209,9 @@ async fn open(
             )
             .with("channel", channel.as_str()));
         }
-        verified
-            .grant
-            .check_subscribe(channel)
-            .map_err(|denied| Problem::from(denied).with("channel", channel.as_str()))?;
+        AppHooks::check_subscribe(gw.app.as_deref(), &verified.grant, channel)
+            .await
+            .map_err(|refusal| Problem::from(refusal).with("channel", channel.as_str()))?;
     }
     let resume = headers
         .get("last-event-id")

@@ -53,6 +53,8 @@ pub struct Config {
     pub tls: eventbus_runtime::tls::Args,
     #[command(flatten)]
     pub publish_rate: eventbus_runtime::rate::Args,
+    #[command(flatten)]
+    pub app_hooks: eventbus_auth_client::app_hooks::Args,
 }
 
 impl Config {

@@ -49,7 +49,7 @@ pub async fn history(
             }
         }
     }
-    check_readable(&verified.grant, &channel)?;
+    check_readable(&ingest, &verified.grant, &channel).await?;
     let page = ingest
         .store
         .read(&channel, after, limit, compact)
@@ -70,18 +70,29 @@ fn parse_limit(value: &str) -> Result<u32, Problem> {
         .ok_or_else(|| invalid("limit", "limit must be 1-1000"))
 }
 
-/// May this grant read `channel`'s history (a single channel, subscribe permission)?
-pub fn check_readable(grant: &eventbus_router::Grant, channel: &str) -> Result<(), Problem> {
-    grant
-        .check_subscribe(channel)
-        .map_err(|denied| Problem::from(denied).with("channel", channel))?;
+/// May this grant read `channel`'s history (a single channel, subscribe permission: the grant's,
+/// or the application's subscribe hook's for its channels)?
+pub async fn check_readable(
+    ingest: &Ingest,
+    grant: &eventbus_router::Grant,
+    channel: &str,
+) -> Result<(), Problem> {
     if eventbus_router::pattern::is_pattern(channel) {
+        grant
+            .check_subscribe(channel)
+            .map_err(|denied| Problem::from(denied).with("channel", channel))?;
         return Err(invalid(
             "channel",
             "history is read one channel at a time, not by pattern",
         ));
     }
-    Ok(())
+    eventbus_auth_client::app_hooks::AppHooks::check_subscribe(
+        ingest.app.as_deref(),
+        grant,
+        channel,
+    )
+    .await
+    .map_err(|refusal| Problem::from(refusal).with("channel", channel))
 }
 
 /// `{<prefix>"events":[...],"next_after":N,"head":H}`. The events are already JSON text; they are

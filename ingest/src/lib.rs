@@ -51,6 +51,8 @@ pub enum Error {
 
 pub(crate) struct Ingest {
     verifier: Verifier,
+    /// The application's hooks (subscribe and publish decide for clients on their channels).
+    app: Option<Arc<eventbus_auth_client::app_hooks::AppHooks>>,
     store: StoreClient,
     limits: Limits,
     max_batch_events: usize,
@@ -73,6 +75,11 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         verifier: Verifier::new(
             GrpcKeySource::for_upstream(&config.upstream).map_err(Error::Config)?,
         ),
+        app: eventbus_auth_client::app_hooks::AppHooks::new(
+            &config.app_hooks,
+            &config.upstream.trust,
+        )
+        .map_err(Error::Config)?,
         store: StoreClient::for_upstream(&config.upstream, config.store_in_process.as_ref())
             .map_err(|err| Error::Config(err.to_string()))?,
         limits: config.events.model(),

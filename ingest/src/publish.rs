@@ -6,6 +6,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header;
+use eventbus_auth_client::app_hooks::AppHooks;
 use eventbus_model::EventError;
 use eventbus_runtime::problem::{Kind, Problem};
 use eventbus_store_client::StoreError;
@@ -160,16 +161,39 @@ async fn publish_durably(
             ),
         ));
     }
-    for (index, event) in events.iter().enumerate() {
-        verified
-            .grant
-            .check_publish(&event.channel)
-            .map_err(|denied| {
-                Problem::from(denied)
-                    .with("index", index)
-                    .with("channel", event.channel.as_str())
-            })?;
-    }
+    let events = match &ingest.app {
+        None => {
+            for (index, event) in events.iter().enumerate() {
+                verified
+                    .grant
+                    .check_publish(&event.channel)
+                    .map_err(|denied| {
+                        Problem::from(denied)
+                            .with("index", index)
+                            .with("channel", event.channel.as_str())
+                    })?;
+            }
+            events
+        }
+        // The application's publish hook decides (and may rewrite) a client's events on its
+        // channels; a batch is all or nothing, as for the grant.
+        Some(app) => {
+            let mut checked = Vec::with_capacity(events.len());
+            for (index, event) in events.into_iter().enumerate() {
+                let channel = event.channel.clone();
+                let event =
+                    AppHooks::check_publish(Some(app), &verified.grant, event, &ingest.limits)
+                        .await
+                        .map_err(|refusal| {
+                            Problem::from(refusal)
+                                .with("index", index)
+                                .with("channel", channel)
+                        })?;
+                checked.push(event);
+            }
+            checked
+        }
+    };
     ingest
         .rate
         .check(&verified.grant.identity, events.len())

@@ -116,7 +116,7 @@ pub async fn get(
             }
         }
     }
-    check_readable(&verified.grant, &channel)?;
+    check_readable(&ingest, &verified.grant, &channel).await?;
     let snapshot = ingest
         .store
         .snapshot(&channel)

@@ -33,6 +33,23 @@ impl Ws {
         Ws { stream }
     }
 
+    /// Connects to `url` with these request headers (a browser's cookie, say).
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("websocket URL");
+        for (name, value) in headers {
+            request.headers_mut().append(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("header name"),
+                value.parse().expect("header value"),
+            );
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket connect failed");
+        Ws { stream }
+    }
+
     /// Connects to a `wss://` URL trusting `tls`.
     pub async fn connect_tls(url: &str, tls: rustls::ClientConfig) -> Ws {
         let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));

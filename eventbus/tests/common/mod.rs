@@ -70,3 +70,19 @@ impl AllInOne {
         self.dir
     }
 }
+
+/// Panics unless `headers` carry the `X-Eventbus-Signature` of `body` with `secret`:
+/// `t=<unix s>,v1=HMAC-SHA256(secret, "<t>.<body>")` (webhooks and the application's hooks).
+pub fn assert_signed(headers: &axum::http::HeaderMap, secret: &str, body: &[u8]) {
+    let header = headers["x-eventbus-signature"].to_str().expect("ascii");
+    let t: u64 = header
+        .strip_prefix("t=")
+        .and_then(|r| r.split(',').next())
+        .and_then(|t| t.parse().ok())
+        .expect("t=");
+    assert_eq!(
+        header,
+        eventbus_auth_client::signature::signature(secret, t, body),
+        "signed with the secret"
+    );
+}
