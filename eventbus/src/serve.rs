@@ -69,6 +69,8 @@ pub struct Config {
     pub trust: eventbus_runtime::tls::Trust,
     #[command(flatten)]
     pub app_hooks: eventbus_auth_client::app_hooks::Args,
+    #[command(flatten)]
+    pub websub: eventbus_runtime::websub::Args,
 }
 
 impl Config {
@@ -160,6 +162,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     ingest_config.upstream.internal = internal.clone();
     ingest_config.cors = config.cors.clone();
     ingest_config.app_hooks = config.app_hooks.clone();
+    ingest_config.websub = config.websub.clone();
+    // Not to listen with (the public listener does): to say https in the URLs it advertises.
+    ingest_config.tls = config.tls.clone();
     ingest_config.upstream.trust = config.trust.clone();
     ingest_config.store_in_process = Some(in_process.clone());
     let ingest = eventbus_ingest::routes(&ingest_config)?;
@@ -176,6 +181,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     hooks_config.upstream.internal = internal.clone();
     hooks_config.upstream.trust = config.trust.clone();
     hooks_config.cors = config.cors.clone();
+    hooks_config.websub = config.websub.clone();
+    hooks_config.tls = config.tls.clone();
     hooks_config.store_in_process = Some(in_process.clone());
     let hooks = eventbus_hooks::routes(&hooks_config, shutdown.clone()).await?;
 

@@ -193,7 +193,7 @@ async fn the_connect_hook_lets_a_cookie_in_and_refuses_with_the_apps_reason() {
     }
 
     // SSE: the same hook, the same answers as HTTP statuses.
-    let base = bus.endpoints.api.base();
+    let base = &bus.endpoints.api.base;
     let sse = |cookie: &'static str| {
         reqwest::Client::new()
             .get(format!("{base}/v1/sse?channel=news"))

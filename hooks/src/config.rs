@@ -36,6 +36,20 @@ pub struct Settings {
     pub webhook_poll_ms: u64,
     #[command(flatten)]
     pub destinations: Destinations,
+    /// Longest WebSub lease, in seconds, and the lease of a subscription that names none.
+    #[arg(
+        long = "websub-max-lease-s",
+        env = "EVENTBUS_WEBSUB_MAX_LEASE_S",
+        default_value_t = 864_000
+    )]
+    pub websub_max_lease_s: u64,
+    /// Most WebSub subscriptions the hub keeps; past it a subscribe is answered 503.
+    #[arg(
+        long = "websub-max-subscriptions",
+        env = "EVENTBUS_WEBSUB_MAX_SUBSCRIPTIONS",
+        default_value_t = 10_000
+    )]
+    pub websub_max_subscriptions: usize,
 }
 
 impl Default for Settings {
@@ -85,6 +99,8 @@ pub struct Config {
     pub http: eventbus_runtime::http::Limits,
     #[command(flatten)]
     pub tls: eventbus_runtime::tls::Args,
+    #[command(flatten)]
+    pub websub: eventbus_runtime::websub::Args,
 }
 
 impl Config {

@@ -2,7 +2,8 @@
 //! the hooks service POSTs each matching event to the URL as a signed CloudEvent, in seq order per
 //! channel, at least once, within the grant of the token that registered it and only to
 //! destinations the operator allows. It reads events from the store and checks tokens against
-//! auth's keys, like ingest: it is on no other service's path.
+//! auth's keys, like ingest: it is on no other service's path. It is also the WebSub hub
+//! (`/v1/websub`, see [`websub`]), whose subscriptions are delivered the same way.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -10,6 +11,7 @@ pub mod destinations;
 mod http;
 pub mod state;
 pub mod webhooks;
+pub mod websub;
 
 use std::sync::Arc;
 
@@ -56,6 +58,13 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
     )
     .await
     .map_err(|err| Error::Config(err.to_string()))?;
+    let hub = Arc::new(websub::Hub {
+        webhooks: webhooks.clone(),
+        public: config.websub.clone(),
+        tls: config.tls.scheme() == "https",
+        max_lease_s: config.settings.websub_max_lease_s.max(1),
+        max_subscriptions: config.settings.websub_max_subscriptions,
+    });
     let api = Arc::new(http::Api {
         webhooks,
         verifier: Verifier::new(
@@ -74,6 +83,11 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
         )
         .route("/v1/webhooks/{id}/retry", post(http::retry_webhook))
         .with_state(api)
+        .merge(
+            axum::Router::new()
+                .route("/v1/websub", post(websub::hub))
+                .with_state(hub),
+        )
         .layer(origins.layer()))
 }
 

@@ -25,6 +25,21 @@ pub struct Registration {
     pub secret: String,
     /// The subscribe patterns of the token that registered it: every delivery stays within them.
     pub grant: Vec<String>,
+    /// Set for a WebSub subscription (owner empty, `channels` its topic's channel, `secret`
+    /// possibly empty): delivered the WebSub way, until its lease ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websub: Option<WebSubLease>,
+}
+
+/// A WebSub subscription's topic, hub and lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebSubLease {
+    /// The topic URL as the subscriber gave it (echoed in `Link: rel="self"`).
+    pub topic: String,
+    /// The hub's URL as the subscriber reached it (`Link: rel="hub"`).
+    pub hub: String,
+    /// Unix ms at which the subscription ends unless renewed.
+    pub until_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -203,6 +203,7 @@ impl Webhooks {
             channels,
             secret,
             grant: grant.subscribe.clone(),
+            websub: None,
         };
         let progress = Progress {
             positions,
@@ -311,6 +312,12 @@ impl Webhooks {
         if self.get(owner, id).await?.is_none() {
             return Ok(false);
         }
+        self.remove(id).await?;
+        Ok(true)
+    }
+
+    /// Removes a registration and its progress, and stops its delivery here.
+    pub(crate) async fn remove(&self, id: &str) -> Result<(), WebhookError> {
         let kept = &self.inner.kept;
         kept.delete_registration(id).await.map_err(store_error)?;
         // Its progress goes too (a write by a delivery still in flight may bring it back; only
@@ -325,7 +332,95 @@ impl Webhooks {
         .map_err(store_error)?;
         // The holder stops its task at its next look; stop it here at once when it is this one.
         self.stop(id);
-        Ok(true)
+        Ok(())
+    }
+
+    /// Keeps a verified WebSub subscription: a new one starts at its channel's head (nothing
+    /// before its verification is delivered); a renewal keeps its position and gets the new
+    /// lease and secret.
+    pub(crate) async fn keep_websub(
+        &self,
+        id: String,
+        channel: String,
+        callback: String,
+        secret: String,
+        lease: crate::state::WebSubLease,
+    ) -> Result<(), WebhookError> {
+        let kept = &self.inner.kept;
+        let renewal = kept
+            .registrations()
+            .await
+            .map_err(store_error)?
+            .contains_key(&id);
+        if !renewal {
+            let mut positions = BTreeMap::new();
+            for (found, head) in list(self.store(), &channel).await? {
+                positions.insert(found, head);
+            }
+            let progress = Progress {
+                positions,
+                ..Progress::default()
+            };
+            kept.put_progress(&id, &progress)
+                .await
+                .map_err(store_error)?;
+        }
+        let registration = Registration {
+            id: id.clone(),
+            owner: String::new(),
+            url: callback,
+            channels: vec![channel.clone()],
+            secret,
+            grant: vec![channel],
+            websub: Some(lease),
+        };
+        kept.put_registration(&registration)
+            .await
+            .map_err(store_error)?;
+        if self.may_deliver() {
+            let progress = kept
+                .progress()
+                .await
+                .map_err(store_error)?
+                .remove(&id)
+                .unwrap_or_default();
+            let mut hooks = self.lock();
+            match hooks.get_mut(&id) {
+                Some(working) => working.registration = registration,
+                None => {
+                    hooks.insert(
+                        id.clone(),
+                        Webhook {
+                            registration,
+                            progress,
+                            backlog: 0,
+                        },
+                    );
+                }
+            }
+            drop(hooks);
+            self.spawn(id);
+        }
+        Ok(())
+    }
+
+    /// WebSub subscriptions kept now.
+    pub(crate) async fn websub_count(&self) -> Result<usize, WebhookError> {
+        let registrations = self.inner.kept.registrations().await.map_err(store_error)?;
+        Ok(registrations
+            .values()
+            .filter(|r| r.websub.is_some())
+            .count())
+    }
+
+    /// The HTTP client of deliveries (destinations checked, no redirects), for WebSub's intent
+    /// verification.
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.inner.http
+    }
+
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.inner.settings.guard
     }
 
     fn stop(&self, id: &str) {
@@ -458,6 +553,7 @@ async fn import_legacy(kept: &Kept, dir: &std::path::Path) -> Result<(), Webhook
             channels: hook.channels,
             secret: hook.secret,
             grant: hook.grant,
+            websub: None,
         })
         .await
         .map_err(store_error)?;
@@ -526,6 +622,15 @@ async fn refresh(webhooks: &Webhooks) -> Result<(), WebhookError> {
     for id in known.iter().filter(|id| !registrations.contains_key(*id)) {
         webhooks.stop(id);
     }
+    // A registration changed elsewhere (a WebSub renewal: new lease, new secret) is taken up.
+    {
+        let mut hooks = webhooks.lock();
+        for (id, working) in hooks.iter_mut() {
+            if let Some(stored) = registrations.get(id) {
+                working.registration = stored.clone();
+            }
+        }
+    }
     let new: Vec<&String> = registrations
         .keys()
         .filter(|id| !known.contains(id))
@@ -557,6 +662,21 @@ async fn refresh(webhooks: &Webhooks) -> Result<(), WebhookError> {
                 working.progress = stored;
             }
         }
+    }
+    // A dead WebSub subscription has no task to notice its lease end: noticed here.
+    let ended: Vec<Webhook> = webhooks
+        .lock()
+        .values()
+        .filter(|h| {
+            h.registration
+                .websub
+                .as_ref()
+                .is_some_and(|l| l.until_ms <= now_ms())
+        })
+        .cloned()
+        .collect();
+    for hook in ended {
+        lease_over(webhooks, &hook).await;
     }
     let active: Vec<String> = webhooks
         .lock()
@@ -605,6 +725,9 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
         let Some(hook) = webhooks.lock().get(&id).cloned() else {
             return;
         };
+        if lease_over(&webhooks, &hook).await {
+            return;
+        }
         if hook.progress.state != State::Active {
             return;
         }
@@ -657,7 +780,7 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
                 return;
             }
             for event in page.events {
-                if !webhooks.may_deliver() {
+                if !webhooks.may_deliver() || lease_over(&webhooks, &hook).await {
                     return;
                 }
                 match deliver(&webhooks, &hook, &event.json, &settings).await {
@@ -682,6 +805,38 @@ async fn deliver_loop(webhooks: Webhooks, id: String) {
         }
         if !progressed {
             tokio::time::sleep(settings.poll).await;
+        }
+    }
+}
+
+/// Whether a WebSub subscription's lease is over; if it is (in the store too: a renewal through
+/// another replica may not have reached this working copy yet), the subscription is removed.
+async fn lease_over(webhooks: &Webhooks, hook: &Webhook) -> bool {
+    let Some(lease) = &hook.registration.websub else {
+        return false;
+    };
+    if now_ms() < lease.until_ms {
+        return false;
+    }
+    let id = &hook.registration.id;
+    let stored = match webhooks.inner.kept.registrations().await {
+        Ok(mut all) => all.remove(id),
+        // Not known now: nothing is delivered past the lease all the same.
+        Err(_) => return true,
+    };
+    match stored.and_then(|r| r.websub) {
+        Some(renewed) if now_ms() < renewed.until_ms => {
+            if let Some(working) = webhooks.lock().get_mut(id) {
+                working.registration.websub = Some(renewed);
+            }
+            false
+        }
+        _ => {
+            info!(subscription = %id, topic = %lease.topic, "WebSub lease over: subscription removed");
+            if let Err(err) = webhooks.remove(id).await {
+                debug!(%err, "cannot remove an expired WebSub subscription now");
+            }
+            true
         }
     }
 }
@@ -714,19 +869,41 @@ async fn deliver(
             webhooks.kill(id, why).await;
             return Err(());
         }
-        let timestamp = eventbus_auth_client::claims::now_s();
-        let outcome = webhooks
-            .inner
-            .http
-            .post(&hook.registration.url)
-            .header("content-type", "application/cloudevents+json")
-            .header(
-                SIGNATURE_HEADER,
-                signature(&hook.registration.secret, timestamp, body),
-            )
-            .body(body.to_vec())
-            .send()
-            .await;
+        let request = webhooks.inner.http.post(&hook.registration.url);
+        let request = match &hook.registration.websub {
+            None => {
+                let timestamp = eventbus_auth_client::claims::now_s();
+                request
+                    .header("content-type", "application/cloudevents+json")
+                    .header(
+                        SIGNATURE_HEADER,
+                        signature(&hook.registration.secret, timestamp, body),
+                    )
+            }
+            // WebSub content distribution (W3C Recommendation §7): the topic's new content, the
+            // hub and the topic in `Link`, signed when the subscriber gave a secret.
+            Some(lease) => {
+                let request = request.header("content-type", "application/json").header(
+                    "link",
+                    format!(
+                        "<{}>; rel=\"hub\", <{}>; rel=\"self\"",
+                        lease.hub, lease.topic
+                    ),
+                );
+                if hook.registration.secret.is_empty() {
+                    request
+                } else {
+                    request.header(
+                        "x-hub-signature",
+                        eventbus_auth_client::signature::hub_signature(
+                            &hook.registration.secret,
+                            body,
+                        ),
+                    )
+                }
+            }
+        };
+        let outcome = request.body(body.to_vec()).send().await;
         let error = match outcome {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) => format!("the receiver answered {}", r.status()),

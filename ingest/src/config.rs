@@ -55,6 +55,8 @@ pub struct Config {
     pub publish_rate: eventbus_runtime::rate::Args,
     #[command(flatten)]
     pub app_hooks: eventbus_auth_client::app_hooks::Args,
+    #[command(flatten)]
+    pub websub: eventbus_runtime::websub::Args,
 }
 
 impl Config {

@@ -18,17 +18,36 @@ fn invalid(field: &str, detail: &str) -> Problem {
     Problem::new(Kind::InvalidRequest, detail).with("field", field)
 }
 
+/// A channel's history; a channel public to WebSub advertises the hub and itself as the topic in
+/// `Link` (W3C WebSub §4: discovery), on refusals too, so that discovery needs no account.
 pub async fn history(
     State(ingest): State<Arc<Ingest>>,
     Path(channel): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: axum::http::HeaderMap,
+) -> Response {
+    let links = ingest.websub.links(&headers, ingest.tls, &channel);
+    let mut response = read(&ingest, &channel, &query, &headers)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    if let Some(value) = links.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LINK, value);
+    }
+    response
+}
+
+async fn read(
+    ingest: &Ingest,
+    channel: &str,
+    query: &HashMap<String, String>,
+    headers: &axum::http::HeaderMap,
 ) -> Result<Response, Problem> {
-    let verified = ingest.authenticate(&headers).await?;
+    let channel = channel.to_owned();
+    let verified = ingest.authenticate(headers).await?;
     let mut after = 0u64;
     let mut limit = DEFAULT_LIMIT;
     let mut compact = false;
-    for (name, value) in &query {
+    for (name, value) in query {
         match name.as_str() {
             "after" => {
                 after = value
@@ -49,7 +68,7 @@ pub async fn history(
             }
         }
     }
-    check_readable(&ingest, &verified.grant, &channel).await?;
+    check_readable(ingest, &verified.grant, &channel).await?;
     let page = ingest
         .store
         .read(&channel, after, limit, compact)

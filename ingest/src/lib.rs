@@ -58,6 +58,10 @@ pub(crate) struct Ingest {
     max_batch_events: usize,
     max_body_bytes: usize,
     rate: eventbus_runtime::rate::PublishRate,
+    /// Channels public to WebSub, whose history advertises the hub.
+    websub: eventbus_runtime::websub::Args,
+    /// Whether the listener speaks TLS (for the URLs derived from `Host`).
+    tls: bool,
 }
 
 impl Ingest {
@@ -86,6 +90,8 @@ pub fn routes(config: &Config) -> Result<axum::Router, Error> {
         max_batch_events: config.settings.max_batch_events,
         max_body_bytes: config.settings.max_body_bytes,
         rate: eventbus_runtime::rate::PublishRate::new(&config.publish_rate),
+        websub: config.websub.clone(),
+        tls: config.tls.scheme() == "https",
     });
     let origins = eventbus_runtime::cors::Origins::new(&config.cors, config.dev);
     Ok(axum::Router::new()

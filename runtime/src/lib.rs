@@ -19,6 +19,7 @@ pub mod rate;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod websub;
 
 /// A shutdown signal that any number of tasks can wait on. Cloning is cheap.
 #[derive(Clone)]

@@ -36,11 +36,6 @@ impl Http {
         }
     }
 
-    /// The base URL, without a trailing slash.
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     /// As [`Http::new`], with `client` (e.g. one trusting a test CA).
     pub fn with_client(base: &str, client: reqwest::Client) -> Self {
         Self {
