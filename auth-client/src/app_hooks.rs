@@ -160,6 +160,48 @@ pub struct AppHooks {
     answers: Mutex<HashMap<(String, String), Answered>>,
 }
 
+/// The largest answer read from the app: a decision is a small JSON object.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// A response's body, unless it is longer than `max` bytes (read no further than that): what
+/// answers the bus's own requests to other people's servers (hooks, WebSub callbacks) must not
+/// cost it more memory than it expects.
+pub async fn read_at_most(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("its answer is over {max} bytes"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|_| "its answer was cut short".to_owned())?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(format!("its answer is over {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Counts one decision of a hook by its outcome (`eventbus_app_hook_requests_total`; a cached
+/// subscribe decision counts again, as it is one more decision).
+fn counted<T>(hook: &'static str, result: Result<T, Refusal>) -> Result<T, Refusal> {
+    let outcome = match &result {
+        Ok(_) => "allowed",
+        Err(Refusal::Refused(_)) => "refused",
+        Err(_) => "unavailable",
+    };
+    eventbus_runtime::metrics::metrics()
+        .app_hook_requests
+        .get_or_create(&vec![
+            ("hook".to_owned(), hook.to_owned()),
+            ("outcome".to_owned(), outcome.to_owned()),
+        ])
+        .inc();
+    result
+}
+
 /// A subscribe hook's answer, and when it was given.
 type Answered = (Instant, Result<(), Refusal>);
 
@@ -301,10 +343,12 @@ impl AppHooks {
             warn!(hook, %request_id, %status, "application hook answered other than 200");
             return Err(unavailable(format!("it answered {status}")));
         }
-        let answer = response.bytes().await.map_err(|err| {
-            warn!(hook, %request_id, cause = %err, "application hook's answer cut short");
-            unavailable("its answer was cut short".into())
-        })?;
+        let answer = read_at_most(response, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|why| {
+                warn!(hook, %request_id, %why, "application hook's answer not read");
+                unavailable(why)
+            })?;
         debug!(hook, %request_id, ms = started.elapsed().as_millis() as u64, "application hook answered");
         serde_json::from_slice(&answer).map_err(|err| {
             warn!(hook, %request_id, cause = %err, "application hook's answer is not JSON");
@@ -314,6 +358,14 @@ impl AppHooks {
 
     /// Asks the connect hook who the client of a request with these headers is.
     pub async fn connect(
+        &self,
+        transport: &str,
+        headers: Vec<(String, String)>,
+    ) -> Result<Verified, Refusal> {
+        counted("connect", self.ask_connect(transport, headers).await)
+    }
+
+    async fn ask_connect(
         &self,
         transport: &str,
         headers: Vec<(String, String)>,
@@ -409,6 +461,10 @@ impl AppHooks {
     }
 
     async fn subscribe(&self, identity: &str, channel: &str) -> Result<(), Refusal> {
+        counted("subscribe", self.ask_subscribe(identity, channel).await)
+    }
+
+    async fn ask_subscribe(&self, identity: &str, channel: &str) -> Result<(), Refusal> {
         let key = (identity.to_owned(), channel.to_owned());
         if !self.cache_for.is_zero() {
             let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
@@ -478,6 +534,15 @@ impl AppHooks {
     }
 
     async fn publish(
+        &self,
+        identity: &str,
+        event: Accepted,
+        limits: &Limits,
+    ) -> Result<Accepted, Refusal> {
+        counted("publish", self.ask_publish(identity, event, limits).await)
+    }
+
+    async fn ask_publish(
         &self,
         identity: &str,
         event: Accepted,

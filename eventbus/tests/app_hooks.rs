@@ -69,6 +69,13 @@ async fn start_app(app: Arc<App>) -> String {
                             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
                         }
                         "session=nameless" => json!({"allow": true}),
+                        "session=brief" => {
+                            json!({"allow": true, "identity": "brief", "expires_in": 1})
+                        }
+                        // An answer far larger than any decision: not read to its end.
+                        "session=huge" => {
+                            json!({"allow": true, "identity": "huge", "padding": "x".repeat(100_000)})
+                        }
                         _ => json!({"allow": false, "reason": "not logged in"}),
                     }
                 }
@@ -185,12 +192,37 @@ async fn the_connect_hook_lets_a_cookie_in_and_refuses_with_the_apps_reason() {
         "session=garbage",
         "session=broken",
         "session=nameless",
+        "session=huge",
     ] {
         let mut ws = hello_with_cookie(ws_url, cookie).await;
         let frame = ws.recv().await;
         assert_eq!(frame["code"], "hook_unavailable", "{cookie}: {frame}");
         assert_eq!(ws.closed().await, Closed::Code(1013), "{cookie}");
     }
+
+    // Operators see the hooks' decisions.
+    let api = &bus.endpoints.api;
+    let metrics = api
+        .get("/metrics")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for outcome in ["allowed", "refused", "unavailable"] {
+        assert!(
+            metrics.contains(&format!(
+                "eventbus_app_hook_requests_total{{hook=\"connect\",outcome=\"{outcome}\"}}"
+            )),
+            "{outcome} counted"
+        );
+    }
+
+    // The app's lifetime holds: at its end the connection closes (4001), and a reconnect asks again.
+    let mut brief = hello_with_cookie(ws_url, "session=brief").await;
+    assert_eq!(brief.recv().await["op"], "welcome");
+    assert_eq!(brief.closed().await, Closed::Code(4001));
 
     // SSE: the same hook, the same answers as HTTP statuses.
     let base = &bus.endpoints.api.base;
@@ -295,7 +327,32 @@ async fn the_subscribe_hook_decides_client_subscriptions_on_its_channels() {
     assert_eq!(bob.recv().await["code"], "hook_unavailable");
     assert_eq!(app.count("subscribe", "rooms.bad"), 2);
 
-    // History over HTTP follows the same decision.
+    // A refresh keeps what the app allowed (the fresh token does not name it either).
+    let fresh = bus
+        .endpoints
+        .auth
+        .client_token(&service, "bob", &["news"], &[])
+        .await;
+    bob.send(json!({"op": "refresh", "token": fresh})).await;
+    assert_eq!(bob.recv().await["op"], "refreshed", "no subscription ended");
+
+    // SSE and history over HTTP follow the same decision.
+    let sse = |channel: &str| {
+        reqwest::Client::new()
+            .get(format!(
+                "{}/v1/sse?channel={channel}",
+                bus.endpoints.api.base
+            ))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(sse("rooms.open").await.expect("sse").status(), 200);
+    let refused = sse("rooms.secret").await.expect("sse");
+    assert_eq!(refused.status(), 403);
+    assert_eq!(
+        refused.json::<Value>().await.expect("problem")["code"],
+        "refused"
+    );
     let api = &bus.endpoints.api;
     assert_eq!(
         api.history(&token, "rooms.open", "after=0").await.status,

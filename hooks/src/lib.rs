@@ -64,6 +64,7 @@ pub async fn routes(config: &Config, shutdown: Shutdown) -> Result<axum::Router,
         tls: config.tls.scheme() == "https",
         max_lease_s: config.settings.websub_max_lease_s.max(1),
         max_subscriptions: config.settings.websub_max_subscriptions,
+        verifying: Arc::new(tokio::sync::Semaphore::new(websub::MAX_VERIFYING)),
     });
     let api = Arc::new(http::Api {
         webhooks,

@@ -30,7 +30,13 @@ pub struct Hub {
     /// The longest lease, and the lease of a request that names none.
     pub max_lease_s: u64,
     pub max_subscriptions: usize,
+    /// Verifications under way at most: anyone may ask the hub to call a URL, so it calls out at
+    /// a bounded rate of its own.
+    pub verifying: Arc<tokio::sync::Semaphore>,
 }
+
+/// Intent verifications under way at once, at most.
+pub const MAX_VERIFYING: usize = 64;
 
 /// Longest secret the Recommendation allows (§5.1: less than 200 bytes).
 const MAX_SECRET_BYTES: usize = 199;
@@ -158,13 +164,24 @@ pub async fn hub(
             "the hub holds as many subscriptions as it may (EVENTBUS_WEBSUB_MAX_SUBSCRIPTIONS)",
         ));
     }
+    let Ok(permit) = hub.verifying.clone().try_acquire_owned() else {
+        let mut problem = Problem::new(
+            Kind::Overloaded,
+            "the hub is verifying as many subscribers as it may at once; retry later",
+        );
+        problem.retry_after_s = Some(10);
+        return Err(problem);
+    };
     let hub_url = format!(
         "{}{HUB_PATH}",
         hub.public
             .base(&headers, hub.tls)
             .unwrap_or_else(|| "http://localhost".into())
     );
-    tokio::spawn(verify(hub.clone(), request, hub_url));
+    tokio::spawn(async move {
+        verify(hub.clone(), request, hub_url).await;
+        drop(permit);
+    });
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -208,10 +225,12 @@ async fn verify(hub: Arc<Hub>, request: Request, hub_url: String) {
         .send()
         .await;
     let echoed = match answered {
-        Ok(response) if response.status().is_success() => response
-            .text()
-            .await
-            .is_ok_and(|body| body.trim() == challenge),
+        // The challenge and little more: a callback's answer is anybody's.
+        Ok(response) if response.status().is_success() => {
+            eventbus_auth_client::app_hooks::read_at_most(response, 1024)
+                .await
+                .is_ok_and(|body| body.trim_ascii() == challenge.as_bytes())
+        }
         _ => false,
     };
     if !echoed {

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub webhook_backlog: Gauge,
     /// Webhook POSTs that failed (each retry counts).
     pub webhook_failures: Counter,
+    /// Questions to the application's hooks (labels `hook`: connect, subscribe, publish;
+    /// `outcome`: allowed, refused, unavailable).
+    pub app_hook_requests: Family<Vec<(String, String)>, Counter>,
     /// Per durable group (label `group`): events not done yet.
     pub group_backlog: Family<Vec<(String, String)>, Gauge>,
     /// Per durable group: events held by members now.
@@ -91,6 +94,7 @@ impl Metrics {
             backbone_beyond_head: Counter::default(),
             webhook_backlog: Gauge::default(),
             webhook_failures: Counter::default(),
+            app_hook_requests: Family::default(),
             group_backlog: Family::default(),
             group_in_flight: Family::default(),
             group_dead: Family::default(),
@@ -211,6 +215,11 @@ impl Metrics {
             "webhook_failures",
             "Webhook deliveries that failed (each attempt)",
             m.webhook_failures.clone(),
+        );
+        r.register(
+            "app_hook_requests",
+            "Questions to the application's hooks, by hook and outcome",
+            m.app_hook_requests.clone(),
         );
         r.register(
             "group_backlog",
