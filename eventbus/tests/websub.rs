@@ -53,7 +53,8 @@ impl Subscriber {
 }
 
 /// A WebSub subscriber (§5.3 and §7 of the Recommendation). Callbacks named `refuse*` do not
-/// confirm their intent (404); `wrong*` answer 200 with another body than the challenge.
+/// confirm their intent (404); `wrong*` answer 200 with another body than the challenge; `hang*`
+/// never answer.
 async fn start_subscriber(subscriber: Arc<Subscriber>) -> String {
     let verify = {
         let subscriber = subscriber.clone();
@@ -70,6 +71,9 @@ async fn start_subscriber(subscriber: Arc<Subscriber>) -> String {
                 }
                 if name.starts_with("wrong") {
                     return "not the challenge".into_response();
+                }
+                if name.starts_with("hang") {
+                    return std::future::pending().await;
                 }
                 query["hub.challenge"].clone().into_response()
             }
@@ -387,6 +391,21 @@ async fn the_hub_refuses_bad_requests_with_problems() {
         )
         .await;
     assert_eq!(json.status, 415);
+    // Anyone may make the hub call out: it verifies at most 64 subscribers at once.
+    let callbacks = start_subscriber(Arc::new(Subscriber::default())).await;
+    for i in 0..64 {
+        subscribe(&bus, &topic, &format!("{callbacks}/hang{i}"), None).await;
+    }
+    let (status, body) = hub(
+        &bus,
+        &[
+            ("hub.mode", "subscribe"),
+            ("hub.topic", &topic),
+            ("hub.callback", &format!("{callbacks}/one-too-many")),
+        ],
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
     for (form, status, field) in [
         (
             vec![("hub.topic", topic.as_str()), ("hub.callback", cb)],
