@@ -32,6 +32,10 @@ struct Subscriber {
     verifications: Mutex<Vec<Verification>>,
     /// Content distributions: the event and its headers.
     deliveries: Mutex<Vec<(String, Value, HeaderMap)>>,
+    /// While set, callbacks named `flaky*` answer content distribution with 503.
+    failing: std::sync::atomic::AtomicBool,
+    /// Content distribution attempts to `flaky*` callbacks, answered or not.
+    flaky_attempts: std::sync::atomic::AtomicU32,
 }
 
 impl Subscriber {
@@ -82,6 +86,13 @@ async fn start_subscriber(subscriber: Arc<Subscriber>) -> String {
     let distribute = move |Path(name): Path<String>, headers: HeaderMap, body: Bytes| {
         let subscriber = subscriber.clone();
         async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            if name.starts_with("flaky") {
+                subscriber.flaky_attempts.fetch_add(1, SeqCst);
+                if subscriber.failing.load(SeqCst) {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+            }
             // §7: X-Hub-Signature: sha256=<hex HMAC of the body with the subscriber's secret>.
             let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
             mac.update(&body);
@@ -502,4 +513,75 @@ async fn the_hub_refuses_bad_requests_with_problems() {
         assert_eq!(got, status, "{form:?}: {body}");
         assert_eq!(body["field"], field, "{form:?}: {body}");
     }
+}
+
+#[tokio::test]
+async fn subscribing_again_revives_a_subscription_that_gave_up() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bus = AllInOne::start_with(dir, false, |config| {
+        config.websub.channels = vec!["news.>".into()];
+        config.hooks.destinations.allow_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+        // One failed attempt and delivery stops.
+        config.hooks.webhook_max_attempts = 1;
+    })
+    .await;
+    let api = &bus.endpoints.api;
+    let service = bus.endpoints.service_token().await;
+    let subscriber = Arc::new(Subscriber::default());
+    let callbacks = start_subscriber(subscriber.clone()).await;
+    let topic = format!("{}/v1/channels/news.flaky/events", api.base);
+    let callback = format!("{callbacks}/flaky");
+    subscribe(&bus, &topic, &callback, None).await;
+    publish_until(&bus, &service, "news.flaky", "the first delivery", || {
+        !subscriber.seqs("flaky").is_empty()
+    })
+    .await;
+
+    // The subscriber fails once: the hub gives up on it.
+    subscriber.failing.store(true, SeqCst);
+    let attempts = subscriber.flaky_attempts.load(SeqCst);
+    publish(&bus, &service, "news.flaky", 1).await;
+    eventually("the failed attempt", || async {
+        (subscriber.flaky_attempts.load(SeqCst) > attempts).then_some(())
+    })
+    .await;
+    subscriber.failing.store(false, SeqCst);
+    publish(&bus, &service, "news.flaky", 2).await;
+    let head = api
+        .history(&service, "news.flaky", "after=0&limit=1")
+        .await
+        .body["head"]
+        .as_u64()
+        .expect("head");
+
+    // Back, it subscribes again (again, until the hub has seen it dead: when it marks it so is
+    // the hub's): delivery goes on from where it stopped, nothing skipped.
+    let delivered_before = subscriber.seqs("flaky");
+    let mut asked = 0;
+    eventually("delivery to go on", || {
+        let done = subscriber.seqs("flaky").last() == Some(&head);
+        let verified = subscriber.verifications("flaky").len();
+        let again = !done && verified == asked + 1;
+        if again {
+            asked += 1;
+        }
+        let (bus, topic, callback) = (&bus, &topic, &callback);
+        async move {
+            if again {
+                subscribe(bus, topic, callback, None).await;
+            }
+            done.then_some(())
+        }
+    })
+    .await;
+    let last_before = *delivered_before.last().expect("delivered");
+    assert_eq!(
+        subscriber.seqs("flaky"),
+        delivered_before
+            .into_iter()
+            .chain(last_before + 1..=head)
+            .collect::<Vec<_>>(),
+        "every event once, in order, across the pause"
+    );
 }

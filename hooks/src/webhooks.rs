@@ -352,7 +352,23 @@ impl Webhooks {
             .await
             .map_err(store_error)?
             .contains_key(&id);
-        if !renewal {
+        if renewal {
+            // A subscriber that asks again is back: a subscription that had given up on it goes
+            // on from where it stopped.
+            if let Some(mut progress) = kept.progress().await.map_err(store_error)?.remove(&id)
+                && progress.state == State::Dead
+            {
+                progress.state = State::Active;
+                progress.failures = 0;
+                progress.last_error = None;
+                kept.put_progress(&id, &progress)
+                    .await
+                    .map_err(store_error)?;
+                if let Some(working) = self.lock().get_mut(&id) {
+                    working.progress = progress;
+                }
+            }
+        } else {
             let mut positions = BTreeMap::new();
             for (found, head) in list(self.store(), &channel).await? {
                 positions.insert(found, head);
