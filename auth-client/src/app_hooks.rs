@@ -396,39 +396,7 @@ impl AppHooks {
                 json!({"transport": transport, "headers": passed}),
             )
             .await?;
-        let bad = |why: String| Refusal::Unavailable {
-            hook: "connect",
-            why: format!("bad answer: {why}"),
-        };
-        let decision: ConnectAnswer =
-            serde_json::from_value(answer).map_err(|err| bad(err.to_string()))?;
-        if !decision.allow {
-            return Err(Refusal::Refused(decision.reason.unwrap_or_else(|| {
-                "the application refused the connection".into()
-            })));
-        }
-        let identity = decision
-            .identity
-            .ok_or_else(|| bad("allow without an identity".into()))?;
-        eventbus_model::validate_identity(&identity)
-            .map_err(|err| bad(format!("identity {identity:?}: {err}")))?;
-        for pattern in decision.subscribe.iter().chain(&decision.publish) {
-            validate_pattern(pattern).map_err(|err| bad(format!("pattern {pattern:?}: {err}")))?;
-        }
-        let lifetime = decision
-            .expires_in
-            .unwrap_or(self.max_connection_s)
-            .clamp(1, self.max_connection_s);
-        Ok(Verified {
-            grant: Grant {
-                identity,
-                // What a connection with the app's cookie is: a browser, never a service.
-                role: Role::Client,
-                subscribe: decision.subscribe,
-                publish: decision.publish,
-            },
-            expires_at: crate::claims::now_s() + lifetime,
-        })
+        decide_connect(answer, self.max_connection_s)
     }
 
     /// Whether the app decides this subscription (a client's, to a channel of the hook's).
@@ -548,10 +516,6 @@ impl AppHooks {
         event: Accepted,
         limits: &Limits,
     ) -> Result<Accepted, Refusal> {
-        let bad = |why: String| Refusal::Unavailable {
-            hook: "publish",
-            why: format!("bad answer: {why}"),
-        };
         let shown: Value = serde_json::from_slice(&event.body).unwrap_or_default();
         let url = self.publish_url.as_deref().unwrap_or_default();
         let answer = self
@@ -561,17 +525,93 @@ impl AppHooks {
                 json!({"identity": identity, "channel": event.channel, "event": shown}),
             )
             .await?;
-        let decision: PublishAnswer =
-            serde_json::from_value(answer).map_err(|err| bad(err.to_string()))?;
-        if !decision.allow {
-            return Err(Refusal::Refused(decision.reason.unwrap_or_else(|| {
-                format!("the application refused the event on {:?}", event.channel)
-            })));
-        }
-        let Some(data) = decision.data else {
-            return Ok(event);
+        decide_publish(answer, event, limits)
+    }
+}
+
+/// The connect hook's answer: who the connection is, or why not.
+fn decide_connect(answer: Value, max_connection_s: u64) -> Result<Verified, Refusal> {
+    let bad = |why: String| Refusal::Unavailable {
+        hook: "connect",
+        why: format!("bad answer: {why}"),
+    };
+    let decision: ConnectAnswer =
+        serde_json::from_value(answer).map_err(|err| bad(err.to_string()))?;
+    if !decision.allow {
+        return Err(Refusal::Refused(decision.reason.unwrap_or_else(|| {
+            "the application refused the connection".into()
+        })));
+    }
+    let identity = decision
+        .identity
+        .ok_or_else(|| bad("allow without an identity".into()))?;
+    eventbus_model::validate_identity(&identity)
+        .map_err(|err| bad(format!("identity {identity:?}: {err}")))?;
+    for pattern in decision.subscribe.iter().chain(&decision.publish) {
+        validate_pattern(pattern).map_err(|err| bad(format!("pattern {pattern:?}: {err}")))?;
+    }
+    let lifetime = decision
+        .expires_in
+        .unwrap_or(max_connection_s)
+        .clamp(1, max_connection_s);
+    Ok(Verified {
+        grant: Grant {
+            identity,
+            // What a connection with the app's cookie is: a browser, never a service.
+            role: Role::Client,
+            subscribe: decision.subscribe,
+            publish: decision.publish,
+        },
+        expires_at: crate::claims::now_s() + lifetime,
+    })
+}
+
+/// The publish hook's answer: the event to store (maybe with the app's `data`), or why none.
+fn decide_publish(answer: Value, event: Accepted, limits: &Limits) -> Result<Accepted, Refusal> {
+    let bad = |why: String| Refusal::Unavailable {
+        hook: "publish",
+        why: format!("bad answer: {why}"),
+    };
+    let decision: PublishAnswer =
+        serde_json::from_value(answer).map_err(|err| bad(err.to_string()))?;
+    if !decision.allow {
+        return Err(Refusal::Refused(decision.reason.unwrap_or_else(|| {
+            format!("the application refused the event on {:?}", event.channel)
+        })));
+    }
+    let Some(data) = decision.data else {
+        return Ok(event);
+    };
+    let shown: Value = serde_json::from_slice(&event.body).unwrap_or_default();
+    with_data(&event, shown, data, limits).map_err(|err| bad(format!("data: {err}")))
+}
+
+/// The decoders of what the app answers, for the fuzz tests (`fuzz/`). Not an API.
+#[doc(hidden)]
+pub mod decoders {
+    use super::*;
+
+    /// A connect hook's answer (JSON text): whether it lets a connection in.
+    pub fn connect_answer(bytes: &[u8]) -> bool {
+        serde_json::from_slice(bytes)
+            .ok()
+            .is_some_and(|answer| decide_connect(answer, 3600).is_ok())
+    }
+
+    /// A publish hook's answer (JSON text) for a small event: whether an event comes out.
+    pub fn publish_answer(bytes: &[u8]) -> bool {
+        let limits = Limits::default();
+        let Ok(event) = eventbus_model::parse_event(
+            br#"{"channel":"chat.a","type":"said","data":{"text":"hi"}}"#,
+            "fuzz",
+            &limits,
+        ) else {
+            return false;
         };
-        with_data(&event, shown, data, limits).map_err(|err| bad(format!("data: {err}")))
+        let Ok(answer) = serde_json::from_slice::<Value>(bytes) else {
+            return false;
+        };
+        decide_publish(answer, event, &limits).is_ok()
     }
 }
 

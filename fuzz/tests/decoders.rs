@@ -1,6 +1,7 @@
 //! Every decoder of bytes eventbus did not write itself, fed mutated inputs (see `src/lib.rs`):
 //! the event parser (single, batch, CloudEvents binary headers), WebSocket client frames, the SSE
-//! query and `Last-Event-ID`, and what the store reads back from a damaged disk (records,
+//! query and `Last-Event-ID`, the WebSub hub's form, the application hooks' answers, and what
+//! the store reads back from a damaged disk (records,
 //! segments, checkpoints, the retention manifest). None may panic, or allocate more at once than a
 //! small multiple of the input it was given.
 
@@ -130,6 +131,50 @@ fn sse_query_and_last_event_id() {
 
 /// A log with several segments, a checkpoint and a retention manifest, written by the store
 /// itself: the seeds of the disk decoders.
+#[test]
+fn websub_hub_requests() {
+    let accepted = fuzz(
+        "websub-form",
+        &seeds(&[
+            "hub.mode=subscribe&hub.topic=https%3A%2F%2Fbus.example%2Fv1%2Fchannels%2Fnews.a%2Fevents&hub.callback=https%3A%2F%2Fr.example%2Fcb&hub.lease_seconds=3600&hub.secret=s3cret",
+            "hub.mode=unsubscribe&hub.topic=http://h/v1/channels/x/events&hub.callback=http://r/cb?x=1",
+        ]),
+        Seal::None,
+        proportional,
+        eventbus_hooks::websub::decodes,
+    );
+    assert!(accepted >= 2);
+}
+
+#[test]
+fn application_hook_answers() {
+    use eventbus_auth_client::app_hooks::decoders;
+    let allowed = fuzz(
+        "connect-answer",
+        &seeds(&[
+            r#"{"allow":true,"identity":"alice","subscribe":["rooms.a","news.>"],"publish":["rooms.a"],"expires_in":600}"#,
+            r#"{"allow":true,"identity":"bob"}"#,
+            r#"{"allow":false,"reason":"not signed in"}"#,
+        ]),
+        Seal::None,
+        proportional,
+        decoders::connect_answer,
+    );
+    assert!(allowed >= 2);
+    let allowed = fuzz(
+        "publish-answer",
+        &seeds(&[
+            r#"{"allow":true}"#,
+            r#"{"allow":true,"data":{"text":"****"}}"#,
+            r#"{"allow":false,"reason":"read-only"}"#,
+        ]),
+        Seal::None,
+        proportional,
+        decoders::publish_answer,
+    );
+    assert!(allowed >= 2);
+}
+
 fn written_log(dir: &Path) {
     use eventbus_store::log::{Entry, Log, Options};
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -58,64 +58,87 @@ impl Hub {
     /// Checks a request's form, its topic against what is public, its callback against the
     /// destinations allowed.
     async fn parse(&self, form: &[u8]) -> Result<Request, Problem> {
-        let mut fields = std::collections::HashMap::new();
-        for (name, value) in url::form_urlencoded::parse(form) {
-            if fields
-                .insert(name.clone().into_owned(), value.into_owned())
-                .is_some()
-            {
-                return Err(invalid(&name, format!("{name} is given twice")));
-            }
-        }
-        let mut take = |name: &str| fields.remove(name);
-        let subscribe = match take("hub.mode").as_deref() {
-            Some("subscribe") => true,
-            Some("unsubscribe") => false,
-            _ => return Err(invalid("hub.mode", "hub.mode is subscribe or unsubscribe")),
-        };
-        let callback = take("hub.callback")
-            .filter(|c| (c.starts_with("http://") || c.starts_with("https://")) && c.len() <= 2048)
-            .ok_or_else(|| invalid("hub.callback", "hub.callback is an http(s) URL"))?;
-        let topic =
-            take("hub.topic").ok_or_else(|| invalid("hub.topic", "hub.topic is required"))?;
-        let channel = topic_channel(&topic).ok_or_else(|| {
-            invalid(
-                "hub.topic",
-                "hub.topic is a channel's URL on this bus: <base>/v1/channels/<channel>/events",
-            )
-        })?;
-        if !self.public.public(&channel) {
-            return Err(Problem::new(
-                Kind::Forbidden,
-                format!("{channel:?} is not public to WebSub (EVENTBUS_WEBSUB_CHANNELS)"),
-            )
-            .with("field", "hub.topic"));
-        }
-        let lease_s = match take("hub.lease_seconds") {
-            None => self.max_lease_s,
-            Some(s) => s
-                .parse::<u64>()
-                .map_err(|_| invalid("hub.lease_seconds", "hub.lease_seconds is a whole number"))?
-                .clamp(1, self.max_lease_s),
-        };
-        let secret = take("hub.secret").unwrap_or_default();
-        if secret.len() > MAX_SECRET_BYTES {
-            return Err(invalid("hub.secret", "hub.secret is less than 200 bytes"));
-        }
+        let request = self.decode(form)?;
         self.webhooks
             .guard()
-            .check_url(&callback)
+            .check_url(&request.callback)
             .await
             .map_err(|why| invalid("hub.callback", why))?;
-        Ok(Request {
-            subscribe,
-            callback,
-            topic,
-            channel,
-            lease_s,
-            secret,
-        })
+        Ok(request)
     }
+
+    /// A request's form, checked in itself and against what is public.
+    fn decode(&self, form: &[u8]) -> Result<Request, Problem> {
+        decode(form, &self.public, self.max_lease_s)
+    }
+}
+
+/// Whether a hub request's form decodes (for the fuzz tests, `fuzz/`): every channel public.
+#[doc(hidden)]
+pub fn decodes(form: &[u8]) -> bool {
+    let public = eventbus_runtime::websub::Args {
+        channels: vec![">".into()],
+        public_url: None,
+    };
+    decode(form, &public, 864_000).is_ok()
+}
+
+fn decode(
+    form: &[u8],
+    public: &eventbus_runtime::websub::Args,
+    max_lease_s: u64,
+) -> Result<Request, Problem> {
+    let mut fields = std::collections::HashMap::new();
+    for (name, value) in url::form_urlencoded::parse(form) {
+        if fields
+            .insert(name.clone().into_owned(), value.into_owned())
+            .is_some()
+        {
+            return Err(invalid(&name, format!("{name} is given twice")));
+        }
+    }
+    let mut take = |name: &str| fields.remove(name);
+    let subscribe = match take("hub.mode").as_deref() {
+        Some("subscribe") => true,
+        Some("unsubscribe") => false,
+        _ => return Err(invalid("hub.mode", "hub.mode is subscribe or unsubscribe")),
+    };
+    let callback = take("hub.callback")
+        .filter(|c| (c.starts_with("http://") || c.starts_with("https://")) && c.len() <= 2048)
+        .ok_or_else(|| invalid("hub.callback", "hub.callback is an http(s) URL"))?;
+    let topic = take("hub.topic").ok_or_else(|| invalid("hub.topic", "hub.topic is required"))?;
+    let channel = topic_channel(&topic).ok_or_else(|| {
+        invalid(
+            "hub.topic",
+            "hub.topic is a channel's URL on this bus: <base>/v1/channels/<channel>/events",
+        )
+    })?;
+    if !public.public(&channel) {
+        return Err(Problem::new(
+            Kind::Forbidden,
+            format!("{channel:?} is not public to WebSub (EVENTBUS_WEBSUB_CHANNELS)"),
+        )
+        .with("field", "hub.topic"));
+    }
+    let lease_s = match take("hub.lease_seconds") {
+        None => max_lease_s,
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| invalid("hub.lease_seconds", "hub.lease_seconds is a whole number"))?
+            .clamp(1, max_lease_s),
+    };
+    let secret = take("hub.secret").unwrap_or_default();
+    if secret.len() > MAX_SECRET_BYTES {
+        return Err(invalid("hub.secret", "hub.secret is less than 200 bytes"));
+    }
+    Ok(Request {
+        subscribe,
+        callback,
+        topic,
+        channel,
+        lease_s,
+        secret,
+    })
 }
 
 /// A subscription is one per (callback, topic): subscribing again renews it.
