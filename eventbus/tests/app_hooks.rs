@@ -113,9 +113,18 @@ async fn start_app(app: Arc<App>) -> String {
 }
 
 async fn bus_with_hooks(app: Arc<App>, cache_s: u64) -> AllInOne {
+    bus_tuned(app, cache_s, |_| {}).await
+}
+
+async fn bus_tuned(
+    app: Arc<App>,
+    cache_s: u64,
+    tune: impl FnOnce(&mut eventbus::serve::Config),
+) -> AllInOne {
     let url = start_app(app).await;
     let dir = tempfile::tempdir().expect("temp dir");
     AllInOne::start_with(dir, false, move |config| {
+        tune(config);
         let hooks = &mut config.app_hooks;
         hooks.connect_url = Some(url.clone());
         hooks.subscribe_url = Some(url.clone());
@@ -469,4 +478,35 @@ async fn the_publish_hook_allows_refuses_or_rewrites_client_events() {
         .await;
     assert_eq!(by_service.status, 200);
     assert_eq!(app.asked("publish").len(), before);
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_does_not_get_the_app_asked() {
+    let app = Arc::new(App::default());
+    let bus = bus_tuned(app.clone(), 0, |config| {
+        config.publish_rate.per_second = 1;
+        config.publish_rate.burst = Some(1);
+    })
+    .await;
+    let service = bus.endpoints.service_token().await;
+    let token = bus
+        .endpoints
+        .auth
+        .client_token(&service, "dave", &[], &["chat.>"])
+        .await;
+    let event = json!({"channel": "chat.clean", "type": "said", "data": {"text": "hi"}});
+    let api = &bus.endpoints.api;
+    assert_eq!(api.publish(&token, &event).await.status, 200);
+    assert_eq!(api.publish(&token, &event).await.status, 429);
+    // The WebSocket has a budget of its own (per way in).
+    let (mut ws, _) = Ws::hello(&bus.endpoints.ws, &token).await;
+    ws.send(json!({"op": "publish", "event": event})).await;
+    assert_eq!(ws.recv().await["op"], "ack");
+    ws.send(json!({"op": "publish", "event": event})).await;
+    assert_eq!(ws.recv().await["code"], "rate_limited");
+    assert_eq!(
+        app.count("publish", "chat.clean"),
+        2,
+        "asked for the first of each way in only"
+    );
 }

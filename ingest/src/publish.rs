@@ -173,11 +173,21 @@ async fn publish_durably(
                             .with("channel", event.channel.as_str())
                     })?;
             }
+            ingest
+                .rate
+                .check(&verified.grant.identity, events.len())
+                .map_err(rate_problem)?;
             events
         }
         // The application's publish hook decides (and may rewrite) a client's events on its
         // channels; a batch is all or nothing, as for the grant.
         Some(app) => {
+            // Before the app is asked: a client over its rate does not get to make the bus call
+            // the app (its events are counted once, here).
+            ingest
+                .rate
+                .check(&verified.grant.identity, events.len())
+                .map_err(rate_problem)?;
             let mut checked = Vec::with_capacity(events.len());
             for (index, event) in events.into_iter().enumerate() {
                 let channel = event.channel.clone();
@@ -194,10 +204,6 @@ async fn publish_durably(
             checked
         }
     };
-    ingest
-        .rate
-        .check(&verified.grant.identity, events.len())
-        .map_err(rate_problem)?;
     let appended = ingest.store.append(events).await.map_err(store_problem)?;
     let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
     let m = eventbus_runtime::metrics::metrics();
