@@ -161,48 +161,48 @@ async fn publish_durably(
             ),
         ));
     }
-    let events = match &ingest.app {
-        None => {
-            for (index, event) in events.iter().enumerate() {
-                verified
-                    .grant
-                    .check_publish(&event.channel)
-                    .map_err(|denied| {
-                        Problem::from(denied)
-                            .with("index", index)
-                            .with("channel", event.channel.as_str())
-                    })?;
-            }
-            ingest
-                .rate
-                .check(&verified.grant.identity, events.len())
-                .map_err(rate_problem)?;
-            events
+    let grant = &verified.grant;
+    let app = ingest.app.as_deref();
+    let asks_app = |channel: &str| app.is_some_and(|app| app.decides_publish(grant, channel));
+    // The grant first, for every event the app does not decide (a batch is all or nothing)...
+    for (index, event) in events.iter().enumerate() {
+        if asks_app(&event.channel) {
+            continue;
         }
-        // The application's publish hook decides (and may rewrite) a client's events on its
-        // channels; a batch is all or nothing, as for the grant.
-        Some(app) => {
-            // Before the app is asked: a client over its rate does not get to make the bus call
-            // the app (its events are counted once, here).
-            ingest
-                .rate
-                .check(&verified.grant.identity, events.len())
-                .map_err(rate_problem)?;
-            let mut checked = Vec::with_capacity(events.len());
-            for (index, event) in events.into_iter().enumerate() {
-                let channel = event.channel.clone();
-                let event =
-                    AppHooks::check_publish(Some(app), &verified.grant, event, &ingest.limits)
-                        .await
-                        .map_err(|refusal| {
-                            Problem::from(refusal)
-                                .with("index", index)
-                                .with("channel", channel)
-                        })?;
+        grant.check_publish(&event.channel).map_err(|denied| {
+            Problem::from(denied)
+                .with("index", index)
+                .with("channel", event.channel.as_str())
+        })?;
+    }
+    // ...then the rate, before the app is asked: a client over its rate does not get to make the
+    // bus call the app...
+    ingest
+        .rate
+        .check(&grant.identity, events.len())
+        .map_err(rate_problem)?;
+    // ...then the application's publish hook, which decides (and may rewrite) a client's events
+    // on its channels.
+    let events = if events.iter().any(|event| asks_app(&event.channel)) {
+        let mut checked = Vec::with_capacity(events.len());
+        for (index, event) in events.into_iter().enumerate() {
+            if !asks_app(&event.channel) {
                 checked.push(event);
+                continue;
             }
-            checked
+            let channel = event.channel.clone();
+            let event = AppHooks::check_publish(app, grant, event, &ingest.limits)
+                .await
+                .map_err(|refusal| {
+                    Problem::from(refusal)
+                        .with("index", index)
+                        .with("channel", channel)
+                })?;
+            checked.push(event);
         }
+        checked
+    } else {
+        events
     };
     let appended = ingest.store.append(events).await.map_err(store_problem)?;
     let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
