@@ -637,3 +637,43 @@ async fn a_websub_subscription_survives_a_restart_without_doubles() {
         "at most the one in flight again: {seqs:?}"
     );
 }
+
+#[tokio::test]
+async fn the_webhook_api_does_not_reach_websub_subscriptions() {
+    // WebSub subscriptions live among the webhooks' registrations, owned by nobody: no token
+    // lists, reads, retries or deletes them through /v1/webhooks.
+    let bus = bus().await;
+    let api = &bus.endpoints.api;
+    let service = bus.endpoints.service_token().await;
+    let subscriber = Arc::new(Subscriber::default());
+    let callbacks = start_subscriber(subscriber.clone()).await;
+    let topic = format!("{}/v1/channels/news.owned/events", api.base);
+    let callback = format!("{callbacks}/owned");
+    subscribe(&bus, &topic, &callback, None).await;
+    publish_until(&bus, &service, "news.owned", "the first delivery", || {
+        !subscriber.seqs("owned").is_empty()
+    })
+    .await;
+    // Its id, as the hub makes it (sha256 of callback and topic): known to an attacker too.
+    let digest = <Sha256 as sha2::Digest>::digest(format!("{callback}\n{topic}").as_bytes());
+    let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let id = format!("websub-{id}");
+    let listed = api
+        .send(api.get("/v1/webhooks").bearer_auth(&service))
+        .await;
+    assert_eq!(listed.body["webhooks"], json!([]), "{}", listed.body);
+    for request in [
+        api.get(&format!("/v1/webhooks/{id}")),
+        api.delete(&format!("/v1/webhooks/{id}")),
+        api.post(&format!("/v1/webhooks/{id}/retry")),
+    ] {
+        let answer = api.send(request.bearer_auth(&service)).await;
+        assert_eq!(answer.status, 404, "{}", answer.body);
+    }
+    // And it still delivers.
+    let before = subscriber.seqs("owned").len();
+    publish_until(&bus, &service, "news.owned", "delivery to go on", || {
+        subscriber.seqs("owned").len() > before
+    })
+    .await;
+}
